@@ -1,0 +1,62 @@
+# One target per habit: make proto | lint | test | run | bench | bench-quick
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+PROTO_FILES := $(wildcard proto/orchestrator/v1/*.proto)
+GEN_DIR := orchestrator/v1
+
+.PHONY: setup proto proto-check lint test run bench bench-quick clean
+
+# The virtualenv is (re)built whenever pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[server,dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+# Generated code mirrors the proto root (orchestrator/v1/x.proto -> orchestrator/v1/x_pb2.py), so its
+# imports (`from orchestrator.v1 import x_pb2`) work from an installed wheel without any rewriting.
+define generate
+	rm -rf $(1)/orchestrator && mkdir -p $(1)
+	PATH="$(abspath $(BIN)):$$PATH" $(PY) -m grpc_tools.protoc -Iproto -Iproto/third_party \
+	  --python_out=$(1) --grpc_python_out=$(1) --mypy_out=quiet:$(1) --mypy_grpc_out=quiet:$(1) $(PROTO_FILES)
+	printf '"""Generated from proto/orchestrator/v1 by `make proto`; do not edit."""\n' > $(1)/orchestrator/__init__.py
+	cp $(1)/orchestrator/__init__.py $(1)/orchestrator/v1/__init__.py
+	touch $(1)/orchestrator/py.typed
+endef
+
+proto: setup
+	$(BIN)/buf lint
+	$(call generate,.)
+
+# Fails when the committed generated code differs from what the protos produce.
+proto-check: setup
+	$(eval TMP := $(shell mktemp -d))
+	$(call generate,$(TMP))
+	diff -r -x __pycache__ $(TMP)/orchestrator orchestrator || (echo "generated code is stale: run 'make proto'" && exit 1)
+	rm -rf $(TMP)
+
+lint: setup proto-check
+	$(BIN)/buf lint
+	$(BIN)/buf build -o /dev/null
+	$(BIN)/ruff check orchestrator_server orchestrator_client tests bench
+	$(BIN)/ruff format --check orchestrator_server orchestrator_client tests bench
+	$(BIN)/mypy
+
+test: setup
+	$(PY) -m pytest --cov --cov-report=term --cov-fail-under=85 -p no:cacheprovider $(PYTEST_ARGS)
+
+run: setup
+	$(PY) -m orchestrator_server serve
+
+bench: setup
+	$(PY) -m bench
+
+bench-quick: setup
+	$(PY) -m bench --quick
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage*
