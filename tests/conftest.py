@@ -130,8 +130,8 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "
         time.sleep(0.01)
 
 
-async def async_wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
+async def async_wait_for(predicate: Callable[[], Any], within: float = 10.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + within
     while True:
         result = predicate()
         if asyncio.iscoroutine(result):
@@ -139,7 +139,7 @@ async def async_wait_for(predicate: Callable[[], Any], timeout: float = 10.0, wh
         if result:
             return result
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+            pytest.fail(f"timed out after {within} s waiting for {what}")
         await asyncio.sleep(0.01)
 
 
