@@ -76,6 +76,44 @@ class Stubs:
         )
 
 
+class SessionClient:
+    """Drives one Heartbeat stream by hand."""
+
+    def __init__(self, stubs: Stubs, agent_id: str, token: str, running: tuple[str, ...] = ()) -> None:
+        self.outbox: asyncio.Queue[registry_pb2.HeartbeatRequest | None] = asyncio.Queue()
+        self.outbox.put_nowait(
+            registry_pb2.HeartbeatRequest(
+                hello=registry_pb2.SessionHello(
+                    agent_id=agent_id, agent_token=token, running_attempt_ids=running
+                )
+            )
+        )
+        self.call = stubs.registry.Heartbeat(self._requests())
+
+    async def _requests(self) -> AsyncIterator[registry_pb2.HeartbeatRequest]:
+        while (message := await self.outbox.get()) is not None:
+            yield message
+
+    def send(self, **message: Any) -> None:
+        self.outbox.put_nowait(registry_pb2.HeartbeatRequest(**message))
+
+    def close(self) -> None:
+        self.outbox.put_nowait(None)
+
+    async def receive(self) -> registry_pb2.HeartbeatResponse:
+        response = await asyncio.wait_for(self.call.read(), 10)
+        assert response is not grpc.aio.EOF, "stream ended"
+        return response  # type: ignore[no-any-return]
+
+
+async def open_session(stubs: Stubs, name: str = "agent", **fields: Any) -> tuple[SessionClient, str]:
+    registered = await stubs.register(name, **fields)
+    session = SessionClient(stubs, registered.agent.agent_id, registered.agent_token)
+    welcome = await session.receive()
+    assert welcome.WhichOneof("message") == "welcome"
+    return session, registered.agent.agent_id
+
+
 class Running:
     """An in-process server plus stubs to reach it."""
 
