@@ -550,7 +550,7 @@ async def test_mass_failure_pauses_failover(servers: Callable[..., Any]) -> None
     for session, agent_id in sessions:
         assignment = await next_assignment(session)
         holders[assignment.task.task_id] = agent_id
-    survivor, survivor_id = await open_session(stubs, name="survivor", max_concurrent_tasks=4)
+    _survivor, survivor_id = await open_session(stubs, name="survivor", max_concurrent_tasks=4)
     for session, _ in sessions[:3]:
         session.call.cancel()
     health = await async_wait_for(lambda: _paused(stubs), within=5, what="failover paused")
