@@ -76,6 +76,8 @@ class ActiveTask:
     queue_timer: asyncio.TimerHandle | None = None
     run_timer: asyncio.TimerHandle | None = None
     backoff_timer: asyncio.TimerHandle | None = None
+    # Session epoch the current attempt was last pushed down; a reconnect re-pushes only if older.
+    pushed_epoch: int = 0
 
     @property
     def group(self) -> GroupKey:
@@ -438,15 +440,12 @@ class TaskScheduler:
                 f"task {task_id} is {task_pb2.TaskStatus.Name(task.status)}, not PENDING"
             )
         agent = self._registry.get(agent_id)
-        group = self._group_for(entry)
         if not self._placeable(agent):
             raise FailedPrecondition(
                 f"agent {agent_id} cannot take work now ({agent_pb2.AgentStatus.Name(agent.status)}"
                 f"{', no session' if self._registry.session_of(agent_id) is None else ''}"
                 f"{', at capacity' if self._free_capacity(agent) <= 0 else ''})"
             )
-        if not group.fits(agent) and not (entry.task.spec.target_agent_id == agent_id):
-            raise FailedPrecondition(f"agent {agent_id} lacks the capabilities or labels the task requires")
         if entry.backoff_timer is not None:
             entry.backoff_timer.cancel()
             entry.backoff_timer = None
@@ -535,6 +534,7 @@ class TaskScheduler:
         task.status = ASSIGNED
         task.updated_at.CopyFrom(now)
         task.ClearField("progress")
+        entry.pushed_epoch = 0
         self._hold(agent.agent_id, task.task_id)
         self._arm_run_timer(entry, time.time())
         self._spawn(self._commit_and_push(entry, attempt.attempt_id))
@@ -549,7 +549,8 @@ class TaskScheduler:
 
     def _push_assignment(self, entry: ActiveTask, attempt: task_pb2.Attempt) -> None:
         session = self._registry.session_of(attempt.agent_id)
-        if session is not None:
+        if session is not None and entry.pushed_epoch != session.epoch:
+            entry.pushed_epoch = session.epoch
             assignment = registry_pb2.TaskAssignment(task=entry.task, attempt_id=attempt.attempt_id)
             session.push(registry_pb2.HeartbeatResponse(assignment=assignment))
 

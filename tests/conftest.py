@@ -71,6 +71,7 @@ class Stubs:
         self, name: str = "agent", instance: str = "1", **fields: Any
     ) -> registry_pb2.RegisterAgentResponse:
         fields.setdefault("type", "worker")
+        fields.setdefault("max_concurrent_tasks", 4)
         return await self.registry.RegisterAgent(
             registry_pb2.RegisterAgentRequest(name=name, instance_id=instance, **fields)
         )
