@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import signal
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 
 import grpc
 from google.protobuf import field_mask_pb2
@@ -175,16 +174,18 @@ async def test_sigterm_drains(server_process: ServerFactory) -> None:
         server.process.send_signal(signal.SIGTERM)
         # Health flips to NOT_SERVING while draining.
         assert (await read_message(health_watch)).status == grpc_health_pb2.HealthCheckResponse.NOT_SERVING
+        health_watch.cancel()  # an open watch would hold the drain for the whole grace
         # The agent is told to reconnect before its stream ends.
         reconnect = await session.receive_kind("reconnect")
         assert "shutting down" in reconnect.reconnect.reason
-        ending: Any = None
+        # As an agent would: it closes this stream (no goodbye: it means to come back) and
+        # the server finishes the call.
+        session.close()
         with contextlib.suppress(grpc.aio.AioRpcError):
-            while (ending := await asyncio.wait_for(session.call.read(), 10)) is not grpc.aio.EOF:
+            while await asyncio.wait_for(session.call.read(), 10) is not grpc.aio.EOF:
                 pass
         exit_code = await asyncio.to_thread(server.process.wait, 20)
         assert exit_code == 0, server.log()
-        del ending
 
     # A drain is a restart like any other: the agent that was alive gets its grace after it.
     server.env.update(HEARTBEAT_TIMEOUT="5", HEARTBEAT_INTERVAL="0.5")
