@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import subprocess
 import sys
@@ -9,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator_server.cli import JsonFormatter
 from orchestrator_server.config import Config, ConfigError
 from tests.conftest import ROOT
 
@@ -135,3 +138,20 @@ def test_serve_with_a_bad_value_exits_with_one_line_naming_it(command: list[str]
     assert "HEARTBEAT_TIMEOUT" in lines[0] and "'soon'" in lines[0]
     assert finished.stdout == ""
     assert not (tmp_path / "never.db").exists()  # nothing was started
+
+
+def test_json_log_lines() -> None:
+    formatter = JsonFormatter()
+    record = logging.LogRecord(
+        "orchestrator", logging.WARNING, __file__, 1, "agent %s is DOWN", ("a1",), None
+    )
+    record.request_id = "req-1"
+    entry = json.loads(formatter.format(record))
+    assert entry["level"] == "WARNING" and entry["logger"] == "orchestrator"
+    assert entry["message"] == "agent a1 is DOWN" and entry["request_id"] == "req-1"
+    assert entry["time"].endswith("Z")
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        failed = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
+    assert "ValueError: boom" in json.loads(formatter.format(failed))["exception"]

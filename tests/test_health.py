@@ -10,7 +10,7 @@ from google.protobuf import field_mask_pb2
 
 import orchestrator_server
 from orchestrator.v1 import agent_pb2, health_pb2, registry_pb2, task_pb2, tasks_pb2
-from tests.conftest import Stubs
+from tests.conftest import Running, Stubs
 from tests.support import (
     DEGRADED,
     DOWN,
@@ -155,6 +155,13 @@ async def test_system_health_counts(stubs: Stubs) -> None:
     assert health.revision > last.revision  # the task's creation came after
     assert not health.failover_paused
     assert health.HasField("uptime")
+
+
+async def test_system_health_reports_a_store_that_does_not_answer(running: Running) -> None:
+    await running.server.store.close()
+    health = await running.stubs.health.GetSystemHealth(health_pb2.GetSystemHealthRequest())
+    assert health.status == "NOT_SERVING"
+    assert health.store_status.startswith("error:") and "closed" in health.store_status
 
 
 # -- WatchAgentHealth ---------------------------------------------------------------------------

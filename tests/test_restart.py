@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 from collections.abc import AsyncIterator, Callable
 
@@ -160,7 +161,7 @@ async def test_kill_and_restart_keeps_agents_revisions_and_watch_resume(
 
 
 async def test_sigterm_drains(server_process: ServerFactory) -> None:
-    server = server_process()
+    server = server_process(LOG_FORMAT="json")
     await start(server)
     async with connect(server) as stubs:
         registered = await stubs.register("agent")
@@ -186,6 +187,9 @@ async def test_sigterm_drains(server_process: ServerFactory) -> None:
                 pass
         exit_code = await asyncio.to_thread(server.process.wait, 20)
         assert exit_code == 0, server.log()
+        logged = [json.loads(line) for line in server.log().splitlines()]
+        assert any(entry["message"] == "SIGTERM received: draining" for entry in logged)
+        assert all({"time", "level", "logger", "message"} <= set(entry) for entry in logged)
 
     # A drain is a restart like any other: the agent that was alive gets its grace after it.
     server.env.update(HEARTBEAT_TIMEOUT="5", HEARTBEAT_INTERVAL="0.5")
