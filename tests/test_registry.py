@@ -111,6 +111,23 @@ async def test_reregister_is_idempotent_and_rotates_the_credential(stubs: Stubs)
     await session.goodbye()
 
 
+async def test_concurrent_registrations_of_one_instance_make_one_agent(stubs: Stubs) -> None:
+    responses = await asyncio.gather(*(stubs.register("racer", "1", version=str(n)) for n in range(10)))
+    assert len({response.agent.agent_id for response in responses}) == 1
+    assert sum(response.created for response in responses) == 1
+    assert len({response.agent_token for response in responses}) == 10
+    # Exactly one credential, the last one issued, opens a session.
+    agent_id = responses[0].agent.agent_id
+    stored = await get_agent(stubs, agent_id)
+    (last,) = [response for response in responses if response.agent.version == stored.version]
+    for response in responses:
+        if response is not last:
+            stale = SessionClient(stubs.registry, agent_id, response.agent_token)
+            await rpc_error(stale.receive(), grpc.StatusCode.UNAUTHENTICATED)
+    session = await open_session(stubs.registry, agent_id, last.agent_token)
+    await session.goodbye()
+
+
 async def test_reregister_with_another_type_is_already_exists(stubs: Stubs) -> None:
     await stubs.register("agent", "1", type="cost")
     await rpc_error(stubs.register("agent", "1", type="perf"), grpc.StatusCode.ALREADY_EXISTS)

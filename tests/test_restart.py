@@ -87,13 +87,18 @@ async def test_kill_and_restart_keeps_agents_revisions_and_watch_resume(
         await stubs.registry.DrainAgent(registry_pb2.DrainAgentRequest(agent_id=drained, reason="maint"))
         gone = (await stubs.register("gone")).agent.agent_id
         await stubs.registry.DeregisterAgent(registry_pb2.DeregisterAgentRequest(agent_id=gone))
+        already_down = await stubs.register("down")
+        down_session = await open_session(
+            stubs.registry, already_down.agent.agent_id, already_down.agent_token
+        )
+        await down_session.goodbye()
         returning = await stubs.register("returning")
         returning_session = await open_session(
             stubs.registry, returning.agent.agent_id, returning.agent_token
         )
-        ids = [alive.agent.agent_id, drained, gone, returning.agent.agent_id]
+        ids = [alive.agent.agent_id, drained, gone, returning.agent.agent_id, already_down.agent.agent_id]
         before = {agent_id: await get_agent(stubs, agent_id) for agent_id in ids}
-        assert [before[agent_id].status for agent_id in ids] == [READY, DRAINING, DEREGISTERED, READY]
+        assert [before[agent_id].status for agent_id in ids] == [READY, DRAINING, DEREGISTERED, READY, DOWN]
         # A watcher that has seen everything up to here.
         watch = stubs.discovery.WatchAgents(discovery_pb2.WatchAgentsRequest())
         last_seen = (await read_message(watch)).revision
@@ -120,7 +125,9 @@ async def test_kill_and_restart_keeps_agents_revisions_and_watch_resume(
             alive.agent.agent_id,
             drained,
             returning.agent.agent_id,
+            already_down.agent.agent_id,
         }
+        assert after[already_down.agent.agent_id].status == DOWN  # no grace for the already dead
 
         # One agent comes back in time with the credential it had: a new session epoch.
         resumed_session = SessionClient(stubs.registry, returning.agent.agent_id, returning.agent_token)
