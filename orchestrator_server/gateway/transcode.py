@@ -169,9 +169,12 @@ def parse_json_body(raw: bytes) -> Any:
     if not raw.strip():
         raise invalid_argument("the request body is required: send a JSON object")
     try:
-        return json.loads(raw)
+        # JSON on the wire is UTF-8 (RFC 8259); json.loads would otherwise guess UTF-16/32 from bytes.
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise invalid_argument("the request body is not UTF-8 text") from None
+    try:
+        return json.loads(text)
     except RecursionError:
         raise invalid_argument("malformed JSON in the request body: nested too deeply") from None
     except ValueError as error:
