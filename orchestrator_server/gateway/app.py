@@ -178,9 +178,10 @@ class Gateway:
                     405, "METHOD_NOT_ALLOWED", f"{raw_path} only answers GET", headers={"Allow": "GET"}
                 )
             return await operation(request)
-        resolved = self.routes.resolve(request.method, raw_path)
-        if resolved is None:
-            allowed = self.routes.allowed_methods(raw_path)
+        resolution = self.routes.resolve(request.method, raw_path)
+        route, path_values = resolution.route, resolution.values
+        if route is None:
+            allowed = resolution.allowed_methods
             if allowed:
                 raise GatewayError(
                     405,
@@ -189,7 +190,6 @@ class Gateway:
                     headers={"Allow": ", ".join(allowed)},
                 )
             raise GatewayError(404, "NOT_FOUND", f"no endpoint at {request.rel_url.path}")
-        route, path_values = resolved
         request[_ROUTE_KEY] = route.template.text
         raw_body = await self._read_body(request) if route.body else b""
         query = {name: request.rel_url.query.getall(name) for name in request.rel_url.query}

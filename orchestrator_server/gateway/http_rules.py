@@ -231,39 +231,52 @@ class Route:
         return frozenset(variable.field_path for variable in self.template.variables)
 
 
+@dataclass(frozen=True)
+class Resolution:
+    """What a path resolves to: the route for the request's method (if any) and the methods allowed."""
+
+    route: Route | None
+    values: dict[str, str]
+    allowed_methods: list[str]
+
+
 @dataclass
 class RouteTable:
-    """Every route, grouped by HTTP method and ordered most specific first."""
+    """Every route, ordered most specific first.
+
+    A path belongs to its most specific matching template(s), whatever the method: `/agents/heartbeat`
+    is the heartbeat resource, so `GET /agents/heartbeat` is a 405, not GetAgent("heartbeat"). That
+    keeps the routing equal to what the OpenAPI document shows.
+    """
 
     routes: list[Route] = field(default_factory=list)
-    _by_method: dict[str, list[Route]] = field(default_factory=dict)
 
     def add(self, route: Route) -> None:
-        for existing in self._by_method.get(route.http_method, ()):
-            if existing.template.text == route.template.text:
+        for existing in self.routes:
+            if existing.http_method == route.http_method and existing.template.text == route.template.text:
                 raise HttpRuleError(
                     f"{route.http_method} {route.template.text} is bound by both "
                     f"{existing.rpc.full_name} and {route.rpc.full_name}"
                 )
         self.routes.append(route)
-        same_method = self._by_method.setdefault(route.http_method, [])
-        same_method.append(route)
-        same_method.sort(key=lambda candidate: candidate.template.specificity)
+        self.routes.sort(key=lambda candidate: candidate.template.specificity)
 
-    def resolve(self, http_method: str, raw_path: str) -> tuple[Route, dict[str, str]] | None:
-        for route in self._by_method.get(http_method, ()):
+    def resolve(self, http_method: str, raw_path: str) -> Resolution:
+        best: tuple[int, ...] | None = None
+        allowed: list[str] = []
+        chosen: Route | None = None
+        chosen_values: dict[str, str] = {}
+        for route in self.routes:
+            if best is not None and route.template.specificity != best:
+                break  # sorted: every later route is less specific than the match already found
             values = route.template.match(raw_path)
-            if values is not None:
-                return route, values
-        return None
-
-    def allowed_methods(self, raw_path: str) -> list[str]:
-        """HTTP methods that have a route for this path (for 405 and its Allow header)."""
-        return sorted(
-            method
-            for method, routes in self._by_method.items()
-            if any(route.template.match(raw_path) is not None for route in routes)
-        )
+            if values is None:
+                continue
+            best = route.template.specificity
+            allowed.append(route.http_method)
+            if chosen is None and route.http_method == http_method:
+                chosen, chosen_values = route, values
+        return Resolution(chosen, chosen_values, sorted(set(allowed)))
 
 
 def http_rule_of(method: MethodDescriptor) -> http_pb2.HttpRule | None:

@@ -67,11 +67,10 @@ def table():  # type: ignore[no-untyped-def]
     ],
 )
 def test_literal_segments_win_over_variables(table, method, path, rpc, values) -> None:  # type: ignore[no-untyped-def]
-    resolved = table.resolve(method, path)
-    assert resolved is not None
-    route, matched = resolved
-    assert route.rpc.name == rpc
-    assert matched == values
+    resolution = table.resolve(method, path)
+    assert resolution.route is not None
+    assert resolution.route.rpc.name == rpc
+    assert resolution.values == values
 
 
 def test_every_annotated_rpc_has_a_route_and_additional_bindings_are_included(table) -> None:  # type: ignore[no-untyped-def]
@@ -87,9 +86,22 @@ def test_every_annotated_rpc_has_a_route_and_additional_bindings_are_included(ta
     assert len(table.routes) >= 25
 
 
-def test_allowed_methods_lists_every_method_bound_to_a_path(table) -> None:  # type: ignore[no-untyped-def]
-    assert table.allowed_methods("/agents/a1") == ["DELETE", "GET", "PATCH"]
-    assert table.allowed_methods("/nowhere") == []
+@pytest.mark.parametrize(
+    ("path", "allowed"),
+    [
+        ("/agents/a1", ["DELETE", "GET", "PATCH"]),
+        # A literal path is its own resource: other methods do not fall through to `/agents/{agent_id}`.
+        ("/agents/heartbeat", ["POST"]),
+        ("/agents/list", ["GET"]),
+        ("/tasks/create", ["POST"]),
+        ("/tasks/status", ["GET"]),
+        ("/nowhere", []),
+    ],
+)
+def test_a_path_belongs_to_its_most_specific_templates(table, path, allowed) -> None:  # type: ignore[no-untyped-def]
+    resolution = table.resolve("OPTIONS", path)
+    assert resolution.route is None
+    assert resolution.allowed_methods == allowed
 
 
 def _service_with_rules(*rules: http_pb2.HttpRule):  # type: ignore[no-untyped-def]
@@ -130,5 +142,6 @@ def test_bad_annotations_fail_startup_with_a_clear_message(rules, problem) -> No
 def test_custom_verbs_become_routes() -> None:
     rule = http_pb2.HttpRule(custom=http_pb2.CustomHttpPattern(kind="HEAD", path="/x/{id}"))
     table = build_route_table([_service_with_rules(rule)])
-    resolved = table.resolve("HEAD", "/x/7")
-    assert resolved is not None and resolved[1] == {"id": "7"}
+    resolution = table.resolve("HEAD", "/x/7")
+    assert resolution.route is not None
+    assert resolution.values == {"id": "7"}

@@ -244,6 +244,9 @@ async def test_unknown_path_is_404_and_wrong_method_is_405_with_allow(http: aioh
         assert response.status == 405
         assert response.headers["Allow"] == "DELETE, GET, PATCH"
         await _error(response)
+    async with http.get("/agents/heartbeat") as response:  # not GetAgent("heartbeat")
+        assert response.status == 405
+        assert response.headers["Allow"] == "POST"
     async with http.post("/livez") as response:
         assert response.status == 405
         assert response.headers["Allow"] == "GET"
