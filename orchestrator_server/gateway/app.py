@@ -32,6 +32,7 @@ from orchestrator_server.gateway import metrics
 from orchestrator_server.gateway.errors import GatewayError, from_rpc_error, invalid_argument
 from orchestrator_server.gateway.http_rules import Route, RouteTable, build_route_table
 from orchestrator_server.gateway.openapi import build_openapi
+from orchestrator_server.gateway.proto_json import ProtoJsonWriter
 from orchestrator_server.gateway.transcode import build_request, render_message
 
 logger = logging.getLogger(__name__)
@@ -141,6 +142,7 @@ class Gateway:
         self._readiness_check = readiness_check
         self._openapi_body = json.dumps(openapi_document, indent=1).encode()
         self._health_stub = health_pb2_grpc.HealthStub(channel)
+        self._json_writer = ProtoJsonWriter(options.emit_defaults)
         self._unary: dict[str, grpc.aio.UnaryUnaryMultiCallable[Message, Message]] = {}
         self._streams: dict[str, grpc.aio.UnaryStreamMultiCallable[Message, Message]] = {}
         self._open_stream_handlers: set[asyncio.Task[Any]] = set()
@@ -233,7 +235,7 @@ class Gateway:
             )
         except grpc.aio.AioRpcError as error:
             raise from_rpc_error(error) from None
-        return _json_response(render_message(reply, route.response_body, self.options.emit_defaults))
+        return _json_response(render_message(reply, route.response_body, self._json_writer))
 
     async def _call_streaming(
         self,
@@ -293,7 +295,7 @@ class Gateway:
                 self._open_stream_handlers.discard(handler_task)
 
     async def _write_line(self, response: web.StreamResponse, route: Route, reply: Message) -> None:
-        line = render_message(reply, route.response_body, self.options.emit_defaults)
+        line = render_message(reply, route.response_body, self._json_writer)
         await response.write(json.dumps(line, separators=(",", ":")).encode() + b"\n")
 
     async def cancel_streams(self) -> None:

@@ -18,6 +18,7 @@ from google.protobuf.message import Message
 from orchestrator_server.gateway.descriptors import is_map, is_message, is_repeated, message_type_of
 from orchestrator_server.gateway.errors import invalid_argument
 from orchestrator_server.gateway.http_rules import Route
+from orchestrator_server.gateway.proto_json import ProtoJsonWriter
 
 # Well-known message types that have a string form in proto3 JSON, so they can come from a query
 # parameter or a path segment (e.g. `?not_before=2024-01-01T00:00:00Z`).
@@ -238,11 +239,7 @@ def _apply_body(route: Route, request: Message, raw_body: bytes) -> None:
         raise invalid_argument(f"invalid request body: {_describe_parse_error(error)}") from None
 
 
-def render_message(message: Message, response_body: str, emit_defaults: bool) -> Any:
+def render_message(message: Message, response_body: str, writer: ProtoJsonWriter) -> Any:
     """Proto3 JSON (snake_case names) of a response, or of one of its fields if the rule says so."""
-    rendered = json_format.MessageToDict(
-        message,
-        preserving_proto_field_name=True,
-        always_print_fields_with_no_presence=emit_defaults,
-    )
+    rendered = writer.to_dict(message)
     return rendered.get(response_body) if response_body else rendered
