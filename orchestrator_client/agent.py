@@ -460,7 +460,7 @@ class Agent:
         try:
             # The server may take up to the heartbeat timeout to notice a silent stream; use the
             # same bound for its answer to the hello.
-            first = await asyncio.wait_for(call.read(), timeout=self.heartbeat_timeout)
+            first = await self._read(call)
             if first is _EOF:
                 return _SessionEnd(welcomed=False, reason="stream closed before welcome")
             response = cast(v1.HeartbeatResponse, first)
@@ -472,7 +472,7 @@ class Agent:
             while True:
                 # Acks come every heartbeat interval: silence for the timeout means a dead stream,
                 # whatever TCP says.
-                message = await asyncio.wait_for(call.read(), timeout=self.heartbeat_timeout)
+                message = await self._read(call)
                 if message is _EOF:
                     return _SessionEnd(welcomed=True, reason="server closed the stream")
                 end = self._on_server_message(cast(v1.HeartbeatResponse, message), session)
@@ -495,6 +495,14 @@ class Agent:
             if beats is not None:
                 beats.cancel()
             call.cancel()
+
+    async def _read(
+        self, call: grpc.aio.StreamStreamCall[v1.HeartbeatRequest, v1.HeartbeatResponse]
+    ) -> object:
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that arrives
+        # as the read completes (gh-86296), which left a stopped agent's session running.
+        async with asyncio.timeout(self.heartbeat_timeout):
+            return await call.read()
 
     async def _outgoing(self, session: _SessionState) -> Any:
         """The request stream of a session: whatever is queued, until None (half-close)."""
@@ -560,12 +568,12 @@ class Agent:
 
     async def _run_check(self, name: str, function: CheckFunction) -> v1.Check:
         try:
-            if inspect.iscoroutinefunction(function):
-                healthy = await asyncio.wait_for(function(), timeout=self.heartbeat_interval / 2)
-            else:
-                healthy = await asyncio.wait_for(
-                    asyncio.to_thread(function), timeout=self.heartbeat_interval / 2
-                )
+            async with asyncio.timeout(self.heartbeat_interval / 2):
+                if inspect.iscoroutinefunction(function):
+                    healthy = await cast(Awaitable[bool], function())
+                else:
+                    # A sync check may block (a ping to a database): keep it off the event loop.
+                    healthy = await asyncio.to_thread(cast(Callable[[], bool], function))
         except Exception as exc:
             return v1.Check(name=name, status=v1.CheckStatus.CHECK_STATUS_FAILING, message=repr(exc))
         status = v1.CheckStatus.CHECK_STATUS_PASSING if healthy else v1.CheckStatus.CHECK_STATUS_FAILING
