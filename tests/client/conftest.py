@@ -75,10 +75,3 @@ async def make_agent(
     for agent in agents:
         if agent._session_task is not None:
             await agent.stop(grace=0)
-
-
-async def eventually(predicate: Callable[[], bool], within: float = 5.0) -> None:
-    """Poll `predicate` until it holds; fail after `within` seconds."""
-    async with asyncio.timeout(within):
-        while not predicate():
-            await asyncio.sleep(0.005)

@@ -8,12 +8,13 @@ from collections.abc import Callable
 
 import grpc
 import pytest
-from conftest import FixedRandom, SleepRecorder, eventually
+from conftest import FixedRandom, SleepRecorder
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 from scripted_orchestrator import ScriptedOrchestrator, assignment, rich_status
 
 from orchestrator_client import Agent, Backoff, TaskContext, v1
+from tests.conftest import async_wait_for
 
 UNAVAILABLE = rich_status(grpc.StatusCode.UNAVAILABLE, "orchestrator restarting")
 
@@ -37,7 +38,9 @@ async def test_registration_retries_use_full_jitter_and_the_cap(
 ) -> None:
     for _ in range(6):
         orchestrator.register_failures.append(UNAVAILABLE)
-    backoff = Backoff(initial=1.0, multiplier=2.0, maximum=4.0, random=FixedRandom(0.5, 1.0, 0.25, 1.0, 0.75, 1.0))
+    backoff = Backoff(
+        initial=1.0, multiplier=2.0, maximum=4.0, random=FixedRandom(0.5, 1.0, 0.25, 1.0, 0.75, 1.0)
+    )
     agent = make_agent(reconnect_backoff=backoff)
     await agent.start()
     assert sleeps.delays == [0.5, 2.0, 1.0, 4.0, 3.0, 4.0]
@@ -117,7 +120,9 @@ async def test_a_reconnect_request_waits_retry_after_plus_jitter(
     await agent.start()
     orchestrator.sessions[0].push(
         v1.HeartbeatResponse(
-            reconnect=v1.ReconnectRequest(reason="shutting down", retry_after=duration_pb2.Duration(seconds=2))
+            reconnect=v1.ReconnectRequest(
+                reason="shutting down", retry_after=duration_pb2.Duration(seconds=2)
+            )
         )
     )
     await asyncio.wait_for(orchestrator.new_session.get(), 5)  # the first session
@@ -147,7 +152,7 @@ async def test_attempts_moved_while_disconnected_are_stopped_not_reported(
     orchestrator.kept_attempts = []  # the server gave a-1 to someone else meanwhile
     first.end(UNAVAILABLE)
     await asyncio.wait_for(cancelled.wait(), 5)
-    await eventually(lambda: agent.running_attempt_ids == [])
+    await async_wait_for(lambda: agent.running_attempt_ids == [])
     assert orchestrator.completed == [] and orchestrator.failed == []
 
 
@@ -194,7 +199,7 @@ async def test_work_survives_a_server_restart_and_its_result_lands_afterwards(
     await entered.wait()
     port = orchestrator.port
     await orchestrator.stop()
-    await eventually(lambda: not agent.connected)
+    await async_wait_for(lambda: not agent.connected)
     release.set()  # finishes while the server is away: the report keeps retrying
 
     restarted = ScriptedOrchestrator()
@@ -202,7 +207,7 @@ async def test_work_survives_a_server_restart_and_its_result_lands_afterwards(
     try:
         await restarted.wait_reports(1, within=15)
         assert restarted.completed[0].attempt_id == "a-1"
-        await eventually(lambda: agent.connected, within=15)
+        await async_wait_for(lambda: agent.connected, within=15)
     finally:
         await agent.stop(grace=0)
         await restarted.stop()

@@ -8,11 +8,12 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import SleepRecorder, eventually
+from conftest import SleepRecorder
 from google.rpc import error_details_pb2
 from scripted_orchestrator import ScriptedOrchestrator, assignment, rich_status
 
 from orchestrator_client import Agent, AgentStopped, InvalidArgument, NonRetryableError, TaskContext, v1
+from tests.conftest import async_wait_for
 
 STARTED = v1.TaskUpdateKind.TASK_UPDATE_KIND_STARTED
 PROGRESS = v1.TaskUpdateKind.TASK_UPDATE_KIND_PROGRESS
@@ -31,7 +32,11 @@ async def test_registers_says_hello_beats_and_reports_a_result_with_its_token(
 
     await agent.start()
     registration = orchestrator.registrations[0]
-    assert (registration.name, registration.instance_id, registration.type) == ("test-agent", "instance-1", "test")
+    assert (registration.name, registration.instance_id, registration.type) == (
+        "test-agent",
+        "instance-1",
+        "test",
+    )
     assert list(registration.capabilities) == ["gpu"] and dict(registration.labels) == {"zone": "a"}
     assert registration.max_concurrent_tasks == 2
 
@@ -52,14 +57,16 @@ async def test_registers_says_hello_beats_and_reports_a_result_with_its_token(
     assert started.task_update.kind == STARTED and started.task_update.attempt_id == "attempt-1"
     progress = await session.next_of("task_update")
     assert progress.task_update.kind == PROGRESS
-    assert progress.task_update.progress.fraction == 0.5 and progress.task_update.progress.message == "halfway"
+    assert (
+        progress.task_update.progress.fraction == 0.5 and progress.task_update.progress.message == "halfway"
+    )
 
     await orchestrator.wait_reports(1)
     completed = orchestrator.completed[0]
     assert (completed.task_id, completed.attempt_id) == ("task-attempt-1", "attempt-1")
     assert dict(completed.result) == {"value": 42.0, "attempt": 1.0}
     assert orchestrator.report_metadata[0]["authorization"] == f"Bearer {orchestrator.token}"
-    await eventually(lambda: agent.running_attempt_ids == [])
+    await async_wait_for(lambda: agent.running_attempt_ids == [])
 
 
 async def test_handler_exceptions_fail_the_attempt_and_non_retryable_is_marked(
@@ -162,7 +169,7 @@ async def test_cancellation_reaches_the_running_handler_and_is_not_reported(
         )
     )
     await asyncio.wait_for(saw_cancellation.wait(), 5)
-    await eventually(lambda: agent.running_attempt_ids == [])
+    await async_wait_for(lambda: agent.running_attempt_ids == [])
     assert orchestrator.completed == [] and orchestrator.failed == []
     assert agent.connected
 
@@ -238,8 +245,8 @@ async def test_a_result_refused_after_hand_back_is_dropped_quietly(
 
     await agent.start()
     orchestrator.sessions[0].push(assignment("echo", "a-1", {"x": 1}))
-    await eventually(lambda: len(orchestrator.report_metadata) == 1)
-    await eventually(lambda: agent.running_attempt_ids == [])
+    await async_wait_for(lambda: len(orchestrator.report_metadata) == 1)
+    await async_wait_for(lambda: agent.running_attempt_ids == [])
     # Refused with FAILED_PRECONDITION: not retried, not turned into a failure, agent still fine.
     assert len(orchestrator.report_metadata) == 1
     assert orchestrator.failed == [] and agent.connected
@@ -251,7 +258,9 @@ async def test_invalid_registration_stops_the_agent_with_the_mapped_error(
     violation = error_details_pb2.BadRequest.FieldViolation(field="name", description="must not contain '/'")
     orchestrator.register_failures.append(
         rich_status(
-            grpc.StatusCode.INVALID_ARGUMENT, "invalid agent", error_details_pb2.BadRequest(field_violations=[violation])
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "invalid agent",
+            error_details_pb2.BadRequest(field_violations=[violation]),
         )
     )
     agent = make_agent()
