@@ -3,6 +3,7 @@
 The generated protocol types are re-exported, under stable names, in `orchestrator_client.v1`.
 """
 
+from orchestrator_client.admin import TERMINAL_TASK_STATUSES, AdminClient
 from orchestrator_client.agent import Agent, AgentStopped
 from orchestrator_client.backoff import Backoff, RetryPolicy
 from orchestrator_client.channel import ConnectionOptions, read_pem
@@ -27,9 +28,12 @@ from orchestrator_client.errors import (
     Unknown,
     from_grpc_error,
 )
+from orchestrator_client.sync import SyncAgent
 
 __all__ = [
+    "TERMINAL_TASK_STATUSES",
     "Aborted",
+    "AdminClient",
     "Agent",
     "AgentStopped",
     "AlreadyExists",
@@ -48,6 +52,7 @@ __all__ = [
     "PermissionDenied",
     "ResourceExhausted",
     "RetryPolicy",
+    "SyncAgent",
     "SyncTaskContext",
     "TaskContext",
     "TaskFailure",
