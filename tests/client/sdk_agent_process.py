@@ -34,9 +34,10 @@ def run_async(args: argparse.Namespace) -> None:
     @agent.task("gate")
     async def gate(ctx: TaskContext) -> dict[str, Any]:
         gate_file = Path(ctx.payload["gate"])
-        while not gate_file.exists():
+        while True:
+            if await asyncio.to_thread(gate_file.exists):
+                return {"gate": gate_file.name, "pid": os.getpid()}
             await asyncio.sleep(0.02)
-        return {"gate": gate_file.name, "pid": os.getpid()}
 
     @agent.task("echo")
     async def echo(ctx: TaskContext) -> dict[str, Any]:
