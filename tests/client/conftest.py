@@ -21,10 +21,12 @@ async def orchestrator() -> AsyncIterator[ScriptedOrchestrator]:
 class SleepRecorder:
     """Stands in for asyncio.sleep: records the pauses the SDK chose and yields only briefly.
 
-    The pause is still a real (tiny) wait so a retry loop cannot spin the event loop.
+    The pause is still a real (tiny) wait so a retry loop cannot spin the event loop; with `real`
+    it is the full chosen pause (for tests where deadlines must see the time pass).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, real: bool = False) -> None:
+        self.real = real
         self.delays: list[float] = []
         self.on_sleep: Callable[[int], Any] | None = None
 
@@ -34,7 +36,7 @@ class SleepRecorder:
             result = self.on_sleep(len(self.delays))
             if asyncio.iscoroutine(result):
                 await result
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(delay if self.real else 0.01)
 
 
 @pytest.fixture

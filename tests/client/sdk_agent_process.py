@@ -51,7 +51,9 @@ def run_async(args: argparse.Namespace) -> None:
 
 
 def run_sync(args: argparse.Namespace) -> None:
-    agent = SyncAgent(args.target, name=args.name, instance_id=args.name, type="sdk-test", max_concurrent_tasks=4)
+    agent = SyncAgent(
+        args.target, name=args.name, instance_id=args.name, type="sdk-test", max_concurrent_tasks=4
+    )
 
     @agent.task("gate")
     def gate(ctx: SyncTaskContext) -> dict[str, Any]:

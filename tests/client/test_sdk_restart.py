@@ -108,7 +108,9 @@ async def test_agent_process_survives_orchestrator_sigkill_and_restart(
         back = await async_wait_for(reattached, within=60, what="agent re-attached after the restart")
         reconnect_seconds = back.session.connected_at.ToDatetime().timestamp() - serving_at
         record_property("reconnect_after_restart_seconds", round(reconnect_seconds, 3))
-        print(f"\n[{flavour}] server down {serving_at - killed_at:.2f}s; agent re-attached {reconnect_seconds:.2f}s after ready")
+        print(
+            f"\n[{flavour}] server down {serving_at - killed_at:.2f}s; agent re-attached {reconnect_seconds:.2f}s after ready"
+        )
 
         after_restart.touch()
         for task in (first, second):

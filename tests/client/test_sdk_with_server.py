@@ -86,7 +86,9 @@ async def test_agent_runs_tasks_and_the_submitter_gets_results(
         assert failed.error.reason == "UNSUPPORTED" and len(failed.attempts) == 1
 
 
-async def test_cancelling_a_task_cancels_its_handler(agents: Callable[..., Agent], admin: AdminClient) -> None:
+async def test_cancelling_a_task_cancels_its_handler(
+    agents: Callable[..., Agent], admin: AdminClient
+) -> None:
     agent = agents()
     entered = asyncio.Event()
     cancelled = asyncio.Event()
@@ -136,7 +138,9 @@ async def test_graceful_stop_hands_unfinished_work_to_another_agent(
     assert done.attempts[0].status == v1.AttemptStatus.ATTEMPT_STATUS_LOST
 
 
-async def test_admin_client_manages_and_discovers_agents(agents: Callable[..., Agent], admin: AdminClient) -> None:
+async def test_admin_client_manages_and_discovers_agents(
+    agents: Callable[..., Agent], admin: AdminClient
+) -> None:
     first = agents("alpha", labels={"zone": "a"}, capabilities=["gpu"])
     second = agents("beta", labels={"zone": "b"})
     await first.start()
@@ -161,7 +165,9 @@ async def test_admin_client_manages_and_discovers_agents(agents: Callable[..., A
     assert system.total_agents == 2
 
 
-async def test_watch_agents_sees_a_snapshot_then_changes(agents: Callable[..., Agent], admin: AdminClient) -> None:
+async def test_watch_agents_sees_a_snapshot_then_changes(
+    agents: Callable[..., Agent], admin: AdminClient
+) -> None:
     first = agents("alpha")
     await first.start()
     watch = admin.watch_agents(type="worker")
