@@ -240,7 +240,12 @@ class ServerProcess:
         return self.process.wait(timeout)
 
     def stop(self) -> None:
-        self.kill()
+        """Graceful when possible (so coverage of the child is saved), SIGKILL otherwise."""
+        if self.process is not None and self.process.poll() is None:
+            try:
+                self.terminate(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
 
 
 @pytest.fixture
