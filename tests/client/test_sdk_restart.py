@@ -1,4 +1,4 @@
-"""An SDK agent process rides out an orchestrator SIGKILL and restart without any help.
+"""An SDK agent process rides out an orchestrator SIGKILL (or SIGTERM) and restart without any help.
 
 The server (`python -m orchestrator_server serve`) and the agent (tests/client/sdk_agent_process.py)
 are separate OS processes. The server is killed while the agent runs two tasks; one of them
@@ -64,12 +64,17 @@ async def ready_agent(admin: AdminClient, name: str) -> v1.Agent:
     return found
 
 
-@pytest.mark.parametrize("flavour", ["async", "sync"])
-async def test_agent_process_survives_orchestrator_sigkill_and_restart(
+@pytest.mark.parametrize(
+    ("flavour", "stop"),
+    [("async", "SIGKILL"), ("sync", "SIGKILL"), ("async", "SIGTERM")],
+    ids=["async-sigkill", "sync-sigkill", "async-sigterm"],
+)
+async def test_agent_process_survives_orchestrator_restart(
     server_process: Callable[..., ServerProcess],
     sdk_agents: Callable[..., subprocess.Popen[bytes]],
     tmp_path: Path,
     flavour: str,
+    stop: str,
     record_property: Callable[[str, Any], None],
 ) -> None:
     server = server_process().start()
@@ -93,7 +98,12 @@ async def test_agent_process_survives_orchestrator_sigkill_and_restart(
 
         await async_wait_for(both_running, within=20, what="both gate tasks RUNNING")
 
-        server.kill()
+        # SIGKILL: the streams just die. SIGTERM: a planned restart; the server drains and sends
+        # every session a reconnect request before it goes.
+        if stop == "SIGKILL":
+            server.kill()
+        else:
+            assert server.terminate() == 0
         killed_at = time.time()
         during_outage.touch()  # this result is produced while nobody can take it
         server.start()
@@ -109,7 +119,7 @@ async def test_agent_process_survives_orchestrator_sigkill_and_restart(
         reconnect_seconds = back.session.connected_at.ToDatetime().timestamp() - serving_at
         record_property("reconnect_after_restart_seconds", round(reconnect_seconds, 3))
         print(
-            f"\n[{flavour}] server down {serving_at - killed_at:.2f}s; agent re-attached {reconnect_seconds:.2f}s after ready"
+            f"\n[{flavour}, {stop}] server down {serving_at - killed_at:.2f}s; agent re-attached {reconnect_seconds:.2f}s after ready"
         )
 
         after_restart.touch()
