@@ -48,7 +48,9 @@ TERMINAL_TASK_STATUSES = frozenset(
 _DEFAULT_STRATEGY = v1.LoadBalancingStrategy.LOAD_BALANCING_STRATEGY_UNSPECIFIED
 
 # A watch stream that breaks on these is reopened; anything else (NOT_FOUND, PERMISSION_DENIED,
-# INVALID_ARGUMENT) would break again the same way and is raised.
+# INVALID_ARGUMENT, UNKNOWN from a failing handler) would break again the same way and is raised.
+# INTERNAL and CANCELLED are here because grpc core reports overflowing stream bursts that way
+# (grpc/grpc#36066), which is what a server restart with many watchers produces.
 _WATCH_RESUMABLE_CODES = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,
@@ -56,7 +58,6 @@ _WATCH_RESUMABLE_CODES = frozenset(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         grpc.StatusCode.ABORTED,
         grpc.StatusCode.INTERNAL,
-        grpc.StatusCode.UNKNOWN,
         grpc.StatusCode.CANCELLED,
     }
 )

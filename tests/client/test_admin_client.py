@@ -17,14 +17,16 @@ from orchestrator_client import AdminClient, Backoff, InvalidArgument, RetryPoli
 UNAVAILABLE = rich_status(grpc.StatusCode.UNAVAILABLE, "try again")
 
 
-class ScriptedAdmin(v1.RegistryServiceServicer, v1.TasksServiceServicer, v1.DiscoveryServiceServicer):
+class ScriptedAdmin(
+    v1.RegistryServiceServicer, v1.TasksServiceServicer, v1.DiscoveryServiceServicer, v1.HealthServiceServicer
+):
     def __init__(self) -> None:
         self.failures: dict[str, int] = {}
         self.calls: dict[str, int] = {}
         self.time_remaining: list[float] = []
         self.agents = [v1.Agent(agent_id=f"agent-{n}", name=f"a{n}") for n in range(5)]
         self.watch_starts: list[int] = []
-        self.watch_scripts: list[list[v1.WatchAgentsResponse | grpc.Status]] = []
+        self.watch_scripts: list[list[Any]] = []
 
     async def _count(self, method: str, context: Any) -> None:
         self.calls[method] = self.calls.get(method, 0) + 1
@@ -54,13 +56,22 @@ class ScriptedAdmin(v1.RegistryServiceServicer, v1.TasksServiceServicer, v1.Disc
         next_token = str(end) if end < len(self.agents) else ""
         return v1.ListAgentsResponse(agents=self.agents[start:end], next_page_token=next_token)
 
-    async def WatchAgents(self, request: Any, context: Any) -> AsyncIterator[v1.WatchAgentsResponse]:
+    async def _watch(self, request: Any, context: Any) -> AsyncIterator[Any]:
         self.watch_starts.append(request.start_revision)
         for item in self.watch_scripts.pop(0):
             if isinstance(item, grpc.Status):
                 await abort(context, item)
             yield item
         await asyncio.Event().wait()  # then silence, like a live watch with nothing to say
+
+    # grpc.aio recognises server-streaming handlers by being async generator functions.
+    async def WatchAgents(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        async for message in self._watch(request, context):
+            yield message
+
+    async def WatchAgentHealth(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        async for message in self._watch(request, context):
+            yield message
 
 
 @pytest.fixture
@@ -70,6 +81,7 @@ async def scripted() -> AsyncIterator[tuple[ScriptedAdmin, str]]:
     v1.add_RegistryServiceServicer_to_server(servicer, server)
     v1.add_TasksServiceServicer_to_server(servicer, server)
     v1.add_DiscoveryServiceServicer_to_server(servicer, server)
+    v1.add_HealthServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     yield servicer, f"127.0.0.1:{port}"
@@ -181,3 +193,36 @@ async def test_watch_resumes_from_its_last_revision_and_resnapshots_on_resync(
     # Resumed after revision 6; after the resync, asked for a fresh snapshot (0), not revision 6.
     assert servicer.watch_starts == [0, 6, 0]
     assert len(sleeps.delays) == 2
+
+
+def _health(revision: int, name: str = "", **flags: bool) -> v1.WatchAgentHealthResponse:
+    health = v1.AgentHealth(name=name) if name else None
+    return v1.WatchAgentHealthResponse(revision=revision, health=health, **flags)
+
+
+async def test_health_watch_replays_an_interrupted_initial_state_then_resumes_after_transitions(
+    scripted: tuple[ScriptedAdmin, str],
+) -> None:
+    servicer, target = scripted
+    servicer.watch_scripts = [
+        [_health(10, "a", initial=True), UNAVAILABLE],  # broken inside the initial state
+        [
+            _health(10, "a", initial=True),
+            _health(10, "b", initial=True),
+            _health(10, caught_up=True),
+            _health(11, "a"),
+            UNAVAILABLE,
+        ],
+        [_health(12, "b")],
+    ]
+    async with AdminClient(
+        target, watch_backoff=Backoff(initial=0.01, maximum=0.05), sleep=SleepRecorder()
+    ) as admin:
+        watch = admin.watch_agent_health()
+        seen = [
+            (m.revision, m.health.name, m.initial, m.caught_up)
+            for m in [await anext(watch) for _ in range(6)]
+        ]
+        await watch.aclose()
+    assert servicer.watch_starts == [0, 0, 11]
+    assert seen[-1] == (12, "b", False, False)
