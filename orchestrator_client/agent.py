@@ -25,13 +25,13 @@ import os
 import re
 import signal
 import socket
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import grpc
-from google.protobuf import struct_pb2
+from google.protobuf import duration_pb2, struct_pb2
 
 from orchestrator_client import v1
 from orchestrator_client.backoff import Backoff, Sleep
@@ -102,7 +102,10 @@ def _host_load() -> tuple[float, float]:
 
 
 class AgentStopped(Exception):
-    """The agent stopped before it could connect (see `__cause__` for why)."""
+    """The agent stopped on an error no retry can fix, e.g. its registration was refused.
+
+    The `OrchestratorError` (or OSError) that stopped it is the `__cause__`.
+    """
 
 
 @dataclass
@@ -316,8 +319,6 @@ class Agent:
 
         Raises the fatal error that stopped the agent, if one did.
         """
-        if self._session_task is None:
-            await self.start()
         loop = asyncio.get_running_loop()
         installed: list[signal.Signals] = []
         if self._handle_signals:
@@ -326,6 +327,10 @@ class Agent:
                     loop.add_signal_handler(signum, self.request_stop, f"signal {signum.name}")
                     installed.append(signum)
         try:
+            if self._session_task is None:
+                # A signal while still connecting stops the agent too; a fatal error is raised below.
+                with contextlib.suppress(AgentStopped):
+                    await self.start()
             await self._closed.wait()
         finally:
             for signum in installed:
@@ -394,7 +399,7 @@ class Agent:
         self._apply_intervals(response.heartbeat_interval, response.heartbeat_timeout)
         log.info("registered %s/%s as %s", self.name, self.instance_id, self.agent_id)
 
-    def _apply_intervals(self, interval: Any, timeout: Any) -> None:
+    def _apply_intervals(self, interval: duration_pb2.Duration, timeout: duration_pb2.Duration) -> None:
         if interval.seconds or interval.nanos:
             self.heartbeat_interval = interval.ToTimedelta().total_seconds()
         if timeout.seconds or timeout.nanos:
@@ -504,7 +509,7 @@ class Agent:
         async with asyncio.timeout(self.heartbeat_timeout):
             return await call.read()
 
-    async def _outgoing(self, session: _SessionState) -> Any:
+    async def _outgoing(self, session: _SessionState) -> AsyncIterator[v1.HeartbeatRequest]:
         """The request stream of a session: whatever is queued, until None (half-close)."""
         while True:
             message = await session.outbox.get()

@@ -70,6 +70,7 @@ class ScriptedOrchestrator(v1.RegistryServiceServicer, v1.TasksServiceServicer):
         self.server = grpc.aio.server()
         self.port = 0
         self.registrations: list[v1.RegisterAgentRequest] = []
+        self.register_metadata: list[dict[str, str]] = []
         self.register_failures: deque[grpc.Status] = deque()
         self.hello_failures: deque[grpc.Status] = deque()
         self.report_failures: deque[grpc.Status] = deque()
@@ -106,6 +107,7 @@ class ScriptedOrchestrator(v1.RegistryServiceServicer, v1.TasksServiceServicer):
     # -------------------------------------------------------------------------------- registry
     async def RegisterAgent(self, request: Any, context: Any) -> v1.RegisterAgentResponse:
         self.registrations.append(request)
+        self.register_metadata.append(dict(context.invocation_metadata()))
         if self.register_failures:
             await abort(context, self.register_failures.popleft())
         self.token = f"token-{next(self._tokens)}"

@@ -12,7 +12,15 @@ from conftest import SleepRecorder
 from google.rpc import error_details_pb2
 from scripted_orchestrator import ScriptedOrchestrator, assignment, rich_status
 
-from orchestrator_client import Agent, AgentStopped, InvalidArgument, NonRetryableError, TaskContext, v1
+from orchestrator_client import (
+    Agent,
+    AgentStopped,
+    InvalidArgument,
+    NonRetryableError,
+    PermissionDenied,
+    TaskContext,
+    v1,
+)
 from tests.conftest import async_wait_for
 
 STARTED = v1.TaskUpdateKind.TASK_UPDATE_KIND_STARTED
@@ -308,3 +316,26 @@ async def test_sleep_recorder_is_not_used_when_nothing_fails(
     await agent.start()
     await orchestrator.sessions[0].next_of("beat")
     assert sleeps.delays == []
+
+
+async def test_run_forever_connects_serves_and_returns_after_a_stop_request(
+    orchestrator: ScriptedOrchestrator, make_agent: Callable[..., Agent]
+) -> None:
+    agent = make_agent()
+    serving = asyncio.create_task(agent.run_forever())
+    await asyncio.wait_for(agent.wait_connected(), 5)
+    agent.request_stop("test is done")
+    await asyncio.wait_for(serving, 5)
+    assert orchestrator.sessions[0].goodbye is not None
+    assert orchestrator.sessions[0].goodbye.reason == "test is done"
+
+
+async def test_run_forever_raises_the_error_that_stopped_the_agent(
+    orchestrator: ScriptedOrchestrator, make_agent: Callable[..., Agent]
+) -> None:
+    orchestrator.register_failures.append(rich_status(grpc.StatusCode.PERMISSION_DENIED, "not an agent key"))
+    agent = make_agent(api_key="reader-key")
+    with pytest.raises(AgentStopped) as caught:
+        await agent.run_forever()
+    assert isinstance(caught.value.__cause__, PermissionDenied)
+    assert orchestrator.register_metadata[0]["authorization"] == "Bearer reader-key"
