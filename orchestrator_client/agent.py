@@ -572,13 +572,18 @@ class Agent:
         return list(results)
 
     async def _run_check(self, name: str, function: CheckFunction) -> v1.Check:
+        # A check slower than half the beat interval would delay the beat: it counts as failing.
+        limit = self.heartbeat_interval / 2
         try:
-            async with asyncio.timeout(self.heartbeat_interval / 2):
+            async with asyncio.timeout(limit):
                 if inspect.iscoroutinefunction(function):
                     healthy = await cast(Awaitable[bool], function())
                 else:
                     # A sync check may block (a ping to a database): keep it off the event loop.
                     healthy = await asyncio.to_thread(cast(Callable[[], bool], function))
+        except TimeoutError:
+            message = f"no answer within {limit:g}s"
+            return v1.Check(name=name, status=v1.CheckStatus.CHECK_STATUS_FAILING, message=message)
         except Exception as exc:
             return v1.Check(name=name, status=v1.CheckStatus.CHECK_STATUS_FAILING, message=repr(exc))
         status = v1.CheckStatus.CHECK_STATUS_PASSING if healthy else v1.CheckStatus.CHECK_STATUS_FAILING

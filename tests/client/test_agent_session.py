@@ -283,6 +283,7 @@ async def test_invalid_registration_stops_the_agent_with_the_mapped_error(
 async def test_sessions_carry_checks_and_load(
     orchestrator: ScriptedOrchestrator, make_agent: Callable[..., Agent]
 ) -> None:
+    orchestrator.heartbeat_interval = 2.0  # checks get half of it: room enough on a busy machine
     agent = make_agent()
 
     @agent.check("database")
@@ -339,3 +340,20 @@ async def test_run_forever_raises_the_error_that_stopped_the_agent(
         await agent.run_forever()
     assert isinstance(caught.value.__cause__, PermissionDenied)
     assert orchestrator.register_metadata[0]["authorization"] == "Bearer reader-key"
+
+
+async def test_a_check_slower_than_half_the_interval_reports_failing(
+    orchestrator: ScriptedOrchestrator, make_agent: Callable[..., Agent]
+) -> None:
+    orchestrator.heartbeat_interval = 0.2
+    agent = make_agent()
+
+    @agent.check("hung")
+    async def hung() -> bool:
+        await asyncio.Event().wait()
+        return True
+
+    await agent.start()
+    beat = (await orchestrator.sessions[0].next_of("beat")).beat
+    assert beat.checks[0].status == v1.CheckStatus.CHECK_STATUS_FAILING
+    assert beat.checks[0].message == "no answer within 0.1s"
