@@ -71,6 +71,7 @@ class Stubs:
         self, name: str = "agent", instance: str = "1", **fields: Any
     ) -> registry_pb2.RegisterAgentResponse:
         fields.setdefault("type", "worker")
+        fields.setdefault("max_concurrent_tasks", 4)
         return await self.registry.RegisterAgent(
             registry_pb2.RegisterAgentRequest(name=name, instance_id=instance, **fields)
         )
@@ -239,7 +240,12 @@ class ServerProcess:
         return self.process.wait(timeout)
 
     def stop(self) -> None:
-        self.kill()
+        """Graceful when possible (so coverage of the child is saved), SIGKILL otherwise."""
+        if self.process is not None and self.process.poll() is None:
+            try:
+                self.terminate(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
 
 
 @pytest.fixture
