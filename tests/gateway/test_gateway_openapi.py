@@ -9,9 +9,10 @@ import aiohttp
 import pytest
 
 from orchestrator_server.gateway import DEFAULT_SERVICES
+from orchestrator_server.gateway._proto_comments import COMMENTS
 from orchestrator_server.gateway.http_rules import build_route_table
 from orchestrator_server.gateway.openapi import build_openapi
-from orchestrator_server.gateway.proto_comments import COMMENTS, generate_comments
+from orchestrator_server.gateway.proto_comments import generate_comments
 
 PROTO_ROOT = Path(__file__).resolve().parents[2] / "proto"
 
