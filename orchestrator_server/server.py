@@ -210,6 +210,7 @@ class OrchestratorServer:
         await self.health.enter_graceful_shutdown()
         self.registry.shutdown("orchestrator shutting down")
         self.tasks.shutdown()
+        self._bus().close()
         if self._gateway is not None:
             await self._gateway.stop()
         # Give the reconnect requests a moment to leave before the streams are cut.

@@ -105,3 +105,5 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
                     ),
                 )
                 after = 0
+            else:
+                return  # the server is shutting down; the watcher resumes from its revision

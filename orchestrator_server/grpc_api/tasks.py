@@ -89,3 +89,5 @@ class TasksServicer(tasks_pb2_grpc.TasksServiceServicer):
                 yield tasks_pb2.WatchTaskResponse(task=task, revision=after)
                 if task.status in TERMINAL:
                     return
+            else:
+                return  # the server is shutting down; the watcher asks again
