@@ -40,7 +40,7 @@ def make_config(tmp_path: Path, **overrides: Any) -> Config:
         "database_path": str(tmp_path / "orchestrator.db"),
         "db_synchronous": "NORMAL",
         "gateway_enabled": False,
-        "heartbeat_timeout": 10.0,
+        "heartbeat_timeout": 60.0,  # tests that need a short one say so
         "heartbeat_interval": 0.5,
         "failover_grace": 0.0,
         "shutdown_grace": 0.5,
@@ -314,6 +314,10 @@ class AgentProcess:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             self.process.wait(10)
+
+    def drop_stream(self) -> None:
+        """Cuts the agent's stream without a goodbye; it reconnects if started with --reconnect."""
+        self.process.send_signal(signal.SIGUSR1)
 
 
 @pytest.fixture

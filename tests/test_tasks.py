@@ -517,21 +517,17 @@ async def test_sigkill_agent_mid_run_moves_its_work(
 async def test_agent_reconnecting_within_grace_keeps_its_tasks(
     servers: Callable[..., Any], agent_processes: Callable[..., AgentProcess]
 ) -> None:
-    running: Running = await servers(failover_grace=10.0)
+    running: Running = await servers(failover_grace=30.0)
     stubs = running.stubs
     agent = agent_processes(
-        running.target,
-        "flaky",
-        "--capacity",
-        "4",
-        "--drop-after",
-        "0.5",
-        "--reconnect",
-        "--reconnect-delay",
-        "0.3",
+        running.target, "flaky", "--capacity", "4", "--reconnect", "--reconnect-delay", "0.3"
     )
     await asyncio.to_thread(agent.wait_welcome)
-    task_ids = [(await create(stubs, payload={"sleep": 1.5})).task_id for _ in range(3)]
+    task_ids = [(await create(stubs, payload={"sleep": 2.0})).task_id for _ in range(3)]
+    await async_wait_for(
+        lambda: sum(r["event"] == "assigned" for r in agent.records()) == 3, what="all assigned"
+    )
+    agent.drop_stream()
     finished = await wait_all(stubs, task_ids)
     welcomes = [record for record in agent.records() if record["event"] == "welcome"]
     assert len(welcomes) == 2, "the agent dropped its stream and came back once"
