@@ -119,8 +119,8 @@ RULES: Mapping[str, Rule] = {
     # Probes (kubelet, grpc_health_probe) carry no credential; the answer reveals nothing.
     "/grpc.health.v1.Health/Check": Rule(Access.PUBLIC, budget=Budget.NONE),
     "/grpc.health.v1.Health/Watch": Rule(Access.PUBLIC, budget=Budget.NONE),
+    "/grpc.health.v1.Health/List": Rule(Access.PUBLIC, budget=Budget.NONE),
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": _READ,
-    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": _READ,
 }
 
 
