@@ -443,7 +443,7 @@ class Authenticator:
             return Principal.anonymous(peer)
         key = self.keys.lookup(secret)
         if key is not None:
-            return Principal(Kind.KEY, f"{key.role}:{key.label}", key.role)
+            return Principal(Kind.KEY, f"{key.role}-key:{key.label}", key.role)
         parts = split_agent_token(secret)
         if parts is not None:
             try:

@@ -337,10 +337,10 @@ async def test_mutating_calls_are_audited(secured: Running, caplog: pytest.LogCa
         ("UndrainAgent", "PERMISSION_DENIED"),
     ]
     drain, undrain = records
-    assert drain.principal.startswith("admin:")  # type: ignore[attr-defined]
+    assert drain.principal.startswith("admin-key:")  # type: ignore[attr-defined]
     assert drain.request_id == "req-42"  # type: ignore[attr-defined]
     assert f"agent_id={agent_id}" in drain.getMessage()
-    assert undrain.principal.startswith("reader:")  # type: ignore[attr-defined]
+    assert undrain.principal.startswith("reader-key:")  # type: ignore[attr-defined]
     assert ADMIN_KEY not in drain.getMessage() and READER_KEY not in undrain.getMessage()
 
 
