@@ -560,7 +560,10 @@ async def bind(server: grpc.aio.Server, config: Config) -> Listener:
     address = f"{config.bind_host}:{config.grpc_port}"
     if not config.tls_cert_file:
         port = server.add_insecure_port(address)
-        return Listener(port, f"127.0.0.1:{port}")
+        # The gateway calls us over loopback unless we listen on one specific address.
+        host = config.bind_host
+        target_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        return Listener(port, f"{target_host}:{port}")
     cert, key, client_ca = await asyncio.to_thread(_read_tls, config)
     credentials = grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None

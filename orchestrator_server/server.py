@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 import grpc
@@ -34,6 +34,7 @@ from orchestrator.v1 import (
 from orchestrator.v1 import (
     health_pb2_grpc as orchestrator_health_pb2_grpc,
 )
+from orchestrator_server import metrics
 from orchestrator_server.auth import Listener, bind
 from orchestrator_server.config import Config
 from orchestrator_server.discovery import Discovery
@@ -44,7 +45,9 @@ from orchestrator_server.grpc_api.health import HealthServicer
 from orchestrator_server.grpc_api.interceptors import security_interceptors
 from orchestrator_server.grpc_api.registry import RegistryServicer
 from orchestrator_server.grpc_api.tasks import TasksServicer
-from orchestrator_server.health import HealthReporter
+from orchestrator_server.grpc_api.telemetry import TelemetryInterceptor
+from orchestrator_server.health import HealthReporter, WorkloadSummary
+from orchestrator_server.metrics import TRANSITIONS, status_label
 from orchestrator_server.registry import Registry
 from orchestrator_server.store import Store, open_store
 from orchestrator_server.tasks import TaskScheduler
@@ -116,6 +119,10 @@ class OrchestratorServer:
         self.registry.restore(loaded.agents, loaded.agent_token_hashes)
         self.tasks.restore(loaded.active_tasks)
         self.registry.observer = self.tasks
+        self.registry.on_transition = lambda agent, _previous: TRANSITIONS.labels(
+            status_label(agent.status)
+        ).inc()
+        metrics.track(self)
         reporter = HealthReporter(
             self.registry, self.store, self.tasks.workload, lambda: self._bus().revision
         )
@@ -162,7 +169,13 @@ class OrchestratorServer:
             self._write_ready_file()
 
     def _interceptors(self) -> Sequence[Any]:
-        return [ErrorInterceptor(), *security_interceptors(self.config, self.registry)]
+        # Outermost first: telemetry sees the final status whoever set it; the security checks
+        # raise domain errors for ErrorInterceptor to turn into statuses.
+        return [
+            TelemetryInterceptor(),
+            ErrorInterceptor(),
+            *security_interceptors(self.config, self.registry),
+        ]
 
     async def _start_gateway(self) -> RunningGateway | None:
         try:
@@ -172,9 +185,19 @@ class OrchestratorServer:
             return None
         assert self._listener is not None, "gRPC not bound"
         gateway: RunningGateway = await gateway_module.start_gateway(
-            self.config.bind_host, self.config.http_port, self._listener.gateway_target
+            self.config.bind_host,
+            self.config.http_port,
+            self._listener.gateway_target,
+            readiness_check=self._store_ready,
         )
         return gateway
+
+    async def _store_ready(self) -> bool:
+        try:
+            await self.store.ping()
+        except Exception:  # any failure means "not ready"; /readyz reports it
+            return False
+        return True
 
     def _bus(self) -> EventBus:
         assert self.bus is not None, "server not started"
@@ -204,7 +227,14 @@ class OrchestratorServer:
         await self._server.stop(grace)
         self._server = None
         await self.store.close()
+        metrics.untrack(self)
         self._stopped.set()
+
+    def agent_statuses(self) -> Iterable[int]:
+        return (agent.status for agent in self.registry.agents())
+
+    def workload(self) -> WorkloadSummary:
+        return self.tasks.workload()
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()

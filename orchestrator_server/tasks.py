@@ -28,6 +28,7 @@ from orchestrator_server.config import Config
 from orchestrator_server.discovery import load_score, rendezvous_pick
 from orchestrator_server.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from orchestrator_server.health import WorkloadSummary
+from orchestrator_server.metrics import DISPATCH_LATENCY, FAILOVERS, TASKS_FINISHED
 from orchestrator_server.registry import READY, Registry, new_id, now_timestamp
 from orchestrator_server.selectors import Selector, parse_selector
 from orchestrator_server.store import Change, Store, TaskQuery
@@ -78,6 +79,8 @@ class ActiveTask:
     backoff_timer: asyncio.TimerHandle | None = None
     # Session epoch the current attempt was last pushed down; a reconnect re-pushes only if older.
     pushed_epoch: int = 0
+    # Loop time the task last became placeable, for the dispatch latency metric.
+    placeable_since: float = 0.0
 
     @property
     def group(self) -> GroupKey:
@@ -440,10 +443,12 @@ class TaskScheduler:
                 f"task {task_id} is {task_pb2.TaskStatus.Name(task.status)}, not PENDING"
             )
         agent = self._registry.get(agent_id)
-        if not self._placeable(agent):
+        # Unlike the scheduler, an operator may place work on an agent without a session (a REST
+        # agent alive by unary heartbeats): it finds its work with ListTasks(agent_id, ASSIGNED).
+        if agent.status != READY or agent.draining or self._free_capacity(agent) <= 0:
             raise FailedPrecondition(
                 f"agent {agent_id} cannot take work now ({agent_pb2.AgentStatus.Name(agent.status)}"
-                f"{', no session' if self._registry.session_of(agent_id) is None else ''}"
+                f"{', draining' if agent.draining else ''}"
                 f"{', at capacity' if self._free_capacity(agent) <= 0 else ''})"
             )
         if entry.backoff_timer is not None:
@@ -550,6 +555,8 @@ class TaskScheduler:
     def _push_assignment(self, entry: ActiveTask, attempt: task_pb2.Attempt) -> None:
         session = self._registry.session_of(attempt.agent_id)
         if session is not None and entry.pushed_epoch != session.epoch:
+            if entry.pushed_epoch == 0:
+                DISPATCH_LATENCY.observe(asyncio.get_running_loop().time() - entry.placeable_since)
             entry.pushed_epoch = session.epoch
             assignment = registry_pb2.TaskAssignment(task=entry.task, attempt_id=attempt.attempt_id)
             session.push(registry_pb2.HeartbeatResponse(assignment=assignment))
@@ -615,6 +622,7 @@ class TaskScheduler:
         task.current_attempt_id = ""
         task.updated_at.CopyFrom(now)
         task.finished_at.CopyFrom(now)
+        TASKS_FINISHED.labels(task_pb2.TaskStatus.Name(status).removeprefix("TASK_STATUS_").lower()).inc()  # type: ignore[arg-type]
         del self._active[task.task_id]
         if task.spec.idempotency_key:
             self._by_key.pop(task.spec.idempotency_key, None)
@@ -734,6 +742,7 @@ class TaskScheduler:
         self.kick()
 
     def _push_heap(self, entry: ActiveTask) -> None:
+        entry.placeable_since = asyncio.get_running_loop().time()
         heapq.heappush(
             self._group_for(entry).heap, (-entry.task.spec.priority, entry.sequence, entry.task.task_id)
         )
@@ -809,6 +818,7 @@ class TaskScheduler:
             self._spawn(self._commit(entry))
             moved += 1
         if moved:
+            FAILOVERS.inc(moved)
             log.info("failover: moved %d tasks off agent %s (%s)", moved, agent_id, reason)
 
     def _note_drop(self) -> bool:

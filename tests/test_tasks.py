@@ -614,3 +614,23 @@ async def test_orchestrator_sigkill_and_restart_loses_no_task(
     completed = collections.Counter(r["task_id"] for r in agent.records() if r["event"] == "completed")
     assert set(completed) == set(task_ids)
     await channel.close()
+
+
+async def test_sigterm_drains_and_running_work_survives_the_restart(
+    server_process: Callable[..., ServerProcess], agent_processes: Callable[..., AgentProcess]
+) -> None:
+    server = server_process(HEARTBEAT_TIMEOUT="5", FAILOVER_GRACE="0").start()
+    agent = agent_processes(server.target, "patient", "--reconnect", "--reconnect-delay", "0.2")
+    await asyncio.to_thread(agent.wait_welcome)
+    channel = grpc.aio.insecure_channel(server.target)
+    task = await create(Stubs(channel), payload={"sleep": 2.0})
+    await async_wait_for(lambda: any(r["event"] == "assigned" for r in agent.records()), what="task assigned")
+    await channel.close()
+    assert await asyncio.to_thread(server.terminate) == 0
+    assert any(record["event"] == "reconnect_requested" for record in agent.records())
+    await asyncio.to_thread(server.start)
+    channel = grpc.aio.insecure_channel(server.target)
+    final = await wait_status(Stubs(channel), task.task_id, TERMINAL, within=30)
+    # A planned restart is not a failure: the agent kept its attempt, even with FAILOVER_GRACE=0.
+    assert final.status == SUCCEEDED and len(final.attempts) == 1
+    await channel.close()
