@@ -53,6 +53,7 @@ from orchestrator_server.errors import (
     ResourceExhausted,
     Unauthenticated,
 )
+from orchestrator_server.grpc_api import telemetry
 from orchestrator_server.limits import RateLimiter, StreamSlots
 
 log = logging.getLogger(__name__)
@@ -193,7 +194,8 @@ class AuditInterceptor(AsyncServerInterceptor):
             for name in ("agent_id", "task_id")
             if isinstance(value := getattr(request, name, ""), str) and value
         )
-        request_id = next(
+        # The id the telemetry interceptor gave the call (the caller's x-request-id when it sent one).
+        rid = telemetry.request_id.get() or next(
             (value for key, value in context.invocation_metadata() or () if key == "x-request-id"), ""
         )
         what = call.method.rsplit("/", 1)[-1]
@@ -210,7 +212,7 @@ class AuditInterceptor(AsyncServerInterceptor):
                 "target": target,
                 "code": code,
                 "peer": call.peer,
-                "request_id": request_id,
+                "request_id": rid,
                 "duration_ms": round((time.monotonic() - started) * 1000, 3),
                 "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             },
