@@ -342,12 +342,13 @@ class LimitInterceptor(AsyncServerInterceptor):
 
     def _session_hook(self, call: Call, slot: _Slot) -> Hook:
         async def pace(message: Any) -> None:
-            key = f"agent:{call.agent_id}" if call.agent_id else f"peer:{call.peer}"
             if slot.key is None:
-                self._acquire(key)  # the hello: the agent is known from here on
+                # The hello: the agent is known from here on, and the stream counts against it.
+                key = f"agent:{call.agent_id}" if call.agent_id else f"peer:{call.peer}"
+                self._acquire(key)
                 slot.key = key
                 slot.held = True
-            delay = self._session.reserve(key)
+            delay = self._session.reserve(slot.key)
             if delay > 0:
                 await asyncio.sleep(delay)
 
