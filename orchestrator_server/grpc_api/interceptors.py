@@ -137,6 +137,17 @@ class _HookedContext:
         return message
 
 
+async def _reject_malformed(message: Any) -> None:
+    if isinstance(message, _Malformed):
+        raise message.error()
+
+
+async def _parsed(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for message in requests:
+        await _reject_malformed(message)
+        yield message
+
+
 def _with_hook(context: Context, hook: Hook) -> Any:
     hooked = context if isinstance(context, _HookedContext) else _HookedContext(context)
     hooked.hooks.append(hook)
@@ -246,19 +257,21 @@ class AuthInterceptor(AsyncServerInterceptor):
         if isinstance(request, _Malformed):
             raise request.error()
         self._auth.authorize(rule, principal, request)
+        if hasattr(request, "__aiter__"):
+            # A client stream: servicers read it either by iterating or with context.read().
+            request = _parsed(request)
+            context = _with_hook(context, _reject_malformed)
         if rule.access is Access.SESSION:
             context = _with_hook(context, self._session_hook(call))
         return await _invoke(method, request, context)
 
     def _session_hook(self, call: Call) -> Hook:
-        """Checks the stream's messages: each must parse; the first, the hello, names the agent,
-        which must be the caller's own (an agent credential) or is authenticated by it."""
+        """Checks the session's first message, the hello: it names the agent, which must be the
+        caller's own (an agent credential) or is authenticated by it."""
         first = True
 
         async def check(message: Any) -> None:
             nonlocal first
-            if isinstance(message, _Malformed):
-                raise message.error()
             if not first:
                 return
             first = False

@@ -163,6 +163,13 @@ async def test_malformed_session_messages_end_the_stream_cleanly(servers: Callab
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await call.read()
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # The other client stream, reflection, iterates its requests instead: the same answer.
+    reflection = running.stubs.channel.stream_stream(
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+    )(requests(), metadata=bearer(ADMIN_KEY))
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await reflection.read()
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     # And after a good hello, a malformed message ends that session, not the server.
     registered = await running.stubs.registry.RegisterAgent(
         registry_pb2.RegisterAgentRequest(name="a", instance_id="1", type="worker"),
