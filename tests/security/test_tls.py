@@ -17,8 +17,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from orchestrator.v1 import health_pb2, health_pb2_grpc
+from orchestrator_client import AdminClient, Agent, ConnectionOptions, PermissionDenied, TaskContext, v1
 from tests.conftest import Running
-from tests.security.conftest import ADMIN_KEY, bearer
+from tests.security.conftest import ADMIN_KEY, AGENT_KEY, API_KEYS, READER_KEY, bearer
 
 
 @dataclass
@@ -192,3 +193,47 @@ async def test_tls_without_client_certificates(servers: Callable[..., Any], pki:
     socket_path = Path(listener.gateway_target.removeprefix("unix:"))
     assert socket_path.parent.stat().st_mode & 0o077 == 0
     assert await _health(listener.gateway_target, None) == grpc.StatusCode.OK
+
+
+async def test_sdk_agent_and_admin_client_with_keys_over_mutual_tls(
+    servers: Callable[..., Any], pki: dict[str, Any]
+) -> None:
+    """End to end as a deployment runs it: keys of every role, mutual TLS, the SDK on both sides."""
+    paths = pki["paths"]
+    running: Running = await servers(
+        api_keys=API_KEYS,
+        tls_cert_file=paths["cert"],
+        tls_key_file=paths["key"],
+        tls_client_ca_file=paths["ca"],
+    )
+    authority: Authority = pki["authority"]
+    client: Issued = pki["client"]
+    connection = ConnectionOptions(
+        root_certificates=authority.pem, client_certificate_chain=client.cert, client_private_key=client.key
+    )
+    agent = Agent(
+        running.target,
+        name="sdk",
+        type="worker",
+        api_key=AGENT_KEY,
+        connection=connection,
+        handle_signals=False,
+    )
+
+    @agent.task("echo")
+    async def echo(ctx: TaskContext) -> dict[str, Any]:
+        await ctx.report_progress(0.5, "halfway")
+        return dict(ctx.payload)
+
+    async with (
+        agent,
+        AdminClient(running.target, api_key=ADMIN_KEY, connection=connection, timeout=5) as admin,
+        AdminClient(running.target, api_key=READER_KEY, connection=connection, timeout=5) as reader,
+    ):
+        task = await admin.create_task("echo", {"said": "hello"})
+        done = await admin.wait_for_result(task.task_id, timeout=10)
+        assert done.status == v1.TaskStatus.TASK_STATUS_SUCCEEDED and dict(done.result) == {"said": "hello"}
+        assert done.attempts[0].agent_id == agent.agent_id
+        with pytest.raises(PermissionDenied):
+            await reader.create_task("echo", {})
+    await agent.stop(grace=0)
