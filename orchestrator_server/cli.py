@@ -25,7 +25,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        for key in ("request_id", "method", "principal", "code", "duration_ms"):
+        for key in ("request_id", "method", "principal", "target", "peer", "code", "duration_ms", "at"):
             if hasattr(record, key):
                 entry[key] = getattr(record, key)
         if record.exc_info:
