@@ -630,3 +630,19 @@ async def test_sigterm_drains_and_running_work_survives_the_restart(
     # A planned restart is not a failure: the agent kept its attempt, even with FAILOVER_GRACE=0.
     assert final.status == SUCCEEDED and len(final.attempts) == 1
     await channel.close()
+
+
+async def test_system_health_counts_pending_and_running_tasks(stubs: Stubs) -> None:
+    from orchestrator.v1 import health_pb2
+
+    session, _ = await open_session(stubs, max_concurrent_tasks=1)
+    first = await create(stubs)
+    await next_assignment(session)
+    second = await create(stubs)
+    await stubs.tasks.CancelTask(
+        tasks_pb2.CancelTaskRequest(task_id=second.task_id)
+    )  # leaves a stale heap entry
+    await create(stubs)
+    health = await stubs.health.GetSystemHealth(health_pb2.GetSystemHealthRequest())
+    assert (health.pending_tasks, health.running_tasks) == (1, 1)
+    assert (await get(stubs, first.task_id)).status == task_pb2.TASK_STATUS_ASSIGNED
