@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from orchestrator.v1 import agent_pb2, discovery_pb2
 from orchestrator_server.errors import FailedPrecondition
-from orchestrator_server.registry import DEGRADED, READY, AgentFilter, Registry, build_filter
+from orchestrator_server.registry import DEGRADED, READY, AgentFilter, Registry, build_filter, take_page
 from orchestrator_server.validation import Violations, decode_page_token, encode_page_token
 
 Strategy = discovery_pb2.LoadBalancingStrategy
@@ -50,16 +50,15 @@ class Discovery:
             selector_field=f"{prefix}label_selector",
         )
 
-    def candidates(self, query: discovery_pb2.AgentQuery, agent_filter: AgentFilter) -> list[agent_pb2.Agent]:
-        """Matching agents that can be routed to, in registration order."""
+    def candidates(
+        self, query: discovery_pb2.AgentQuery, agent_filter: AgentFilter, after: str = ""
+    ) -> Iterator[agent_pb2.Agent]:
+        """Matching agents that can be routed to, in registration order, after the id `after`."""
         allowed = {READY, DEGRADED} if query.include_degraded else {READY}
-        return sorted(
-            (
-                agent
-                for agent in self._registry.agents()
-                if agent.status in allowed and agent_filter.matches(agent)
-            ),
-            key=lambda agent: agent.agent_id,
+        return (
+            agent
+            for agent in self._registry.agents_after(after)
+            if agent.status in allowed and agent_filter.matches(agent)
         )
 
     def discover(
@@ -69,10 +68,7 @@ class Discovery:
         agent_filter = self.query_filter(query, violations)
         size = violations.page_size("page_size", page_size)
         violations.raise_if_any()
-        after = decode_page_token(page_token)
-        matching = [agent for agent in self.candidates(query, agent_filter) if agent.agent_id > after]
-        page = matching[:size]
-        return page, encode_page_token(page[-1].agent_id) if len(matching) > size else ""
+        return take_page(self.candidates(query, agent_filter, decode_page_token(page_token)), size)
 
     def endpoints(
         self, request: discovery_pb2.ListEndpointsRequest
@@ -123,7 +119,7 @@ class Discovery:
             violations.add("hash_key", "is required with the CONSISTENT_HASH strategy")
         violations.text("hash_key", request.hash_key, 1024)
         violations.raise_if_any()
-        candidates = self.candidates(request.query, agent_filter)
+        candidates = list(self.candidates(request.query, agent_filter))
         if not candidates:
             raise FailedPrecondition("no ready agent matches the query")
         chosen = self.pick(request.strategy, candidates, request.hash_key, request.query.SerializeToString())

@@ -12,12 +12,14 @@ heartbeat timestamps and load are soft state kept in memory.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import hashlib
 import hmac
+import itertools
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -69,6 +71,14 @@ def hash_token(token: str) -> str:
 def new_id(prefix: str) -> str:
     """Identifiers that sort by creation time: prefix, 12 hex digits of milliseconds, 8 random."""
     return f"{prefix}{int(time.time() * 1000):012x}{secrets.token_hex(4)}"
+
+
+def take_page(agents: Iterable[agent_pb2.Agent], page_size: int) -> tuple[list[agent_pb2.Agent], str]:
+    """The first `page_size` agents and the token for the next page ("" when there is none)."""
+    page = list(itertools.islice(agents, page_size + 1))
+    if len(page) <= page_size:
+        return page, ""
+    return page[:page_size], encode_page_token(page[page_size - 1].agent_id)
 
 
 class AgentObserver(Protocol):
@@ -179,6 +189,8 @@ class Registry:
         self._store = store
         self._agents: dict[str, AgentState] = {}
         self._by_name: dict[tuple[str, str], str] = {}
+        # Every agent id, sorted: ids sort by registration time, and pages start after an id.
+        self._ordered_ids: list[str] = []
         self.observer: AgentObserver | None = None
         # Set while the process shuts down: sessions then end without taking their agents DOWN,
         # so after the restart they get a heartbeat timeout to come back and keep their work.
@@ -201,6 +213,7 @@ class Registry:
             state = AgentState(agent, token_hashes.get(agent.agent_id, ""))
             self._agents[agent.agent_id] = state
             self._by_name[(agent.name, agent.instance_id)] = agent.agent_id
+            bisect.insort(self._ordered_ids, agent.agent_id)
             if agent.status in ALIVE_STATUSES:
                 state.last_seen = loop.time()
                 state.lease_until = grace_until
@@ -217,6 +230,12 @@ class Registry:
 
     def agents(self) -> Iterable[agent_pb2.Agent]:
         return (state.agent for state in self._agents.values())
+
+    def agents_after(self, after: str = "") -> Iterator[agent_pb2.Agent]:
+        """Agents in registration (id) order, starting after the id `after`."""
+        ids = self._ordered_ids
+        for index in range(bisect.bisect_right(ids, after), len(ids)):
+            yield self._agents[ids[index]].agent
 
     def session_of(self, agent_id: str) -> Session | None:
         state = self._agents.get(agent_id)
@@ -238,15 +257,10 @@ class Registry:
         return self.page(agent_filter, size, request.page_token)
 
     def page(self, query: AgentFilter, page_size: int, page_token: str) -> tuple[list[agent_pb2.Agent], str]:
-        after = decode_page_token(page_token)
-        # Ids sort by registration time, so a page is a slice of the sorted matching ids.
-        matching = sorted(
-            (agent for agent in self.agents() if agent.agent_id > after and query.matches(agent)),
-            key=lambda agent: agent.agent_id,
+        matching = (
+            agent for agent in self.agents_after(decode_page_token(page_token)) if query.matches(agent)
         )
-        page = matching[:page_size]
-        next_token = encode_page_token(page[-1].agent_id) if len(matching) > page_size else ""
-        return page, next_token
+        return take_page(matching, page_size)
 
     def verify_token(self, agent_id: str, token: str) -> agent_pb2.Agent:
         """The agent whose credential `token` is; Unauthenticated otherwise."""
@@ -274,6 +288,7 @@ class Registry:
             state = AgentState(agent, "")
             self._agents[agent.agent_id] = state
             self._by_name[(agent.name, agent.instance_id)] = agent.agent_id
+            bisect.insort(self._ordered_ids, agent.agent_id)
         else:
             state = self._agents[existing_id]
             agent = state.agent
