@@ -12,7 +12,7 @@ GEN_DIR := orchestrator/v1
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[server,dev]'
+	$(PY) -m pip install -q -e '.[server,dev,bench]'
 	touch $@
 
 setup: $(VENV)/.installed
