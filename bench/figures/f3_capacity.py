@@ -1,0 +1,122 @@
+"""Figure 3: heartbeat capacity. K concurrent sessions at 1 beat/s, then saturation ping-pong.
+
+Sessions are held by several worker processes (a few hundred streams per channel). K grows in steps
+on one server (1k, 5k, 10k): after each step one interval of warm-up, then a window in which every
+ack latency is recorded and the server's CPU seconds and RSS are read from /proc. RSS per agent is
+(RSS now - RSS before the first agent registered) / K. Saturation: the sessions are closed, then S
+streams do beat -> ack as fast as they can; the echo service's bidi ping-pong with the same streams
+and processes is the baseline.
+"""
+
+from __future__ import annotations
+
+from bench import proc
+from bench.figures.common import Context, merged, target_of
+from bench.report import Figure, Metric
+from bench.stats import summarize
+from bench.workers import Pool, split
+
+KEY = "3_heartbeat_capacity"
+SATURATION_WORKERS = 2
+
+
+async def pingpong(ctx: Context, kind: str, target: str, prefix: str) -> dict[str, float | None]:
+    sizes = ctx.sizes
+    spec = {"target": target, "echo_target": ctx.echo_target, "streams_per_channel": 16}
+    pool = Pool.start(f"pp-{kind}", SATURATION_WORKERS, spec)
+    try:
+        streams = split(sizes.saturation_streams, SATURATION_WORKERS)
+        results = await pool.call_each(
+            "pingpong",
+            [{"kind": kind, "streams": s, "seconds": sizes.saturation_s, "prefix": prefix} for s in streams],
+        )
+    finally:
+        await pool.close()
+    total = sum(r["round_trips"] for r in results)
+    seconds = max(r["seconds"] for r in results)
+    lat = summarize(merged(results, "latencies_ms"))
+    return {"per_s": total / seconds, "p50": lat.p50 if lat else None, "p99": lat.p99 if lat else None}
+
+
+async def run(ctx: Context) -> Figure:
+    fig = Figure(KEY, "")
+    sizes = ctx.sizes
+    server = await ctx.start_server("f3", {"HEARTBEAT_TIMEOUT": "30"})
+    target = target_of(server)
+    base = server.usage()
+    levels: list[dict[str, float | int | None]] = []
+    pool = Pool.start("hb", sizes.capacity_workers, {"target": target, "streams_per_channel": 250})
+    try:
+        current = 0
+        for k in sizes.capacity_levels:
+            adds = split(k - current, sizes.capacity_workers)
+            regs = await pool.call_each(
+                "register", [{"count": a, "prefix": f"cap{k}", "concurrency": 32} for a in adds], wait=600
+            )
+            opened = await pool.call("open_sessions", interval=1.0, open_concurrency=100, within=300)
+            current = k
+            n_open = sum(o["opened"] for o in opened)
+            await pool.call("measure", seconds=1.0)  # warm-up interval: every session beats once
+            before = server.usage()
+            async with ctx.profiled(fig, server, f"k{k}"):
+                results = await pool.call("measure", seconds=sizes.capacity_window_s)
+            after = server.usage()
+            lat = summarize(merged(results, "latencies_ms"))
+            beats = sum(r["beats"] for r in results)
+            levels.append(
+                {
+                    "sessions": k,
+                    "open": n_open,
+                    "alive": sum(r["alive"] for r in results),
+                    "register_s": max(r["seconds"] for r in regs),
+                    "open_s": max(o["seconds"] for o in opened),
+                    "acks": lat.count if lat else 0,
+                    "beats_per_s": beats / sizes.capacity_window_s,
+                    "ack_p50_ms": lat.p50 if lat else None,
+                    "ack_p99_ms": lat.p99 if lat else None,
+                    "ack_max_ms": lat.max if lat else None,
+                    "server_cpu_cores": proc.cpu_share(before, after),
+                    "server_rss_mb": after.rss / 2**20,
+                    "rss_per_agent_kb": (after.rss - base.rss) / k / 1024,
+                    "errors": sum(r["errors"] for r in results),
+                }
+            )
+        await pool.call("close_sessions", goodbye=False, wait=120)
+    finally:
+        await pool.close()
+    product = await pingpong(ctx, "product", target, "sat")
+    echo = await pingpong(ctx, "echo", target, "sat")
+    ctx.baselines["echo bidi ping-pong"] = {"streams": sizes.saturation_streams, **echo}
+    fig.details["levels"] = levels
+    fig.details["saturation"] = {"product": product, "echo": echo}
+    for level in levels:
+        k = int(level["sessions"] or 0)
+        last = k == sizes.capacity_levels[-1]
+        fig.metrics += [
+            Metric.absolute(
+                f"{k} sessions: ack p99", level["ack_p99_ms"], "ms", at_most=20 if last else None
+            ),
+            Metric.absolute(
+                f"{k} sessions: server CPU", level["server_cpu_cores"], "cores", at_most=1.0 if last else None
+            ),
+            Metric.absolute(
+                f"{k} sessions: RSS per agent", level["rss_per_agent_kb"], "KB", at_most=40 if last else None
+            ),
+        ]
+    fig.metrics.append(
+        Metric.compare(
+            "saturation beats/s", product["per_s"], "/s", echo["per_s"], "echo round trips/s", min_ratio=0.7
+        )
+    )
+    for level in levels:
+        fig.notes.append(
+            f"K={level['sessions']}: {level['alive']} alive, {level['beats_per_s']:.0f} beats/s, "
+            f"ack p50 {level['ack_p50_ms']} ms, max {level['ack_max_ms']} ms, errors {level['errors']}, "
+            f"registered in {level['register_s']:.1f} s, sessions opened in {level['open_s']:.1f} s, "
+            f"server RSS {level['server_rss_mb']:.0f} MB"
+        )
+    fig.notes.append(
+        f"saturation: {sizes.saturation_streams} streams in {SATURATION_WORKERS} processes for "
+        f"{sizes.saturation_s} s; ack p99 product {product['p99']} ms vs echo {echo['p99']} ms"
+    )
+    return fig
