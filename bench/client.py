@@ -31,10 +31,10 @@ def channel(target: str) -> grpc.aio.Channel:
 
 @dataclass
 class Stubs:
-    registry: registry_pb2_grpc.RegistryServiceStub
-    health: health_pb2_grpc.HealthServiceStub
-    discovery: discovery_pb2_grpc.DiscoveryServiceStub
-    tasks: tasks_pb2_grpc.TasksServiceStub
+    registry: registry_pb2_grpc.RegistryServiceAsyncStub
+    health: health_pb2_grpc.HealthServiceAsyncStub
+    discovery: discovery_pb2_grpc.DiscoveryServiceAsyncStub
+    tasks: tasks_pb2_grpc.TasksServiceAsyncStub
 
     @staticmethod
     def of(ch: grpc.aio.Channel) -> Stubs:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
+import psutil  # type: ignore[import-untyped]
 
 READY_POLL_S = 0.005  # polling a file with a deadline, as CONVENTIONS prescribe for ready files
 

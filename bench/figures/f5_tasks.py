@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 from bench.figures.common import Context, merged, merged_dicts, target_of
 from bench.report import Figure, Metric
@@ -52,7 +53,7 @@ async def run(ctx: Context) -> Figure:
             "register", count=AGENTS_PER_WORKER, prefix="tasker", capabilities=[CAPABILITY], max_tasks=256
         )
         await agents.call("open_sessions", interval=1.0, task_mode="complete")
-        task_args = {"capabilities": [CAPABILITY]}
+        task_args: dict[str, Any] = {"capabilities": [CAPABILITY]}
 
         # Phase A: dispatch latency at a fixed rate.
         rate = await creators.workers[0].call(
