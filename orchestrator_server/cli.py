@@ -1,0 +1,79 @@
+"""`orchestrator serve` (also `python -m orchestrator_server`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+
+from orchestrator_server.config import Config, ConfigError
+from orchestrator_server.server import OrchestratorServer
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key in ("request_id", "method", "principal", "code", "duration_ms"):
+            if hasattr(record, key):
+                entry[key] = getattr(record, key)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(config: Config) -> None:
+    handler = logging.StreamHandler()
+    if config.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=config.log_level, handlers=[handler], force=True)
+
+
+async def serve(config: Config) -> None:
+    server = OrchestratorServer(config)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    stopping: list[asyncio.Task[None]] = []
+
+    def request_stop(signame: str) -> None:
+        if not stopping:
+            logging.getLogger(__name__).info("%s received: draining", signame)
+            stopping.append(loop.create_task(server.stop()))
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, request_stop, sig.name)
+    await server.wait_stopped()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="orchestrator", description="OptiInfra orchestrator")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("serve", help="run the gRPC server and the REST gateway (configured by environment)")
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        try:
+            config = Config.from_env()
+        except ConfigError as error:
+            print(f"orchestrator: {error}", file=sys.stderr)
+            return 2
+        configure_logging(config)
+        try:
+            import uvloop
+
+            uvloop.install()
+        except ImportError:
+            pass
+        asyncio.run(serve(config))
+    return 0

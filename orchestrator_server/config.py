@@ -1,0 +1,178 @@
+"""Configuration from environment variables; a bad value stops startup naming the variable."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+T = TypeVar("T")
+
+ENVIRONMENTS = ("development", "production", "test")
+SYNCHRONOUS_MODES = ("FULL", "NORMAL", "OFF")
+LOG_FORMATS = ("json", "text")
+SCHEDULING_STRATEGIES = ("least_loaded", "round_robin", "random", "consistent_hash")
+
+
+class ConfigError(ValueError):
+    """A configuration variable has a value the server cannot use."""
+
+    def __init__(self, variable: str, problem: str) -> None:
+        super().__init__(f"invalid configuration: {variable} {problem}")
+        self.variable = variable
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of one orchestrator process."""
+
+    grpc_port: int = 50051
+    http_port: int = 8080
+    bind_host: str = "0.0.0.0"
+    environment: str = "development"
+    heartbeat_timeout: float = 60.0
+    heartbeat_interval: float = 10.0
+    failover_grace: float = 10.0
+    # Failover pauses when at least this share of live agents drops within `mass_failure_window`.
+    mass_failure_threshold: float = 0.5
+    mass_failure_window: float = 5.0
+    mass_failure_min_agents: int = 4
+    database_path: str = "orchestrator.db"
+    db_synchronous: str = "FULL"
+    event_retention: int = 100_000
+    gateway_enabled: bool = True
+    log_level: str = "INFO"
+    log_format: str = "text"
+    ready_file: str = ""
+    scheduling_strategy: str = "least_loaded"
+    default_max_attempts: int = 3
+    retry_backoff_base: float = 1.0
+    retry_backoff_max: float = 60.0
+    keepalive_time: float = 10.0
+    keepalive_timeout: float = 5.0
+    max_message_bytes: int = 4 * 1024 * 1024
+    max_concurrent_streams: int = 20_000
+    shutdown_grace: float = 5.0
+    process_id: str = field(default_factory=lambda: f"{os.uname().nodename}:{os.getpid()}")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
+        """Reads the settings from `env` (default: the process environment)."""
+        source = os.environ if env is None else env
+        reader = _Reader(source)
+        timeout = reader.number("HEARTBEAT_TIMEOUT", cls.heartbeat_timeout, minimum=0.05)
+        interval = reader.number("HEARTBEAT_INTERVAL", min(cls.heartbeat_interval, timeout / 3), minimum=0.01)
+        if interval >= timeout:
+            raise ConfigError("HEARTBEAT_INTERVAL", f"must be shorter than HEARTBEAT_TIMEOUT ({timeout:g} s)")
+        return cls(
+            grpc_port=reader.integer("GRPC_PORT", cls.grpc_port, minimum=0, maximum=65535),
+            http_port=reader.integer("PORT", cls.http_port, minimum=0, maximum=65535),
+            bind_host=reader.text("BIND_HOST", cls.bind_host),
+            environment=reader.choice("ENVIRONMENT", cls.environment, ENVIRONMENTS),
+            heartbeat_timeout=timeout,
+            heartbeat_interval=interval,
+            failover_grace=reader.number("FAILOVER_GRACE", cls.failover_grace, minimum=0),
+            mass_failure_threshold=reader.number(
+                "MASS_FAILURE_THRESHOLD", cls.mass_failure_threshold, minimum=0.0, maximum=1.0
+            ),
+            mass_failure_window=reader.number("MASS_FAILURE_WINDOW", cls.mass_failure_window, minimum=0.0),
+            mass_failure_min_agents=reader.integer(
+                "MASS_FAILURE_MIN_AGENTS", cls.mass_failure_min_agents, minimum=1
+            ),
+            database_path=reader.text("DATABASE_PATH", cls.database_path),
+            db_synchronous=reader.choice("DB_SYNCHRONOUS", cls.db_synchronous, SYNCHRONOUS_MODES, upper=True),
+            event_retention=reader.integer("EVENT_RETENTION", cls.event_retention, minimum=100),
+            gateway_enabled=reader.flag("GATEWAY_ENABLED", cls.gateway_enabled),
+            log_level=reader.choice(
+                "LOG_LEVEL", cls.log_level, ("DEBUG", "INFO", "WARNING", "ERROR"), upper=True
+            ),
+            log_format=reader.choice("LOG_FORMAT", cls.log_format, LOG_FORMATS),
+            ready_file=reader.text("ORCHESTRATOR_READY_FILE", "", allow_empty=True),
+            scheduling_strategy=reader.choice(
+                "SCHEDULING_STRATEGY", cls.scheduling_strategy, SCHEDULING_STRATEGIES
+            ),
+            default_max_attempts=reader.integer("TASK_MAX_ATTEMPTS", cls.default_max_attempts, minimum=1),
+            retry_backoff_base=reader.number("TASK_RETRY_BACKOFF", cls.retry_backoff_base, minimum=0.0),
+            retry_backoff_max=reader.number("TASK_RETRY_BACKOFF_MAX", cls.retry_backoff_max, minimum=0.0),
+            keepalive_time=reader.number("KEEPALIVE_TIME", cls.keepalive_time, minimum=0.1),
+            keepalive_timeout=reader.number("KEEPALIVE_TIMEOUT", cls.keepalive_timeout, minimum=0.1),
+            max_message_bytes=reader.integer("MAX_MESSAGE_BYTES", cls.max_message_bytes, minimum=1024),
+            max_concurrent_streams=reader.integer(
+                "MAX_CONCURRENT_STREAMS", cls.max_concurrent_streams, minimum=1
+            ),
+            shutdown_grace=reader.number("SHUTDOWN_GRACE", cls.shutdown_grace, minimum=0.0),
+        )
+
+
+class _Reader:
+    """Parses one variable at a time, raising ConfigError that names it."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._env = env
+
+    def _get(self, name: str, default: T, parse: Callable[[str], T]) -> T:
+        raw = self._env.get(name)
+        if raw is None or raw.strip() == "":
+            return default
+        return parse(raw.strip())
+
+    def text(self, name: str, default: str, *, allow_empty: bool = False) -> str:
+        value = self._env.get(name, default)
+        if not value and not allow_empty:
+            raise ConfigError(name, "must not be empty")
+        return value
+
+    def integer(
+        self, name: str, default: int, *, minimum: int | None = None, maximum: int | None = None
+    ) -> int:
+        def parse(raw: str) -> int:
+            try:
+                value = int(raw)
+            except ValueError:
+                raise ConfigError(name, f"must be an integer, got {raw!r}") from None
+            return self._bounded(name, value, minimum, maximum)
+
+        return self._get(name, default, parse)
+
+    def number(
+        self, name: str, default: float, *, minimum: float | None = None, maximum: float | None = None
+    ) -> float:
+        def parse(raw: str) -> float:
+            try:
+                value = float(raw)
+            except ValueError:
+                raise ConfigError(name, f"must be a number of seconds, got {raw!r}") from None
+            if value != value or value in (float("inf"), float("-inf")):
+                raise ConfigError(name, f"must be a finite number, got {raw!r}")
+            return self._bounded(name, value, minimum, maximum)
+
+        return self._get(name, default, parse)
+
+    def choice(self, name: str, default: str, allowed: tuple[str, ...], *, upper: bool = False) -> str:
+        def parse(raw: str) -> str:
+            value = raw.upper() if upper else raw.lower()
+            if value not in allowed:
+                raise ConfigError(name, f"must be one of {', '.join(allowed)}, got {raw!r}")
+            return value
+
+        return self._get(name, default, parse)
+
+    def flag(self, name: str, default: bool) -> bool:
+        def parse(raw: str) -> bool:
+            lowered = raw.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ConfigError(name, f"must be true or false, got {raw!r}")
+
+        return self._get(name, default, parse)
+
+    @staticmethod
+    def _bounded(name: str, value: T, minimum: object, maximum: object) -> T:
+        if minimum is not None and value < minimum:  # type: ignore[operator]
+            raise ConfigError(name, f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:  # type: ignore[operator]
+            raise ConfigError(name, f"must be at most {maximum}, got {value}")
+        return value

@@ -1,0 +1,136 @@
+"""Fan-out of committed events to watchers, with resume from a revision.
+
+The store calls `EventBus.publish` with committed events in revision order. Watchers subscribe
+first and then replay what they missed (from a recent in-memory window, else from the store's log),
+so nothing falls between replay and live delivery. A revision older than the retained log gets an
+explicit resync; a watcher too slow to keep up is told to resync too, instead of growing without
+bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+
+from orchestrator.v1 import agent_pb2, event_pb2
+from orchestrator_server.store import Store
+
+EventFilter = Callable[[event_pb2.Event], bool]
+
+# Events a watcher may fall behind by before it is told to resync.
+SUBSCRIBER_BACKLOG = 10_000
+# Committed events kept in memory for cheap resumes.
+RECENT_EVENTS = 20_000
+# Events read from the store per page while replaying.
+REPLAY_PAGE = 1_000
+
+
+class ResyncNeeded(Exception):
+    """The watcher's revision is no longer retained, or it fell too far behind."""
+
+    def __init__(self, oldest_revision: int, reason: str) -> None:
+        super().__init__(reason)
+        self.oldest_revision = oldest_revision
+        self.reason = reason
+
+
+@dataclass(eq=False)
+class _Subscriber:
+    matches: EventFilter
+    queue: asyncio.Queue[event_pb2.Event]
+    overflowed: bool = False
+
+
+class EventBus:
+    """Committed events, in revision order, to whoever watches."""
+
+    def __init__(
+        self, store: Store, revision: int, oldest_revision: int, recent: int = RECENT_EVENTS
+    ) -> None:
+        self._store = store
+        self.revision = revision
+        self._store_oldest = oldest_revision
+        self._recent: collections.deque[event_pb2.Event] = collections.deque(maxlen=recent)
+        self._subscribers: set[_Subscriber] = set()
+        # The committed state of every agent, for snapshots consistent with `revision`.
+        self.committed_agents: dict[str, agent_pb2.Agent] = {}
+        self._listeners: list[Callable[[event_pb2.Event], None]] = []
+
+    def seed_agents(self, agents: Sequence[agent_pb2.Agent]) -> None:
+        for agent in agents:
+            self.committed_agents[agent.agent_id] = agent
+
+    def add_listener(self, listener: Callable[[event_pb2.Event], None]) -> None:
+        """Calls `listener` synchronously for every committed event (e.g. metrics)."""
+        self._listeners.append(listener)
+
+    def publish(self, events: Sequence[event_pb2.Event]) -> None:
+        for event in events:
+            self.revision = event.revision
+            self._recent.append(event)
+            if event.HasField("agent"):
+                self.committed_agents[event.agent.agent_id] = event.agent
+            for listener in self._listeners:
+                listener(event)
+            for subscriber in self._subscribers:
+                if subscriber.overflowed or not subscriber.matches(event):
+                    continue
+                try:
+                    subscriber.queue.put_nowait(event)
+                except asyncio.QueueFull:
+                    subscriber.overflowed = True
+
+    async def watch(self, after_revision: int, matches: EventFilter) -> AsyncIterator[event_pb2.Event]:
+        """Matching events with revision > `after_revision`: the missed ones, then live ones.
+
+        Raises ResyncNeeded when `after_revision` is older than the retained log, newer than the
+        latest revision, or when the watcher falls too far behind.
+        """
+        subscriber = _Subscriber(matches, asyncio.Queue(SUBSCRIBER_BACKLOG))
+        self._subscribers.add(subscriber)
+        try:
+            last = after_revision
+            if after_revision > self.revision:
+                raise ResyncNeeded(self._store_oldest, f"revision {after_revision} is in the future")
+            async for event in self._replay(after_revision, matches):
+                last = event.revision
+                yield event
+            while True:
+                if subscriber.overflowed:
+                    raise ResyncNeeded(last + 1, "watcher fell too far behind")
+                event = await subscriber.queue.get()
+                if event.revision > last:
+                    last = event.revision
+                    yield event
+        finally:
+            self._subscribers.discard(subscriber)
+
+    async def _replay(self, after: int, matches: EventFilter) -> AsyncIterator[event_pb2.Event]:
+        recent_oldest = self._recent[0].revision if self._recent else self.revision + 1
+        if after < recent_oldest - 1:
+            self._store_oldest = await self._store.oldest_revision()
+            if after < self._store_oldest - 1:
+                raise ResyncNeeded(self._store_oldest, f"revision {after} was compacted")
+            cursor = after
+            while cursor < recent_oldest - 1:
+                page = await self._store.events_after(cursor, REPLAY_PAGE)
+                if not page:
+                    break
+                for event in page:
+                    if event.revision >= recent_oldest:
+                        break
+                    cursor = event.revision
+                    if matches(event):
+                        yield event
+                else:
+                    continue
+                break
+            after = cursor
+        if self._recent and self._recent[0].revision > after + 1:
+            raise ResyncNeeded(self._recent[0].revision, "too many changes while replaying")
+        # Copy: the deque may grow while the consumer is suspended between yields.
+        for event in [event for event in self._recent if event.revision > after]:
+            if matches(event):
+                yield event

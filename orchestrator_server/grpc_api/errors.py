@@ -1,0 +1,84 @@
+"""Turns domain errors into gRPC statuses with google.rpc details, for every RPC in one place."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_interceptor.server import AsyncServerInterceptor
+from grpc_status import rpc_status
+
+from orchestrator_server.errors import InvalidArgument, OrchestratorError, ResourceExhausted
+
+log = logging.getLogger(__name__)
+
+
+def to_status(error: OrchestratorError) -> grpc.Status:
+    """The gRPC status for a domain error, with BadRequest or RetryInfo details where they apply."""
+    details: list[any_pb2.Any] = []
+    if isinstance(error, InvalidArgument):
+        bad_request = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=field, description=description)
+                for field, description in error.violations
+            ]
+        )
+        packed = any_pb2.Any()
+        packed.Pack(bad_request)
+        details.append(packed)
+    if isinstance(error, ResourceExhausted) and error.retry_after is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(error.retry_after * 1e9))
+        packed = any_pb2.Any()
+        packed.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+        details.append(packed)
+    status = status_pb2.Status(code=code_pb2.Code.Value(error.code), message=error.message, details=details)
+    return rpc_status.to_status(status)
+
+
+async def abort_with(context: grpc.aio.ServicerContext[Any, Any], error: OrchestratorError) -> None:
+    # abort_with_status exists on grpc.aio contexts but is missing from the type stubs.
+    aio_context: Any = context
+    await aio_context.abort_with_status(to_status(error))
+
+
+class ErrorInterceptor(AsyncServerInterceptor):
+    """Domain errors become their status; anything else is logged and becomes a bare INTERNAL."""
+
+    async def intercept(
+        self,
+        method: Callable[..., Any],
+        request_or_iterator: Any,
+        context: grpc.aio.ServicerContext[Any, Any],
+        method_name: str,
+    ) -> Any:
+        try:
+            response = method(request_or_iterator, context)
+            if hasattr(response, "__aiter__"):
+                return self._stream(response, context, method_name)
+            return await response
+        except OrchestratorError as error:
+            await abort_with(context, error)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            log.exception("unexpected error in %s", method_name)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+    async def _stream(
+        self, responses: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any], method_name: str
+    ) -> AsyncIterator[Any]:
+        try:
+            async for response in responses:
+                yield response
+        except OrchestratorError as error:
+            await abort_with(context, error)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            log.exception("unexpected error in %s", method_name)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error")

@@ -1,0 +1,89 @@
+"""TasksService over gRPC."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from orchestrator.v1 import event_pb2, tasks_pb2, tasks_pb2_grpc
+from orchestrator_server.events import EventBus, ResyncNeeded
+from orchestrator_server.tasks import TERMINAL, TaskScheduler
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class TasksServicer(tasks_pb2_grpc.TasksServiceServicer):
+    def __init__(self, tasks: TaskScheduler, bus: EventBus) -> None:
+        self._tasks = tasks
+        self._bus = bus
+
+    async def CreateTask(
+        self, request: tasks_pb2.CreateTaskRequest, context: Context
+    ) -> tasks_pb2.CreateTaskResponse:
+        task, created = await self._tasks.create(request.spec)
+        return tasks_pb2.CreateTaskResponse(task=task, created=created)
+
+    async def GetTask(self, request: tasks_pb2.GetTaskRequest, context: Context) -> tasks_pb2.GetTaskResponse:
+        return tasks_pb2.GetTaskResponse(task=await self._tasks.get(request.task_id))
+
+    async def ListTasks(
+        self, request: tasks_pb2.ListTasksRequest, context: Context
+    ) -> tasks_pb2.ListTasksResponse:
+        tasks, token = await self._tasks.list_tasks(request)
+        return tasks_pb2.ListTasksResponse(tasks=tasks, next_page_token=token)
+
+    async def AssignTask(
+        self, request: tasks_pb2.AssignTaskRequest, context: Context
+    ) -> tasks_pb2.AssignTaskResponse:
+        return tasks_pb2.AssignTaskResponse(task=await self._tasks.assign(request.task_id, request.agent_id))
+
+    async def CancelTask(
+        self, request: tasks_pb2.CancelTaskRequest, context: Context
+    ) -> tasks_pb2.CancelTaskResponse:
+        return tasks_pb2.CancelTaskResponse(task=await self._tasks.cancel(request.task_id, request.reason))
+
+    async def CompleteTask(
+        self, request: tasks_pb2.CompleteTaskRequest, context: Context
+    ) -> tasks_pb2.CompleteTaskResponse:
+        task = await self._tasks.complete(request.task_id, request.attempt_id, request.result)
+        return tasks_pb2.CompleteTaskResponse(task=task)
+
+    async def FailTask(
+        self, request: tasks_pb2.FailTaskRequest, context: Context
+    ) -> tasks_pb2.FailTaskResponse:
+        task = await self._tasks.fail(request.task_id, request.attempt_id, request.error)
+        return tasks_pb2.FailTaskResponse(task=task)
+
+    async def ReportTaskProgress(
+        self, request: tasks_pb2.ReportTaskProgressRequest, context: Context
+    ) -> tasks_pb2.ReportTaskProgressResponse:
+        task = await self._tasks.progress(request.task_id, request.attempt_id, request.progress)
+        return tasks_pb2.ReportTaskProgressResponse(task=task)
+
+    async def WatchTask(
+        self, request: tasks_pb2.WatchTaskRequest, context: Context
+    ) -> AsyncIterator[tasks_pb2.WatchTaskResponse]:
+        task = await self._tasks.get(request.task_id)
+        yield tasks_pb2.WatchTaskResponse(task=task, revision=task.revision)
+        if task.status in TERMINAL:
+            return
+
+        def concerns(event: event_pb2.Event) -> bool:
+            return event.HasField("task") and event.task.task_id == request.task_id
+
+        after = task.revision
+        while True:
+            try:
+                async for event in self._bus.watch(after, concerns):
+                    yield tasks_pb2.WatchTaskResponse(task=event.task, revision=event.revision)
+                    if event.task.status in TERMINAL:
+                        return
+            except ResyncNeeded:
+                # Missed changes are summed up by the task's current state.
+                task = await self._tasks.get(request.task_id)
+                yield tasks_pb2.WatchTaskResponse(task=task, revision=self._bus.revision)
+                if task.status in TERMINAL:
+                    return
+                after = self._bus.revision

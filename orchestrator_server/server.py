@@ -1,0 +1,205 @@
+"""The orchestrator process: store, domain, gRPC server (and the REST gateway) wired together.
+
+`OrchestratorServer` is created, started and stopped by `cli.serve`, by tests in process and by
+benchmarks; `serve` apart from creation, as in grpcio_health_checking.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from orchestrator.v1 import (
+    discovery_pb2,
+    discovery_pb2_grpc,
+    event_pb2,
+    registry_pb2,
+    registry_pb2_grpc,
+    tasks_pb2,
+    tasks_pb2_grpc,
+)
+from orchestrator.v1 import (
+    health_pb2 as orchestrator_health_pb2,
+)
+from orchestrator.v1 import (
+    health_pb2_grpc as orchestrator_health_pb2_grpc,
+)
+from orchestrator_server.config import Config
+from orchestrator_server.discovery import Discovery
+from orchestrator_server.events import RECENT_EVENTS, EventBus
+from orchestrator_server.grpc_api.discovery import DiscoveryServicer
+from orchestrator_server.grpc_api.errors import ErrorInterceptor
+from orchestrator_server.grpc_api.health import HealthServicer
+from orchestrator_server.grpc_api.registry import RegistryServicer
+from orchestrator_server.grpc_api.tasks import TasksServicer
+from orchestrator_server.health import HealthReporter
+from orchestrator_server.registry import Registry
+from orchestrator_server.store import Store, open_store
+from orchestrator_server.tasks import TaskScheduler
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name,
+    orchestrator_health_pb2.DESCRIPTOR.services_by_name["HealthService"].full_name,
+    discovery_pb2.DESCRIPTOR.services_by_name["DiscoveryService"].full_name,
+    tasks_pb2.DESCRIPTOR.services_by_name["TasksService"].full_name,
+)
+
+
+class RunningGateway(Protocol):
+    port: int
+
+    async def stop(self) -> None: ...
+
+
+def grpc_server_options(config: Config) -> list[tuple[str, Any]]:
+    """Keepalive enforced on our side and permitted from agents, so half-open peers are found in
+    seconds; pending-stream limits raised so a reconnect storm is admitted, not refused."""
+    return [
+        ("grpc.keepalive_time_ms", int(config.keepalive_time * 1000)),
+        ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.http2.min_ping_interval_without_data_ms", 1000),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
+        ("grpc.http2.max_ping_strikes", 0),
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.max_concurrent_streams", config.max_concurrent_streams),
+        ("grpc.server.max_pending_requests", 20_000),
+        ("grpc.server.max_pending_requests_hard_limit", 40_000),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+class OrchestratorServer:
+    def __init__(self, config: Config, store: Store | None = None) -> None:
+        self.config = config
+        self.store = store or open_store(
+            config.database_path, synchronous=config.db_synchronous, event_retention=config.event_retention
+        )
+        self.registry = Registry(config, self.store)
+        self.tasks = TaskScheduler(config, self.registry, self.store)
+        self.discovery = Discovery(self.registry)
+        self.bus: EventBus | None = None
+        self.grpc_port = 0
+        self.http_port = 0
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self._server: grpc.aio.Server | None = None
+        self._gateway: RunningGateway | None = None
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        loaded = await self.store.open(self._publish)
+        # The in-memory window never reaches further back than the store's log does.
+        self.bus = EventBus(
+            self.store,
+            loaded.revision,
+            loaded.oldest_revision,
+            min(RECENT_EVENTS, self.config.event_retention),
+        )
+        self.bus.seed_agents(loaded.agents)
+        self.registry.restore(loaded.agents, loaded.agent_token_hashes)
+        self.tasks.restore(loaded.active_tasks)
+        self.registry.observer = self.tasks
+        reporter = HealthReporter(
+            self.registry, self.store, self.tasks.workload, lambda: self._bus().revision
+        )
+
+        server = grpc.aio.server(interceptors=self._interceptors(), options=grpc_server_options(self.config))
+        registry_pb2_grpc.add_RegistryServiceServicer_to_server(
+            RegistryServicer(self.config, self.registry, self.tasks), server
+        )
+        orchestrator_health_pb2_grpc.add_HealthServiceServicer_to_server(
+            HealthServicer(reporter, self.bus), server
+        )
+        discovery_pb2_grpc.add_DiscoveryServiceServicer_to_server(
+            DiscoveryServicer(self.discovery, self.bus), server
+        )
+        tasks_pb2_grpc.add_TasksServiceServicer_to_server(TasksServicer(self.tasks, self.bus), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (
+                *SERVICE_NAMES,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        self.grpc_port = server.add_insecure_port(f"{self.config.bind_host}:{self.config.grpc_port}")
+        if self.grpc_port == 0:
+            raise OSError(f"cannot bind gRPC to {self.config.bind_host}:{self.config.grpc_port}")
+        await server.start()
+        self._server = server
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.config.gateway_enabled:
+            self._gateway = await self._start_gateway()
+            self.http_port = self._gateway.port if self._gateway else 0
+        log.info(
+            "orchestrator serving gRPC on %s:%d%s (database %s)",
+            self.config.bind_host,
+            self.grpc_port,
+            f", REST on port {self.http_port}" if self._gateway else "",
+            self.config.database_path,
+        )
+        if self.config.ready_file:
+            self._write_ready_file()
+
+    def _interceptors(self) -> Sequence[Any]:
+        return [ErrorInterceptor()]
+
+    async def _start_gateway(self) -> RunningGateway | None:
+        try:
+            gateway_module = importlib.import_module("orchestrator_server.gateway")
+        except ImportError:
+            log.info("REST gateway not available in this build")
+            return None
+        gateway: RunningGateway = await gateway_module.start_gateway(
+            self.config.bind_host, self.config.http_port, f"127.0.0.1:{self.grpc_port}"
+        )
+        return gateway
+
+    def _bus(self) -> EventBus:
+        assert self.bus is not None, "server not started"
+        return self.bus
+
+    def _publish(self, events: Sequence[event_pb2.Event]) -> None:
+        self._bus().publish(events)
+
+    def _write_ready_file(self) -> None:
+        directory = os.path.dirname(os.path.abspath(self.config.ready_file))
+        with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as handle:
+            json.dump({"grpc_port": self.grpc_port, "http_port": self.http_port, "pid": os.getpid()}, handle)
+        os.replace(handle.name, self.config.ready_file)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drains: NOT_SERVING, agents told to reconnect, in-flight calls finished, state flushed."""
+        if self._server is None:
+            return
+        grace = self.config.shutdown_grace if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        self.registry.shutdown("orchestrator shutting down")
+        self.tasks.shutdown()
+        if self._gateway is not None:
+            await self._gateway.stop()
+        # Give the reconnect requests a moment to leave before the streams are cut.
+        await asyncio.sleep(min(0.2, grace))
+        await self._server.stop(grace)
+        self._server = None
+        await self.store.close()
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
