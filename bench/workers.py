@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import multiprocessing
 import multiprocessing.connection
+import os
 import time
 import traceback
 from typing import Any
@@ -41,6 +42,7 @@ async def _readable(conn: multiprocessing.connection.Connection, within: float) 
         return False
     finally:
         loop.remove_reader(fd)
+        os.set_blocking(fd, True)  # the loop made it non-blocking; recv() of a large answer needs blocking
 
 
 class Worker:

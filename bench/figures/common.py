@@ -28,6 +28,7 @@ class Sizes:
     capacity_window_s: float
     saturation_streams: int
     saturation_s: float
+    saturation_rounds: int
     unary_seq: int
     closed_s: float
     closed_concurrency: int
@@ -48,7 +49,8 @@ FULL = Sizes(
     capacity_workers=4,
     capacity_window_s=10.0,
     saturation_streams=64,
-    saturation_s=5.0,
+    saturation_s=4.0,
+    saturation_rounds=3,
     unary_seq=2000,
     closed_s=5.0,
     closed_concurrency=50,
@@ -70,6 +72,7 @@ QUICK = Sizes(
     capacity_window_s=2.0,
     saturation_streams=16,
     saturation_s=1.5,
+    saturation_rounds=1,
     unary_seq=200,
     closed_s=1.5,
     closed_concurrency=20,
