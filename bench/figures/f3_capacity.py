@@ -22,6 +22,10 @@ KEY = "3_heartbeat_capacity"
 SATURATION_WORKERS = 2
 
 
+def _ms(value: float | int | None) -> str:
+    return "-" if value is None else f"{value:.2f} ms"
+
+
 async def saturation(ctx: Context, target: str) -> dict[str, dict[str, float | None]]:
     """Product and echo ping-pong, alternated (echo, product, echo, ...) so drift hits both alike."""
     sizes = ctx.sizes
@@ -89,7 +93,7 @@ async def run(ctx: Context) -> Figure:
             levels.append(
                 {
                     "sessions": k,
-                    "open": n_open,
+                    "opened_this_step": n_open,
                     "alive": sum(r["alive"] for r in results),
                     "register_s": max(r["seconds"] for r in regs),
                     "open_s": max(o["seconds"] for o in opened),
@@ -134,12 +138,12 @@ async def run(ctx: Context) -> Figure:
     for level in levels:
         fig.notes.append(
             f"K={level['sessions']}: {level['alive']} alive, {level['beats_per_s']:.0f} beats/s, "
-            f"ack p50 {level['ack_p50_ms']} ms, max {level['ack_max_ms']} ms, errors {level['errors']}, "
+            f"ack p50 {_ms(level['ack_p50_ms'])}, max {_ms(level['ack_max_ms'])}, errors {level['errors']}, "
             f"registered in {level['register_s']:.1f} s, sessions opened in {level['open_s']:.1f} s, "
             f"server RSS {level['server_rss_mb']:.0f} MB"
         )
     fig.notes.append(
         f"saturation: {sizes.saturation_streams} streams in {SATURATION_WORKERS} processes, "
-        f"{sizes.saturation_s} s per run, echo and product alternated, median of the runs; ack p99 product {product['p99']} ms vs echo {echo['p99']} ms"
+        f"{sizes.saturation_s} s per run, echo and product alternated, median of the runs; ack p99 product {_ms(product['p99'])} vs echo {_ms(echo['p99'])}"
     )
     return fig
