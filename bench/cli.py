@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import dataclasses
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -11,7 +14,7 @@ import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from bench import proc, report
+from bench import proc, report, workers
 from bench.client import message_sizes
 from bench.figures import f1_detection, f2_failover, f3_capacity, f4_unary, f5_tasks, f6_rest, f7_restart
 from bench.figures.common import FULL, QUICK, Context, unimplemented
@@ -45,6 +48,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--out", default="", help="report file stem in bench/results (default latest / quick)"
     )
+    parser.add_argument(
+        "--capacity-levels", default="", help="session counts of figure 3, e.g. 1000,2000 (default by mode)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, databases)")
     return parser.parse_args(argv)
 
@@ -70,6 +76,9 @@ async def run_figure(key: str, ctx: Context) -> Figure:
 
 async def run(args: argparse.Namespace) -> Report:
     sizes = QUICK if args.quick else FULL
+    if args.capacity_levels:
+        levels = tuple(int(x) for x in args.capacity_levels.split(",") if x.strip())
+        sizes = dataclasses.replace(sizes, capacity_levels=levels)
     keys = list(FIGURES)
     if args.only:
         wanted = {s.strip() for s in args.only.split(",") if s.strip()}
@@ -99,11 +108,35 @@ async def run(args: argparse.Namespace) -> Report:
     return rep
 
 
+async def run_interruptible(args: argparse.Namespace) -> Report:
+    """The run, cancelled on SIGINT/SIGTERM; whatever happens, no child process outlives it."""
+    loop = asyncio.get_running_loop()
+    main_task = asyncio.current_task()
+    assert main_task is not None
+
+    def interrupt() -> None:
+        _log("interrupted: killing load generators and servers")
+        workers.kill_all()
+        proc.kill_all()
+        main_task.cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, interrupt)
+    try:
+        return await run(args)
+    finally:
+        workers.kill_all()
+        proc.kill_all()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from bench.util import run as run_loop
 
-    rep = run_loop(run(args))
+    try:
+        rep = run_loop(run_interruptible(args))
+    except asyncio.CancelledError:
+        return 130
     print(report.render_text(rep))
     stem = args.out or ("quick" if args.quick else "latest")
     json_path, md_path = report.write(rep, RESULTS_DIR, stem)

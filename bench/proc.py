@@ -45,6 +45,15 @@ def cpu_share(before: Usage, after: Usage) -> float:
     return (after.cpu - before.cpu) / wall if wall > 0 else 0.0
 
 
+_LIVE: set[ManagedProcess] = set()
+
+
+def kill_all() -> None:
+    """SIGKILL every managed process still running (interrupted run)."""
+    for process in list(_LIVE):
+        process.kill_now()
+
+
 class ManagedProcess:
     """A child process that announces readiness by writing a JSON file (temp file + rename)."""
 
@@ -82,6 +91,7 @@ class ManagedProcess:
             )
         finally:
             log.close()
+        _LIVE.add(self)
         deadline = self.started_at + within
         while time.perf_counter() < deadline:
             if self._proc.returncode is not None:
@@ -106,6 +116,13 @@ class ManagedProcess:
         except TimeoutError:
             await self.kill()
             return None
+        finally:
+            _LIVE.discard(self)
+
+    def kill_now(self) -> None:
+        if self._proc is not None and self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.kill()
 
     async def kill(self) -> None:
         if self._proc is not None and self._proc.returncode is None:

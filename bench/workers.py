@@ -45,6 +45,15 @@ async def _readable(conn: multiprocessing.connection.Connection, within: float) 
         os.set_blocking(fd, True)  # the loop made it non-blocking; recv() of a large answer needs blocking
 
 
+_LIVE: set[Worker] = set()
+
+
+def kill_all() -> None:
+    """SIGKILL every worker still running (interrupted run)."""
+    for worker in list(_LIVE):
+        worker.kill()
+
+
 class Worker:
     """Parent-side handle of one load-generator process."""
 
@@ -56,6 +65,7 @@ class Worker:
         self._child_conn = child
 
     def start(self) -> Worker:
+        _LIVE.add(self)
         self._proc.start()
         self._child_conn.close()
         return self
@@ -67,17 +77,22 @@ class Worker:
 
     def kill(self) -> None:
         """SIGKILL: what a crashed agent looks like."""
-        self._proc.kill()
+        if self._proc.pid is not None and self._proc.exitcode is None:
+            self._proc.kill()
 
     async def call(self, op: str, wait: float = 120.0, **kwargs: Any) -> dict[str, Any]:
-        """Run one command; ``wait`` bounds the answer (stretched to cover the op's own duration)."""
-        wait = max(wait, float(kwargs.get("within") or 0) + 30, float(kwargs.get("seconds") or 0) + 60)
+        """Run one command; the answer must come within ``wait`` plus the op's own ``within``/``seconds``.
+
+        A worker that does not answer in time is killed: a late answer would be taken for the next one.
+        """
+        wait += float(kwargs.get("within") or 0) + float(kwargs.get("seconds") or 0)
         try:
             self._conn.send({"op": op, **kwargs})
         except (BrokenPipeError, OSError) as exc:
             raise WorkerError(f"{self.name}: {op}: worker gone ({exc})") from exc
         if not await _readable(self._conn, wait):
-            raise WorkerError(f"{self.name}: {op}: no answer within {wait} s")
+            self.kill()
+            raise WorkerError(f"{self.name}: {op}: no answer within {wait:.0f} s (worker killed)")
         try:
             reply: dict[str, Any] = self._conn.recv()
         except (EOFError, OSError) as exc:
@@ -91,11 +106,12 @@ class Worker:
         if self._proc.is_alive():
             with contextlib.suppress(WorkerError):
                 await self.call("stop", wait=grace)
-        await asyncio.to_thread(self._proc.join, grace)
+            await asyncio.to_thread(self._proc.join, grace)
         if self._proc.is_alive():
-            self._proc.kill()
-            self._proc.join(1)
+            self.kill()
+        self._proc.join(1)
         self._conn.close()
+        _LIVE.discard(self)
 
 
 class Pool:

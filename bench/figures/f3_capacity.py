@@ -11,6 +11,7 @@ and processes is the baseline.
 from __future__ import annotations
 
 import statistics
+from typing import Any
 
 from bench import proc
 from bench.figures.common import Context, merged, target_of
@@ -20,6 +21,7 @@ from bench.workers import Pool, split
 
 KEY = "3_heartbeat_capacity"
 SATURATION_WORKERS = 2
+SATURATED_ACK_P99_MS = 1000.0  # acks this late mean the server no longer keeps up with the beats
 
 
 def _ms(value: float | int | None) -> str:
@@ -71,11 +73,15 @@ async def run(ctx: Context) -> Figure:
     server = await ctx.start_server("f3", {"HEARTBEAT_TIMEOUT": "30"})
     target = target_of(server)
     base = server.usage()
-    levels: list[dict[str, float | int | None]] = []
+    levels: list[dict[str, Any]] = []
     pool = Pool.start("hb", sizes.capacity_workers, {"target": target, "streams_per_channel": 250})
     try:
         current = 0
+        saturated_at = 0
         for k in sizes.capacity_levels:
+            if saturated_at:
+                levels.append({"sessions": k, "not_reached": f"server saturated at {saturated_at} sessions"})
+                continue
             adds = split(k - current, sizes.capacity_workers)
             regs = await pool.call_each(
                 "register", [{"count": a, "prefix": f"cap{k}", "concurrency": 32} for a in adds], wait=600
@@ -108,6 +114,8 @@ async def run(ctx: Context) -> Figure:
                     "errors": sum(r["errors"] for r in results),
                 }
             )
+            if lat is None or lat.p99 > SATURATED_ACK_P99_MS or levels[-1]["alive"] < k:
+                saturated_at = k  # more sessions would only pile up a backlog: stop growing
         await pool.call("close_sessions", goodbye=False, wait=120)
     finally:
         await pool.close()
@@ -119,6 +127,8 @@ async def run(ctx: Context) -> Figure:
     for level in levels:
         k = int(level["sessions"] or 0)
         last = k == sizes.capacity_levels[-1]
+        if "not_reached" in level:
+            level.update(ack_p99_ms=None, server_cpu_cores=None, rss_per_agent_kb=None)
         fig.metrics += [
             Metric.absolute(
                 f"{k} sessions: ack p99", level["ack_p99_ms"], "ms", at_most=20 if last else None
@@ -136,6 +146,9 @@ async def run(ctx: Context) -> Figure:
         )
     )
     for level in levels:
+        if "not_reached" in level:
+            fig.notes.append(f"K={level['sessions']}: not measured, {level['not_reached']}")
+            continue
         fig.notes.append(
             f"K={level['sessions']}: {level['alive']} alive, {level['beats_per_s']:.0f} beats/s, "
             f"ack p50 {_ms(level['ack_p50_ms'])}, max {_ms(level['ack_max_ms'])}, errors {level['errors']}, "
