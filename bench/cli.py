@@ -92,8 +92,8 @@ async def run(args: argparse.Namespace) -> Report:
     rep.baselines["message sizes (bytes)"] = msg_sizes
     echo = proc.echo_server(workdir, msg_sizes["unary_response"])
     try:
-        info = await echo.start()
-        ctx.echo_target = f"127.0.0.1:{info['grpc_port']}"
+        await echo.start()
+        ctx.echo = echo
         for key in keys:
             rep.figures.append(await run_figure(key, ctx))
     finally:

@@ -13,7 +13,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from google.protobuf import struct_pb2
@@ -152,9 +152,12 @@ class AgentSession:
                 self._sent.clear()
             self._sent[self._seq] = now()
             async with self._lock:
-                await call.write(beat(self._seq))
+                await call.write(self._beat_message(self._seq))
             self.gen.beats_sent += 1
             next_at += self.interval
+
+    def _beat_message(self, sequence: int) -> Any:
+        return beat(sequence)
 
     async def _on_assignment(self, assignment: registry_pb2.TaskAssignment) -> None:
         task = assignment.task
@@ -212,6 +215,42 @@ class AgentSession:
             self.task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self.task
+
+
+class EchoSession(AgentSession):
+    """The same session against the echo service (baseline): hello and beats come back as raw bytes."""
+
+    channel: grpc.aio.Channel
+
+    def _beat_message(self, sequence: int) -> Any:
+        return beat(sequence).SerializeToString()
+
+    async def _one_session(self) -> float | None:
+        call = self.channel.stream_stream(echo_server.BIDI)()  # type: ignore[call-arg]
+        self._call = call
+        await call.write(hello(self.cred).SerializeToString())
+        if await call.read() is EOF:
+            raise SessionFailed("echo stream ended before the first answer")
+        self.alive = True
+        self.opened.set()
+        beats = asyncio.create_task(self._beat_loop(call))
+        try:
+            while True:
+                msg = await call.read()
+                if msg is EOF:
+                    break
+                sent = self._sent.pop(
+                    registry_pb2.HeartbeatRequest.FromString(cast(bytes, msg)).beat.sequence, None
+                )
+                if sent is not None:
+                    self.gen.on_ack(now() - sent)
+        finally:
+            self.alive = False
+            beats.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beats
+            call.cancel()
+        return None
 
 
 class LoadGen:
@@ -357,6 +396,28 @@ class LoadGen:
             "failures": dict(failures),
             "seconds": now() - t0,
         }
+
+    async def op_open_echo_sessions(
+        self, count: int, interval: float = 1.0, open_concurrency: int = 100, within: float = 120.0
+    ) -> dict[str, Any]:
+        """Baseline: ``count`` more beat/ack streams on the echo service, paced like agent sessions."""
+        sem = asyncio.Semaphore(open_concurrency)
+        start = len(self.sessions)
+
+        async def open_one(i: int) -> AgentSession:
+            cred = Credential(f"echo-{self.name}-{i}", "token", "echo", str(i))
+            session = EchoSession(self, cred, self.stubs(0), interval, reconnect=False)
+            session.channel = self.chan(i // self.streams_per_channel, self.echo_target)
+            async with sem:
+                session.start()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(session.opened.wait(), within)
+            return session
+
+        t0 = now()
+        opened = await asyncio.gather(*(open_one(i) for i in range(start, start + count)))
+        self.sessions.extend(opened)
+        return {"opened": sum(1 for s in opened if s.alive), "seconds": now() - t0}
 
     async def op_measure(self, seconds: float) -> dict[str, Any]:
         """Record ack latencies for ``seconds`` (the measurement window itself)."""

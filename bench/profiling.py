@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import shutil
 import signal
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -24,7 +25,9 @@ class ProfileResult:
 
 
 def py_spy() -> str | None:
-    return shutil.which("py-spy")
+    """py-spy of this virtualenv (its bin/ need not be on PATH), else from PATH."""
+    beside = Path(sys.executable).parent / "py-spy"
+    return str(beside) if beside.exists() else shutil.which("py-spy")
 
 
 @contextlib.asynccontextmanager

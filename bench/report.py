@@ -73,8 +73,11 @@ class Metric:
         at_most: float | None = None,
         at_least: float | None = None,
         equals: float | None = None,
+        baseline: float | None = None,
+        baseline_name: str = "",
     ) -> Metric:
-        """A metric judged by an absolute bound."""
+        """A metric judged by an absolute bound (a baseline, if given, is shown with its ratio)."""
+        ratio = value / baseline if value is not None and baseline else None
         target, met = "", None
         if at_most is not None:
             target, met = f"<= {at_most:g} {unit}".strip(), value is not None and value <= at_most
@@ -82,7 +85,7 @@ class Metric:
             target, met = f">= {at_least:g} {unit}".strip(), value is not None and value >= at_least
         elif equals is not None:
             target, met = f"= {equals:g}", value is not None and value == equals
-        return Metric(name, value, unit, target=target, met=met)
+        return Metric(name, value, unit, baseline, baseline_name, ratio, target, met)
 
 
 @dataclass

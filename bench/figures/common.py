@@ -92,7 +92,7 @@ class Context:
     sizes: Sizes
     workdir: Path
     profile_dir: Path | None
-    echo_target: str = ""
+    echo: proc.ManagedProcess | None = None
     baselines: dict[str, Any] = field(default_factory=dict)
     _servers: list[proc.ManagedProcess] = field(default_factory=list)
 
@@ -120,6 +120,11 @@ class Context:
             yield
         fig.details.setdefault("profiles", {})[label] = result.summary
         fig.notes.append(f"profile {label}: {result.headline}")
+
+    @property
+    def echo_target(self) -> str:
+        assert self.echo is not None, "echo baseline not started"
+        return f"127.0.0.1:{self.echo.info['grpc_port']}"
 
 
 def target_of(server: proc.ManagedProcess) -> str:

@@ -67,96 +67,116 @@ async def saturation(ctx: Context, target: str) -> dict[str, dict[str, float | N
     return out
 
 
-async def run(ctx: Context) -> Figure:
-    fig = Figure(KEY, "")
+async def _levels(
+    ctx: Context, pool: Pool, server: proc.ManagedProcess, fig: Figure, echo: bool
+) -> list[dict[str, Any]]:
+    """Grow to each K, warm up one interval, then measure a window; stop growing once saturated."""
     sizes = ctx.sizes
-    server = await ctx.start_server("f3", {"HEARTBEAT_TIMEOUT": "30"})
-    target = target_of(server)
     base = server.usage()
     levels: list[dict[str, Any]] = []
-    pool = Pool.start("hb", sizes.capacity_workers, {"target": target, "streams_per_channel": 250})
-    try:
-        current = 0
-        saturated_at = 0
-        for k in sizes.capacity_levels:
-            if saturated_at:
-                levels.append({"sessions": k, "not_reached": f"server saturated at {saturated_at} sessions"})
-                continue
-            adds = split(k - current, sizes.capacity_workers)
+    current = saturated_at = 0
+    for k in sizes.capacity_levels:
+        if saturated_at:
+            levels.append({"sessions": k, "not_reached": f"saturated at {saturated_at} sessions"})
+            continue
+        adds = split(k - current, sizes.capacity_workers)
+        register_s = 0.0
+        if echo:
+            opened = await pool.call_each("open_echo_sessions", [{"count": a, "within": 300} for a in adds])
+        else:
             regs = await pool.call_each(
                 "register", [{"count": a, "prefix": f"cap{k}", "concurrency": 32} for a in adds], wait=600
             )
+            register_s = max(r["seconds"] for r in regs)
             opened = await pool.call("open_sessions", interval=1.0, open_concurrency=100, within=300)
-            current = k
-            n_open = sum(o["opened"] for o in opened)
-            await pool.call("measure", seconds=1.0)  # warm-up interval: every session beats once
-            before = server.usage()
-            async with ctx.profiled(fig, server, f"k{k}"):
-                results = await pool.call("measure", seconds=sizes.capacity_window_s)
-            after = server.usage()
-            lat = summarize(merged(results, "latencies_ms"))
-            beats = sum(r["beats"] for r in results)
-            levels.append(
-                {
-                    "sessions": k,
-                    "opened_this_step": n_open,
-                    "alive": sum(r["alive"] for r in results),
-                    "register_s": max(r["seconds"] for r in regs),
-                    "open_s": max(o["seconds"] for o in opened),
-                    "acks": lat.count if lat else 0,
-                    "beats_per_s": beats / sizes.capacity_window_s,
-                    "ack_p50_ms": lat.p50 if lat else None,
-                    "ack_p99_ms": lat.p99 if lat else None,
-                    "ack_max_ms": lat.max if lat else None,
-                    "server_cpu_cores": proc.cpu_share(before, after),
-                    "server_rss_mb": after.rss / 2**20,
-                    "rss_per_agent_kb": (after.rss - base.rss) / k / 1024,
-                    "errors": sum(r["errors"] for r in results),
-                }
-            )
-            if lat is None or lat.p99 > SATURATED_ACK_P99_MS or levels[-1]["alive"] < k:
-                saturated_at = k  # more sessions would only pile up a backlog: stop growing
-        await pool.call("close_sessions", goodbye=False, wait=120)
+        current = k
+        await pool.call("measure", seconds=1.0)  # warm-up interval: every session beats once
+        before = server.usage()
+        label = f"{'echo-' if echo else ''}k{k}"
+        async with ctx.profiled(fig, server, label):
+            results = await pool.call("measure", seconds=sizes.capacity_window_s)
+        after = server.usage()
+        lat = summarize(merged(results, "latencies_ms"))
+        levels.append(
+            {
+                "sessions": k,
+                "alive": sum(r["alive"] for r in results),
+                "register_s": register_s,
+                "open_s": max(o["seconds"] for o in opened),
+                "acks": lat.count if lat else 0,
+                "beats_per_s": sum(r["beats"] for r in results) / sizes.capacity_window_s,
+                "ack_p50_ms": lat.p50 if lat else None,
+                "ack_p99_ms": lat.p99 if lat else None,
+                "ack_max_ms": lat.max if lat else None,
+                "server_cpu_cores": proc.cpu_share(before, after),
+                "server_rss_mb": after.rss / 2**20,
+                "rss_per_agent_kb": (after.rss - base.rss) / k / 1024,
+                "errors": sum(r["errors"] for r in results),
+            }
+        )
+        if lat is None or lat.p99 > SATURATED_ACK_P99_MS or levels[-1]["alive"] < k:
+            saturated_at = k  # more sessions would only pile up a backlog: stop growing
+    await pool.call("close_sessions", goodbye=False, wait=120)
+    return levels
+
+
+async def run(ctx: Context) -> Figure:
+    fig = Figure(KEY, "")
+    sizes = ctx.sizes
+    assert ctx.echo is not None
+    server = await ctx.start_server("f3", {"HEARTBEAT_TIMEOUT": "30"})
+    target = target_of(server)
+    spec = {"target": target, "echo_target": ctx.echo_target, "streams_per_channel": 250}
+    pool = Pool.start("hb", sizes.capacity_workers, spec)
+    try:
+        levels = await _levels(ctx, pool, server, fig, echo=False)
+        echo_levels = await _levels(ctx, pool, ctx.echo, fig, echo=True)
     finally:
         await pool.close()
     sat = await saturation(ctx, target)
     product, echo = sat["product"], sat["echo"]
     ctx.baselines["echo bidi ping-pong"] = {"streams": sizes.saturation_streams, **echo}
+    ctx.baselines["echo sessions at 1 Hz"] = echo_levels
     fig.details["levels"] = levels
+    fig.details["echo_levels"] = echo_levels
     fig.details["saturation"] = {"product": product, "echo": echo}
-    for level in levels:
-        k = int(level["sessions"] or 0)
+    for level, base in zip(levels, echo_levels, strict=True):
+        k = int(level["sessions"])
         last = k == sizes.capacity_levels[-1]
-        if "not_reached" in level:
-            level.update(ack_p99_ms=None, server_cpu_cores=None, rss_per_agent_kb=None)
-        fig.metrics += [
-            Metric.absolute(
-                f"{k} sessions: ack p99", level["ack_p99_ms"], "ms", at_most=20 if last else None
-            ),
-            Metric.absolute(
-                f"{k} sessions: server CPU", level["server_cpu_cores"], "cores", at_most=1.0 if last else None
-            ),
-            Metric.absolute(
-                f"{k} sessions: RSS per agent", level["rss_per_agent_kb"], "KB", at_most=40 if last else None
-            ),
-        ]
+        for key, name, unit, limit in (
+            ("ack_p99_ms", "ack p99", "ms", 20.0),
+            ("server_cpu_cores", "server CPU", "cores", 1.0),
+            ("rss_per_agent_kb", "RSS per agent", "KB", 40.0),
+        ):
+            fig.metrics.append(
+                Metric.absolute(
+                    f"{k} sessions: {name}",
+                    level.get(key),
+                    unit,
+                    at_most=limit if last else None,
+                    baseline=base.get(key),
+                    baseline_name=f"echo, {k} streams",
+                )
+            )
     fig.metrics.append(
         Metric.compare(
             "saturation beats/s", product["per_s"], "/s", echo["per_s"], "echo round trips/s", min_ratio=0.7
         )
     )
-    for level in levels:
-        if "not_reached" in level:
-            fig.notes.append(f"K={level['sessions']}: not measured, {level['not_reached']}")
-            continue
-        fig.notes.append(
-            f"K={level['sessions']}: {level['alive']} alive, {level['beats_per_s']:.0f} beats/s, "
-            f"ack p50 {_ms(level['ack_p50_ms'])}, max {_ms(level['ack_max_ms'])}, errors {level['errors']}, "
-            f"registered in {level['register_s']:.1f} s, sessions opened in {level['open_s']:.1f} s, "
-            f"server RSS {level['server_rss_mb']:.0f} MB"
-        )
+    for name, rows in (("product", levels), ("echo", echo_levels)):
+        for level in rows:
+            if "not_reached" in level:
+                fig.notes.append(f"{name} K={level['sessions']}: not measured, {level['not_reached']}")
+                continue
+            fig.notes.append(
+                f"{name} K={level['sessions']}: {level['alive']} alive, {level['beats_per_s']:.0f} beats/s, "
+                f"ack p50 {_ms(level['ack_p50_ms'])}, max {_ms(level['ack_max_ms'])}, errors {level['errors']}, "
+                f"registered in {level['register_s']:.1f} s, streams opened in {level['open_s']:.1f} s, "
+                f"server RSS {level['server_rss_mb']:.0f} MB"
+            )
     fig.notes.append(
         f"saturation: {sizes.saturation_streams} streams in {SATURATION_WORKERS} processes, "
-        f"{sizes.saturation_s} s per run, echo and product alternated, median of the runs; ack p99 product {_ms(product['p99'])} vs echo {_ms(echo['p99'])}"
+        f"{sizes.saturation_s} s per run, echo and product alternated, median of the runs; "
+        f"ack p99 product {_ms(product['p99'])} vs echo {_ms(echo['p99'])}"
     )
     return fig
