@@ -9,6 +9,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Awaitable, Callable
@@ -21,6 +22,7 @@ from bench.figures.common import FULL, QUICK, Context, unimplemented
 from bench.report import ERROR, FIGURES, NOT_MEASURED, Figure, Report
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+_INTERRUPTED = threading.Event()  # set by SIGINT/SIGTERM: no further figure starts
 
 RUNNERS: dict[str, Callable[[Context], Awaitable[Figure]]] = {
     f1_detection.KEY: f1_detection.run,
@@ -60,6 +62,13 @@ async def run_figure(key: str, ctx: Context) -> Figure:
     started = time.perf_counter()
     try:
         fig = await RUNNERS[key](ctx)
+    except asyncio.CancelledError:
+        # Interrupted (SIGINT/SIGTERM): record it, and let the run write what it has.
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        ctx.interrupted = True
+        fig = Figure(key, "", ERROR, "interrupted")
     except Exception as exc:
         if unimplemented(exc):
             fig = Figure(key, "", NOT_MEASURED, f"server does not implement it yet ({exc.details()})")  # type: ignore[attr-defined]
@@ -95,6 +104,8 @@ async def run(args: argparse.Namespace) -> Report:
         await echo.start()
         ctx.echo = echo
         for key in keys:
+            if ctx.interrupted or _INTERRUPTED.is_set():
+                break
             rep.figures.append(await run_figure(key, ctx))
     finally:
         await echo.stop()
@@ -115,7 +126,8 @@ async def run_interruptible(args: argparse.Namespace) -> Report:
     assert main_task is not None
 
     def interrupt() -> None:
-        _log("interrupted: killing load generators and servers")
+        _log("interrupted: killing load generators and servers; the report keeps what was measured")
+        _INTERRUPTED.set()
         workers.kill_all()
         proc.kill_all()
         main_task.cancel()
@@ -133,14 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from bench.util import run as run_loop
 
-    try:
-        rep = run_loop(run_interruptible(args))
-    except asyncio.CancelledError:
-        return 130
+    rep = run_loop(run_interruptible(args))
     print(report.render_text(rep))
     stem = args.out or ("quick" if args.quick else "latest")
     json_path, md_path = report.write(rep, RESULTS_DIR, stem)
     _log(f"wrote {json_path} and {md_path} ({rep.seconds:.0f} s)")
+    if _INTERRUPTED.is_set():
+        return 130
     missing = rep.missing()
     if missing:
         _log(f"figures not produced: {', '.join(missing)}")

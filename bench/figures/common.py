@@ -93,6 +93,7 @@ class Context:
     workdir: Path
     profile_dir: Path | None
     echo: proc.ManagedProcess | None = None
+    interrupted: bool = False
     baselines: dict[str, Any] = field(default_factory=dict)
     _servers: list[proc.ManagedProcess] = field(default_factory=list)
 
