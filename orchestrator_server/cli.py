@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 
 from orchestrator_server.config import Config, ConfigError
+from orchestrator_server.grpc_api.telemetry import RequestIdFilter
 from orchestrator_server.server import OrchestratorServer
 
 
@@ -34,6 +35,7 @@ class JsonFormatter(logging.Formatter):
 
 def configure_logging(config: Config) -> None:
     handler = logging.StreamHandler()
+    handler.addFilter(RequestIdFilter())
     if config.log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:

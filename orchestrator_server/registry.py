@@ -180,6 +180,9 @@ class Registry:
         self._agents: dict[str, AgentState] = {}
         self._by_name: dict[tuple[str, str], str] = {}
         self.observer: AgentObserver | None = None
+        # Set while the process shuts down: sessions then end without taking their agents DOWN,
+        # so after the restart they get a heartbeat timeout to come back and keep their work.
+        self._closing = False
         # Called with every status transition, for metrics.
         self.on_transition: Callable[[agent_pb2.Agent, int], None] | None = None
 
@@ -513,6 +516,8 @@ class Registry:
         if state is None or state.session is not session:
             return  # fenced by a newer session, or deregistered: nothing changes
         state.session = None
+        if self._closing:
+            return
         self._cancel_lease(state)
         agent = state.agent
         agent.session.streaming = False
@@ -691,6 +696,7 @@ class Registry:
 
     def shutdown(self, reason: str) -> None:
         """Asks every session to reconnect (the server is going away) and stops the timers."""
+        self._closing = True
         for state in self._agents.values():
             self._cancel_lease(state)
             if state.session is not None:

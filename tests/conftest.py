@@ -71,9 +71,48 @@ class Stubs:
         self, name: str = "agent", instance: str = "1", **fields: Any
     ) -> registry_pb2.RegisterAgentResponse:
         fields.setdefault("type", "worker")
+        fields.setdefault("max_concurrent_tasks", 4)
         return await self.registry.RegisterAgent(
             registry_pb2.RegisterAgentRequest(name=name, instance_id=instance, **fields)
         )
+
+
+class SessionClient:
+    """Drives one Heartbeat stream by hand."""
+
+    def __init__(self, stubs: Stubs, agent_id: str, token: str, running: tuple[str, ...] = ()) -> None:
+        self.outbox: asyncio.Queue[registry_pb2.HeartbeatRequest | None] = asyncio.Queue()
+        self.outbox.put_nowait(
+            registry_pb2.HeartbeatRequest(
+                hello=registry_pb2.SessionHello(
+                    agent_id=agent_id, agent_token=token, running_attempt_ids=running
+                )
+            )
+        )
+        self.call = stubs.registry.Heartbeat(self._requests())
+
+    async def _requests(self) -> AsyncIterator[registry_pb2.HeartbeatRequest]:
+        while (message := await self.outbox.get()) is not None:
+            yield message
+
+    def send(self, **message: Any) -> None:
+        self.outbox.put_nowait(registry_pb2.HeartbeatRequest(**message))
+
+    def close(self) -> None:
+        self.outbox.put_nowait(None)
+
+    async def receive(self) -> registry_pb2.HeartbeatResponse:
+        response = await asyncio.wait_for(self.call.read(), 10)
+        assert response is not grpc.aio.EOF, "stream ended"
+        return response  # type: ignore[no-any-return]
+
+
+async def open_session(stubs: Stubs, name: str = "agent", **fields: Any) -> tuple[SessionClient, str]:
+    registered = await stubs.register(name, **fields)
+    session = SessionClient(stubs, registered.agent.agent_id, registered.agent_token)
+    welcome = await session.receive()
+    assert welcome.WhichOneof("message") == "welcome"
+    return session, registered.agent.agent_id
 
 
 class Running:
@@ -201,7 +240,12 @@ class ServerProcess:
         return self.process.wait(timeout)
 
     def stop(self) -> None:
-        self.kill()
+        """Graceful when possible (so coverage of the child is saved), SIGKILL otherwise."""
+        if self.process is not None and self.process.poll() is None:
+            try:
+                self.terminate(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
 
 
 @pytest.fixture

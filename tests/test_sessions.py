@@ -11,48 +11,10 @@ import grpc
 import pytest
 
 from orchestrator.v1 import agent_pb2, discovery_pb2, event_pb2, registry_pb2
-from tests.conftest import AgentProcess, Running, Stubs, async_wait_for
+from tests.conftest import AgentProcess, Running, SessionClient, Stubs, async_wait_for, open_session
 
 DOWN = agent_pb2.AGENT_STATUS_DOWN
 READY = agent_pb2.AGENT_STATUS_READY
-
-
-class SessionClient:
-    """Drives one Heartbeat stream by hand."""
-
-    def __init__(self, stubs: Stubs, agent_id: str, token: str, running: tuple[str, ...] = ()) -> None:
-        self.outbox: asyncio.Queue[registry_pb2.HeartbeatRequest | None] = asyncio.Queue()
-        self.outbox.put_nowait(
-            registry_pb2.HeartbeatRequest(
-                hello=registry_pb2.SessionHello(
-                    agent_id=agent_id, agent_token=token, running_attempt_ids=running
-                )
-            )
-        )
-        self.call = stubs.registry.Heartbeat(self._requests())
-
-    async def _requests(self) -> AsyncIterator[registry_pb2.HeartbeatRequest]:
-        while (message := await self.outbox.get()) is not None:
-            yield message
-
-    def send(self, **message: Any) -> None:
-        self.outbox.put_nowait(registry_pb2.HeartbeatRequest(**message))
-
-    def close(self) -> None:
-        self.outbox.put_nowait(None)
-
-    async def receive(self) -> registry_pb2.HeartbeatResponse:
-        response = await asyncio.wait_for(self.call.read(), 10)
-        assert response is not grpc.aio.EOF, "stream ended"
-        return response  # type: ignore[no-any-return]
-
-
-async def open_session(stubs: Stubs, name: str = "agent", **fields: Any) -> tuple[SessionClient, str]:
-    registered = await stubs.register(name, **fields)
-    session = SessionClient(stubs, registered.agent.agent_id, registered.agent_token)
-    welcome = await session.receive()
-    assert welcome.WhichOneof("message") == "welcome"
-    return session, registered.agent.agent_id
 
 
 async def next_status(watch: Any, agent_id: str, status: int) -> discovery_pb2.WatchAgentsResponse:

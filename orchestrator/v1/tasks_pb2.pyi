@@ -195,7 +195,7 @@ class AssignTaskRequest(_message.Message):
     task_id: _builtins.str
     """Pending task to place."""
     agent_id: _builtins.str
-    """Agent to place it on; it must be READY, not draining, fit the task and have free capacity."""
+    """Agent to place it on; it must be READY with an open session, not draining, with free capacity."""
     def __init__(
         self,
         *,

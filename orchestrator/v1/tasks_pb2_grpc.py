@@ -108,7 +108,8 @@ class TasksServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def AssignTask(self, request, context):
-        """Places a pending task on a named agent, bypassing the scheduler's choice (not its checks).
+        """Places a pending task on a named agent, overriding the scheduler's choice and the task's
+        requirements (an operator's decision); the agent must still be READY with free capacity.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -40,7 +40,9 @@ class TasksServiceStub:
     ListTasks: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.ListTasksRequest, _tasks_pb2.ListTasksResponse]
     """Lists tasks with filters, one page at a time, newest first."""
     AssignTask: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.AssignTaskRequest, _tasks_pb2.AssignTaskResponse]
-    """Places a pending task on a named agent, bypassing the scheduler's choice (not its checks)."""
+    """Places a pending task on a named agent, overriding the scheduler's choice and the task's
+    requirements (an operator's decision); the agent must still be READY with free capacity.
+    """
     CancelTask: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.CancelTaskRequest, _tasks_pb2.CancelTaskResponse]
     """Cancels a task that has not finished; its agent is told over the session."""
     CompleteTask: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.CompleteTaskRequest, _tasks_pb2.CompleteTaskResponse]
@@ -64,7 +66,9 @@ class TasksServiceAsyncStub(TasksServiceStub):
     ListTasks: _aio.UnaryUnaryMultiCallable[_tasks_pb2.ListTasksRequest, _tasks_pb2.ListTasksResponse]  # type: ignore[assignment]
     """Lists tasks with filters, one page at a time, newest first."""
     AssignTask: _aio.UnaryUnaryMultiCallable[_tasks_pb2.AssignTaskRequest, _tasks_pb2.AssignTaskResponse]  # type: ignore[assignment]
-    """Places a pending task on a named agent, bypassing the scheduler's choice (not its checks)."""
+    """Places a pending task on a named agent, overriding the scheduler's choice and the task's
+    requirements (an operator's decision); the agent must still be READY with free capacity.
+    """
     CancelTask: _aio.UnaryUnaryMultiCallable[_tasks_pb2.CancelTaskRequest, _tasks_pb2.CancelTaskResponse]  # type: ignore[assignment]
     """Cancels a task that has not finished; its agent is told over the session."""
     CompleteTask: _aio.UnaryUnaryMultiCallable[_tasks_pb2.CompleteTaskRequest, _tasks_pb2.CompleteTaskResponse]  # type: ignore[assignment]
@@ -109,7 +113,9 @@ class TasksServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _tasks_pb2.AssignTaskRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_tasks_pb2.AssignTaskResponse, _abc.Awaitable[_tasks_pb2.AssignTaskResponse]]:
-        """Places a pending task on a named agent, bypassing the scheduler's choice (not its checks)."""
+        """Places a pending task on a named agent, overriding the scheduler's choice and the task's
+        requirements (an operator's decision); the agent must still be READY with free capacity.
+        """
 
     @_abc_1.abstractmethod
     def CancelTask(

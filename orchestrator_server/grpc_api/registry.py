@@ -12,6 +12,7 @@ from orchestrator.v1 import registry_pb2, registry_pb2_grpc
 from orchestrator_server.config import Config
 from orchestrator_server.errors import FailedPrecondition, InvalidArgument, OrchestratorError
 from orchestrator_server.grpc_api.errors import abort_with
+from orchestrator_server.metrics import HEARTBEATS
 from orchestrator_server.registry import Registry, Session
 from orchestrator_server.tasks import TaskScheduler
 
@@ -87,6 +88,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def SendHeartbeat(
         self, request: registry_pb2.SendHeartbeatRequest, context: Context
     ) -> registry_pb2.SendHeartbeatResponse:
+        HEARTBEATS.labels("unary").inc()
         status, expires_at = await self._registry.unary_heartbeat(
             request.agent_id, request.load, request.checks
         )
@@ -150,6 +152,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             kind = message.WhichOneof("message")
             try:
                 if kind == "beat":
+                    HEARTBEATS.labels("stream").inc()
                     status = self._registry.session_beat(session, message.beat)
                     ack = registry_pb2.HeartbeatResponse(
                         ack=registry_pb2.SessionAck(sequence=message.beat.sequence, status=status)

@@ -1,0 +1,456 @@
+"""The aiohttp application of the REST gateway, and `start_gateway` to run it on a socket.
+
+Every HTTP request is turned into a call on a grpc.aio channel, so the gRPC server's interceptors
+(auth, validation, limits, error mapping) apply exactly as they do to gRPC clients. The channel may
+point at a server in the same process or at a remote one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import prometheus_client
+from aiohttp import web
+from google.protobuf import message_factory
+from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message import Message
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from orchestrator.v1 import discovery_pb2, registry_pb2, tasks_pb2
+from orchestrator.v1 import health_pb2 as orchestrator_health_pb2
+from orchestrator_server.gateway import metrics
+from orchestrator_server.gateway.errors import GatewayError, from_rpc_error, invalid_argument
+from orchestrator_server.gateway.http_rules import Route, RouteTable, build_route_table
+from orchestrator_server.gateway.openapi import build_openapi
+from orchestrator_server.gateway.proto_json import ProtoJsonWriter
+from orchestrator_server.gateway.transcode import build_request, render_message
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SERVICES: tuple[ServiceDescriptor, ...] = (
+    registry_pb2.DESCRIPTOR.services_by_name["RegistryService"],
+    orchestrator_health_pb2.DESCRIPTOR.services_by_name["HealthService"],
+    discovery_pb2.DESCRIPTOR.services_by_name["DiscoveryService"],
+    tasks_pb2.DESCRIPTOR.services_by_name["TasksService"],
+)
+
+# Headers forwarded to the gRPC server as metadata (HTTP header names are case-insensitive; gRPC
+# metadata keys are lower case).
+FORWARDED_HEADERS = ("authorization", "x-api-key", "x-request-id")
+REQUEST_ID_HEADER = "x-request-id"
+NDJSON = "application/x-ndjson"
+
+_GRPC_TIMEOUT = re.compile(r"^(\d{1,8})([HMSmun])$")
+_GRPC_TIMEOUT_UNIT_SECONDS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+_PRINTABLE_ASCII = re.compile(r"^[\x20-\x7e]*$")
+_MAX_REQUEST_ID_LENGTH = 128
+
+ReadinessCheck = Callable[[], Awaitable[bool]]
+
+_ROUTE_KEY = web.RequestKey("gateway_route", str)
+_REQUEST_ID_KEY = web.RequestKey("gateway_request_id", str)
+_STREAMING_KEY = web.RequestKey("gateway_streaming", bool)
+_UNMATCHED_ROUTE = "unmatched"
+
+
+@dataclass(frozen=True)
+class GatewayOptions:
+    """Knobs of the gateway; the defaults suit `orchestrator serve`."""
+
+    #: Largest accepted request body; the gRPC server's default receive limit is 4 MiB too.
+    max_body_bytes: int = 4 * 1024 * 1024
+    #: Deadline of unary calls when the client sends none; None waits as long as the server takes.
+    default_timeout: float | None = 30.0
+    #: Write fields that hold their default value (0, "", false, []), as legacy callers expect.
+    emit_defaults: bool = True
+    #: Deadline of the grpc.health.v1 Check behind /readyz.
+    readiness_timeout: float = 2.0
+    #: Service name asked in that Check ("" is the server as a whole).
+    readiness_service: str = ""
+
+
+def _json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        body=json.dumps(body, separators=(",", ":")).encode(),
+        status=status,
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def error_response(error: GatewayError) -> web.Response:
+    return _json_response(error.body(), error.http_status, error.headers)
+
+
+def _parse_timeout(request: web.Request) -> float | None:
+    """The client's deadline: `grpc-timeout` (gRPC syntax) or `x-request-timeout` (seconds)."""
+    grpc_timeout = request.headers.get("grpc-timeout")
+    if grpc_timeout is not None:
+        match = _GRPC_TIMEOUT.match(grpc_timeout)
+        if match is None or int(match.group(1)) == 0:
+            raise invalid_argument(
+                f"invalid grpc-timeout header {grpc_timeout!r}: expected 1 to 8 digits and a unit "
+                "(H, M, S, m, u, n), e.g. 500m",
+                "grpc-timeout",
+            )
+        return int(match.group(1)) * _GRPC_TIMEOUT_UNIT_SECONDS[match.group(2)]
+    seconds_text = request.headers.get("x-request-timeout")
+    if seconds_text is not None:
+        try:
+            seconds = float(seconds_text)
+        except ValueError:
+            seconds = math.nan
+        if not math.isfinite(seconds) or seconds <= 0:
+            raise invalid_argument(
+                f"invalid x-request-timeout header {seconds_text!r}: expected a positive number of seconds",
+                "x-request-timeout",
+            )
+        return seconds
+    return None
+
+
+def _request_id(request: web.Request) -> str:
+    given = request.headers.get(REQUEST_ID_HEADER)
+    if given is None or not given.strip():
+        return uuid.uuid4().hex
+    return given
+
+
+class Gateway:
+    """Routes, the channel's callables and the handlers of one gateway application."""
+
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        routes: RouteTable,
+        options: GatewayOptions,
+        readiness_check: ReadinessCheck | None,
+        openapi_document: dict[str, Any],
+    ) -> None:
+        self.routes = routes
+        self.options = options
+        self._readiness_check = readiness_check
+        self._openapi_body = json.dumps(openapi_document, indent=1).encode()
+        self._health_stub = health_pb2_grpc.HealthStub(channel)
+        self._json_writer = ProtoJsonWriter(options.emit_defaults)
+        self._unary: dict[str, grpc.aio.UnaryUnaryMultiCallable[Message, Message]] = {}
+        self._streams: dict[str, grpc.aio.UnaryStreamMultiCallable[Message, Message]] = {}
+        self._open_stream_handlers: set[asyncio.Task[Any]] = set()
+        for route in routes.routes:
+            request_class = message_factory.GetMessageClass(route.rpc.input_type)
+            response_class = message_factory.GetMessageClass(route.rpc.output_type)
+            if route.server_streaming:
+                self._streams[route.grpc_path] = channel.unary_stream(
+                    route.grpc_path,
+                    request_serializer=request_class.SerializeToString,
+                    response_deserializer=response_class.FromString,
+                )
+            else:
+                self._unary[route.grpc_path] = channel.unary_unary(
+                    route.grpc_path,
+                    request_serializer=request_class.SerializeToString,
+                    response_deserializer=response_class.FromString,
+                )
+        self._operations: dict[str, Callable[[web.Request], Awaitable[web.StreamResponse]]] = {
+            "/livez": self._livez,
+            "/readyz": self._readyz,
+            "/metrics": self._metrics,
+            "/openapi.json": self._openapi,
+        }
+
+    # -- dispatch ---------------------------------------------------------------------------------
+
+    async def dispatch(self, request: web.Request) -> web.StreamResponse:
+        raw_path = request.rel_url.raw_path
+        operation = self._operations.get(raw_path)
+        if operation is not None:
+            request[_ROUTE_KEY] = raw_path
+            if request.method != "GET":
+                raise GatewayError(
+                    405, "METHOD_NOT_ALLOWED", f"{raw_path} only answers GET", headers={"Allow": "GET"}
+                )
+            return await operation(request)
+        resolution = self.routes.resolve(request.method, raw_path)
+        route, path_values = resolution.route, resolution.values
+        if route is None:
+            allowed = resolution.allowed_methods
+            if allowed:
+                raise GatewayError(
+                    405,
+                    "METHOD_NOT_ALLOWED",
+                    f"{request.method} is not allowed on {request.rel_url.path}; use {', '.join(allowed)}",
+                    headers={"Allow": ", ".join(allowed)},
+                )
+            raise GatewayError(404, "NOT_FOUND", f"no endpoint at {request.rel_url.path}")
+        request[_ROUTE_KEY] = route.template.text
+        raw_body = await self._read_body(request) if route.body else b""
+        query = {name: request.rel_url.query.getall(name) for name in request.rel_url.query}
+        message = build_request(route, path_values, query, raw_body)
+        metadata = self._metadata(request)
+        deadline_seconds = _parse_timeout(request)
+        if route.server_streaming:
+            return await self._call_streaming(request, route, message, metadata, deadline_seconds)
+        return await self._call_unary(route, message, metadata, deadline_seconds)
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        limit = self.options.max_body_bytes
+        too_large = invalid_argument(f"the request body exceeds the limit of {limit} bytes")
+        if request.content_length is not None and request.content_length > limit:
+            raise too_large
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise too_large from None
+
+    def _metadata(self, request: web.Request) -> list[tuple[str, str]]:
+        metadata: list[tuple[str, str]] = []
+        for name in FORWARDED_HEADERS:
+            value = request[_REQUEST_ID_KEY] if name == REQUEST_ID_HEADER else request.headers.get(name)
+            if value is None:
+                continue
+            if not _PRINTABLE_ASCII.match(value):
+                raise invalid_argument(f"header {name!r} must be printable ASCII", name)
+            metadata.append((name, value))
+        return metadata
+
+    async def _call_unary(
+        self, route: Route, message: Message, metadata: list[tuple[str, str]], deadline_seconds: float | None
+    ) -> web.Response:
+        call = self._unary[route.grpc_path]
+        try:
+            reply = await call(
+                message,
+                metadata=metadata,
+                timeout=deadline_seconds if deadline_seconds is not None else self.options.default_timeout,
+            )
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error) from None
+        return _json_response(render_message(reply, route.response_body, self._json_writer))
+
+    async def _call_streaming(
+        self,
+        request: web.Request,
+        route: Route,
+        message: Message,
+        metadata: list[tuple[str, str]],
+        deadline_seconds: float | None,
+    ) -> web.StreamResponse:
+        """Streams the RPC's messages as newline-delimited JSON until the RPC ends or the client leaves.
+
+        The HTTP status is decided by the first message: an RPC that fails before sending anything
+        (unknown task, bad argument, no credentials) answers with the mapped status and an error body.
+        A failure after that is written as a last line `{"error": {...}}`, since the status is sent.
+        """
+        request[_STREAMING_KEY] = True
+        started = time.perf_counter()
+        handler_task = asyncio.current_task()
+        if handler_task is not None:
+            self._open_stream_handlers.add(handler_task)
+        call = self._streams[route.grpc_path](message, metadata=metadata, timeout=deadline_seconds)
+        metrics.OPEN_STREAMS.inc()
+        try:
+            messages = call.__aiter__()
+            try:
+                first: Message | None = await anext(messages)
+            except StopAsyncIteration:
+                first = None
+            except grpc.aio.AioRpcError as error:
+                raise from_rpc_error(error) from None
+            response = web.StreamResponse(
+                status=200,
+                headers={
+                    "Content-Type": NDJSON,
+                    "Cache-Control": "no-cache",
+                    REQUEST_ID_HEADER: request[_REQUEST_ID_KEY],
+                },
+            )
+            await response.prepare(request)
+            metrics.observe_latency(request.method, route.template.text, time.perf_counter() - started)
+            try:
+                if first is not None:
+                    await self._write_line(response, route, first)
+                    async for reply in messages:
+                        await self._write_line(response, route, reply)
+            except grpc.aio.AioRpcError as error:
+                trailer = json.dumps(from_rpc_error(error).body(), separators=(",", ":")).encode()
+                await response.write(trailer + b"\n")
+            await response.write_eof()
+            return response
+        finally:
+            # Whatever ended the stream (the RPC, the client leaving, gateway shutdown), stop the RPC
+            # so the server frees the watcher at once.
+            call.cancel()
+            metrics.OPEN_STREAMS.dec()
+            if handler_task is not None:
+                self._open_stream_handlers.discard(handler_task)
+
+    async def _write_line(self, response: web.StreamResponse, route: Route, reply: Message) -> None:
+        line = render_message(reply, route.response_body, self._json_writer)
+        await response.write(json.dumps(line, separators=(",", ":")).encode() + b"\n")
+
+    async def cancel_streams(self) -> None:
+        """Ends every open streamed response (used at shutdown: a watch never ends by itself)."""
+        tasks = list(self._open_stream_handlers)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- operations -------------------------------------------------------------------------------
+
+    async def _livez(self, request: web.Request) -> web.Response:
+        return _json_response({"status": "ok"})
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        reason = await self._not_ready_reason()
+        if reason is not None:
+            return _json_response({"status": "NOT_SERVING", "reason": reason}, status=503)
+        return _json_response({"status": "SERVING"})
+
+    async def _not_ready_reason(self) -> str | None:
+        check = health_pb2.HealthCheckRequest(service=self.options.readiness_service)
+        try:
+            reply = await self._health_stub.Check(check, timeout=self.options.readiness_timeout)
+        except grpc.aio.AioRpcError as error:
+            return f"gRPC health check failed: {error.code().name}: {error.details()}"
+        if reply.status != health_pb2.HealthCheckResponse.SERVING:
+            status_name = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+            return f"gRPC server reports {status_name}"
+        if self._readiness_check is not None:
+            try:
+                ready = await self._readiness_check()
+            except Exception as error:
+                logger.warning("readiness check raised", exc_info=True)
+                return f"readiness check failed: {error}"
+            if not ready:
+                return "readiness check failed"
+        return None
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=prometheus_client.generate_latest(prometheus_client.REGISTRY),
+            headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST},
+        )
+
+    async def _openapi(self, request: web.Request) -> web.Response:
+        return web.Response(body=self._openapi_body, content_type="application/json")
+
+
+@web.middleware
+async def _observe(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Request id, JSON errors for everything (never an HTML page) and request metrics."""
+    started = time.perf_counter()
+    request_id = _request_id(request)
+    request[_REQUEST_ID_KEY] = request_id
+    try:
+        if len(request_id) > _MAX_REQUEST_ID_LENGTH or not _PRINTABLE_ASCII.match(request_id):
+            request[_REQUEST_ID_KEY] = uuid.uuid4().hex
+            raise invalid_argument(
+                f"header x-request-id must be at most {_MAX_REQUEST_ID_LENGTH} printable ASCII characters",
+                REQUEST_ID_HEADER,
+            )
+        response = await handler(request)
+    except GatewayError as error:
+        response = error_response(error)
+    except web.HTTPException as error:
+        # aiohttp's own errors (e.g. a body it cannot decode) get the same JSON shape as ours.
+        response = error_response(GatewayError(error.status, "INVALID_ARGUMENT", error.reason, headers={}))
+    except Exception:
+        logger.exception("gateway request failed", extra={"request_id": request[_REQUEST_ID_KEY]})
+        response = error_response(GatewayError(500, "INTERNAL", "internal gateway error"))
+    if not response.prepared:
+        response.headers[REQUEST_ID_HEADER] = request[_REQUEST_ID_KEY]
+    route = request.get(_ROUTE_KEY, _UNMATCHED_ROUTE)
+    metrics.count_request(request.method, route, response.status)
+    if not request.get(_STREAMING_KEY, False):
+        metrics.observe_latency(request.method, route, time.perf_counter() - started)
+    return response
+
+
+def create_gateway_app(
+    channel: grpc.aio.Channel,
+    *,
+    services: Iterable[ServiceDescriptor] = DEFAULT_SERVICES,
+    options: GatewayOptions | None = None,
+    readiness_check: ReadinessCheck | None = None,
+) -> web.Application:
+    """The gateway as an aiohttp application calling the gRPC server through `channel`.
+
+    Run it with `web.AppRunner(app, handler_cancellation=True)`: that cancellation is what ends a
+    watch's gRPC call when its HTTP client goes away. `start_gateway` does this for you.
+    """
+    chosen = options or GatewayOptions()
+    service_list = list(services)
+    routes = build_route_table(service_list)
+    gateway = Gateway(channel, routes, chosen, readiness_check, build_openapi(routes, service_list))
+    app = web.Application(middlewares=[_observe], client_max_size=chosen.max_body_bytes)
+    app.router.add_route("*", "/{tail:.*}", gateway.dispatch)
+
+    async def end_streams(_: web.Application) -> None:
+        await gateway.cancel_streams()
+
+    app.on_shutdown.append(end_streams)
+    return app
+
+
+@dataclass
+class RunningGateway:
+    """A gateway listening on a socket; `stop()` closes it and the channel it opened."""
+
+    host: str
+    port: int
+    grpc_target: str
+    app: web.Application
+    _runner: web.AppRunner
+    _channel: grpc.aio.Channel
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()
+        await self._channel.close(grace=None)
+
+
+async def start_gateway(
+    host: str,
+    port: int,
+    grpc_target: str,
+    *,
+    channel_credentials: grpc.ChannelCredentials | None = None,
+    channel_options: Sequence[tuple[str, Any]] = (),
+    services: Iterable[ServiceDescriptor] = DEFAULT_SERVICES,
+    options: GatewayOptions | None = None,
+    readiness_check: ReadinessCheck | None = None,
+    shutdown_timeout: float = 5.0,
+) -> RunningGateway:
+    """Serves the gateway on host:port (0 picks a free port), calling the gRPC server at grpc_target."""
+    if channel_credentials is None:
+        channel = grpc.aio.insecure_channel(grpc_target, options=list(channel_options))
+    else:
+        channel = grpc.aio.secure_channel(grpc_target, channel_credentials, options=list(channel_options))
+    try:
+        app = create_gateway_app(channel, services=services, options=options, readiness_check=readiness_check)
+        runner = web.AppRunner(
+            app, handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_timeout
+        )
+        await runner.setup()
+        site = web.TCPSite(runner, host, port)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+    except BaseException:
+        await channel.close(grace=None)
+        raise
+    bound_port = int(runner.addresses[0][1])
+    return RunningGateway(host, bound_port, grpc_target, app, runner, channel)

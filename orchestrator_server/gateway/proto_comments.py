@@ -1,0 +1,146 @@
+"""Comments of the .proto files, by full name, used as descriptions in /openapi.json.
+
+protoc's `--python_out` drops `source_code_info` from the descriptors it embeds, so the running
+process cannot see the comments. They are extracted once at development time into
+`_proto_comments.py` (a plain dict, committed, shipped in the wheel like any module):
+
+    python -m orchestrator_server.gateway.proto_comments      # after editing a .proto
+
+tests/gateway/test_openapi.py fails when that file is stale. Keys are full names:
+`orchestrator.v1.Agent`, `orchestrator.v1.Agent.agent_id`, `orchestrator.v1.RegistryService.GetAgent`,
+`orchestrator.v1.AgentStatus.AGENT_STATUS_READY`.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from google.protobuf import descriptor_pb2
+
+from orchestrator_server.gateway._proto_comments import COMMENTS
+
+__all__ = ["COMMENTS", "extract_comments", "generate_comments"]
+
+# Field numbers in descriptor.proto that make up source_code_info paths.
+_FILE_MESSAGE_TYPE = 4
+_FILE_ENUM_TYPE = 5
+_FILE_SERVICE = 6
+_MESSAGE_FIELD = 2
+_MESSAGE_NESTED_TYPE = 3
+_MESSAGE_ENUM_TYPE = 4
+_ENUM_VALUE = 2
+_SERVICE_METHOD = 2
+
+_DATA_MODULE = Path(__file__).with_name("_proto_comments.py")
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _clean(comment: str) -> str:
+    lines = [line.strip() for line in comment.strip().splitlines()]
+    return " ".join(line for line in lines if line)
+
+
+def _name_message(
+    message: descriptor_pb2.DescriptorProto,
+    prefix: str,
+    path: tuple[int, ...],
+    names: dict[tuple[int, ...], str],
+) -> None:
+    full_name = f"{prefix}.{message.name}"
+    names[path] = full_name
+    for index, field in enumerate(message.field):
+        names[(*path, _MESSAGE_FIELD, index)] = f"{full_name}.{field.name}"
+    for index, nested in enumerate(message.nested_type):
+        _name_message(nested, full_name, (*path, _MESSAGE_NESTED_TYPE, index), names)
+    for index, enum in enumerate(message.enum_type):
+        _name_enum(enum, full_name, (*path, _MESSAGE_ENUM_TYPE, index), names)
+
+
+def _name_enum(
+    enum: descriptor_pb2.EnumDescriptorProto,
+    prefix: str,
+    path: tuple[int, ...],
+    names: dict[tuple[int, ...], str],
+) -> None:
+    # Enum values are scoped like siblings of their enum in protobuf, but the enum's name is the
+    # more useful key for a description, so values are keyed under the enum.
+    full_name = f"{prefix}.{enum.name}"
+    names[path] = full_name
+    for index, value in enumerate(enum.value):
+        names[(*path, _ENUM_VALUE, index)] = f"{full_name}.{value.name}"
+
+
+def extract_comments(descriptor_set: descriptor_pb2.FileDescriptorSet) -> dict[str, str]:
+    """Leading (else trailing) comment of every message, field, enum, value, service and method."""
+    comments: dict[str, str] = {}
+    for file in descriptor_set.file:
+        names: dict[tuple[int, ...], str] = {}
+        for index, message in enumerate(file.message_type):
+            _name_message(message, file.package, (_FILE_MESSAGE_TYPE, index), names)
+        for index, enum in enumerate(file.enum_type):
+            _name_enum(enum, file.package, (_FILE_ENUM_TYPE, index), names)
+        for index, service in enumerate(file.service):
+            service_name = f"{file.package}.{service.name}"
+            names[(_FILE_SERVICE, index)] = service_name
+            for method_index, method in enumerate(service.method):
+                names[(_FILE_SERVICE, index, _SERVICE_METHOD, method_index)] = f"{service_name}.{method.name}"
+        for location in file.source_code_info.location:
+            name = names.get(tuple(location.path))
+            text = _clean(location.leading_comments or location.trailing_comments)
+            if name is not None and text:
+                comments[name] = text
+    return dict(sorted(comments.items()))
+
+
+def generate_comments(proto_root: Path, proto_files: Sequence[Path]) -> dict[str, str]:
+    """Runs protoc (from grpcio-tools, a dev dependency) with source info and extracts the comments."""
+    with tempfile.TemporaryDirectory() as scratch:
+        output = Path(scratch) / "descriptors.binpb"
+        command = [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{proto_root}",
+            f"-I{proto_root / 'third_party'}",
+            "--include_source_info",
+            f"--descriptor_set_out={output}",
+            *(str(path.relative_to(proto_root)) for path in proto_files),
+        ]
+        subprocess.run(command, check=True)
+        descriptor_set = descriptor_pb2.FileDescriptorSet.FromString(output.read_bytes())
+    return extract_comments(descriptor_set)
+
+
+def _render_module(comments: dict[str, str]) -> str:
+    lines = [
+        "# ruff: noqa: E501",
+        '"""Comments of proto/orchestrator/v1, by full name.',
+        "",
+        "Generated by `python -m orchestrator_server.gateway.proto_comments`; do not edit.",
+        '"""',
+        "",
+        "from typing import Final",
+        "",
+        "COMMENTS: Final[dict[str, str]] = {",
+        *(f"    {key!r}: {value!r}," for key, value in comments.items()),
+        "}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    proto_root = _REPO_ROOT / "proto"
+    proto_files = sorted((proto_root / "orchestrator" / "v1").glob("*.proto"))
+    _DATA_MODULE.write_text(_render_module(generate_comments(proto_root, proto_files)))
+    # Keeps the committed file as `ruff format` writes it, so lint stays clean after regenerating.
+    subprocess.run([sys.executable, "-m", "ruff", "format", "--quiet", str(_DATA_MODULE)], check=True)
+    print(f"wrote {_DATA_MODULE}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Proto3 JSON output equal to `json_format.MessageToDict(preserving_proto_field_name=True)`, faster.
+
+json_format walks every field in pure Python on each call; rendering ten agents took ~6 ms, most of
+the gateway's cost per request. This writer builds one converter per field once and reads only the
+fields that are set (`ListFields`, implemented in C), then adds the defaults it precomputed.
+tests/gateway/test_gateway_proto_json.py checks it against json_format on populated messages.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+from google.protobuf import json_format
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.internal import type_checkers
+from google.protobuf.message import Message
+
+from orchestrator_server.gateway.descriptors import enum_type_of, is_map, message_type_of
+
+Converter = Callable[[Any], Any]
+
+_INT64_TYPES = frozenset(
+    {
+        FieldDescriptor.TYPE_INT64,
+        FieldDescriptor.TYPE_UINT64,
+        FieldDescriptor.TYPE_SINT64,
+        FieldDescriptor.TYPE_FIXED64,
+        FieldDescriptor.TYPE_SFIXED64,
+    }
+)
+# Types with a string form of their own; the others among google.protobuf's well-known types
+# (Struct, Value, ListValue, Any, wrappers, Empty) are rare in answers and go through json_format.
+_STRING_FORM_TYPES = frozenset(
+    {"google.protobuf.Timestamp", "google.protobuf.Duration", "google.protobuf.FieldMask"}
+)
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+def _int64(value: int) -> str:
+    return str(value)
+
+
+def _bytes(value: bytes) -> str:
+    return base64.b64encode(value).decode("ascii")
+
+
+def _double(value: float) -> Any:
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "Infinity" if value > 0 else "-Infinity"
+    return value
+
+
+def _float(value: float) -> Any:
+    if math.isnan(value) or math.isinf(value):
+        return _double(value)
+    return type_checkers.ToShortestFloat(value)
+
+
+def _map_key(key: Any) -> str:
+    if isinstance(key, bool):
+        return "true" if key else "false"
+    return str(key)
+
+
+class ProtoJsonWriter:
+    """Renders messages as proto3 JSON dicts; `emit_defaults` matches always_print_fields_with_no_presence."""
+
+    def __init__(self, emit_defaults: bool) -> None:
+        self.emit_defaults = emit_defaults
+        self._converters: dict[FieldDescriptor, Converter] = {}
+        self._defaults: dict[Descriptor, list[tuple[str, Callable[[], Any]]]] = {}
+
+    def to_dict(self, message: Message) -> Any:
+        descriptor: Descriptor = message.DESCRIPTOR  # type: ignore[assignment]
+        full_name = descriptor.full_name
+        if full_name.startswith("google.protobuf."):
+            if full_name in _STRING_FORM_TYPES:
+                return message.ToJsonString()  # type: ignore[attr-defined]
+            return json_format.MessageToDict(message, preserving_proto_field_name=True)
+        rendered: dict[str, Any] = {}
+        for field, value in message.ListFields():
+            rendered[field.name] = self._converter(field)(value)
+        if self.emit_defaults:
+            for name, make_default in self._defaults_of(descriptor):
+                if name not in rendered:
+                    rendered[name] = make_default()
+        return rendered
+
+    def _defaults_of(self, descriptor: Descriptor) -> list[tuple[str, Callable[[], Any]]]:
+        defaults = self._defaults.get(descriptor)
+        if defaults is None:
+            defaults = []
+            for field in descriptor.fields:
+                if field.has_presence:
+                    continue  # message fields, oneof members and `optional` scalars are omitted when unset
+                if is_map(field):
+                    defaults.append((field.name, dict))
+                elif field.is_repeated:
+                    defaults.append((field.name, list))
+                else:
+                    value = self._value_converter(field)(field.default_value)
+                    # Scalars are immutable, so one precomputed value serves every answer.
+                    defaults.append((field.name, functools.partial(_identity, value)))
+            self._defaults[descriptor] = defaults
+        return defaults
+
+    def _converter(self, field: FieldDescriptor) -> Converter:
+        converter = self._converters.get(field)
+        if converter is None:
+            converter = self._build_converter(field)
+            self._converters[field] = converter
+        return converter
+
+    def _build_converter(self, field: FieldDescriptor) -> Converter:
+        if is_map(field):
+            convert_value = self._value_converter(message_type_of(field).fields_by_name["value"])
+            return lambda entries: {_map_key(key): convert_value(entries[key]) for key in entries}
+        convert = self._value_converter(field)
+        if field.is_repeated:
+            return lambda values: [convert(value) for value in values]
+        return convert
+
+    def _value_converter(self, field: FieldDescriptor) -> Converter:
+        kind = field.type
+        if kind in (FieldDescriptor.TYPE_MESSAGE, FieldDescriptor.TYPE_GROUP):
+            return self.to_dict
+        if kind == FieldDescriptor.TYPE_ENUM:
+            enum_type = enum_type_of(field)
+            if enum_type.full_name == "google.protobuf.NullValue":
+                return lambda value: None
+            names = {number: value.name for number, value in enum_type.values_by_number.items()}
+            # Open enums may hold numbers this build does not know: json_format writes them as numbers.
+            return lambda value: names.get(value, value)
+        if kind in _INT64_TYPES:
+            return _int64
+        if kind == FieldDescriptor.TYPE_BYTES:
+            return _bytes
+        if kind == FieldDescriptor.TYPE_DOUBLE:
+            return _double
+        if kind == FieldDescriptor.TYPE_FLOAT:
+            return _float
+        return _identity

@@ -1,0 +1,245 @@
+"""HTTP request → protobuf request message, and protobuf response → JSON, for one route.
+
+Inputs are proto3 JSON (`json_format`): field names in snake_case or lowerCamelCase, enums by name
+or number, 64-bit integers as numbers or strings. Unknown fields are rejected with a 400 that names
+them, because a silently ignored typo (`"max_concurent_tasks"`) is worse than an error.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
+
+from google.protobuf import json_format, message_factory
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import Message
+
+from orchestrator_server.gateway.descriptors import is_map, is_message, is_repeated, message_type_of
+from orchestrator_server.gateway.errors import invalid_argument
+from orchestrator_server.gateway.http_rules import Route
+from orchestrator_server.gateway.proto_json import ProtoJsonWriter
+
+# Well-known message types that have a string form in proto3 JSON, so they can come from a query
+# parameter or a path segment (e.g. `?not_before=2024-01-01T00:00:00Z`).
+_STRING_FORM_TYPES = frozenset(
+    {"google.protobuf.Timestamp", "google.protobuf.Duration", "google.protobuf.FieldMask"}
+)
+_WRAPPER_TYPES = frozenset(
+    {
+        "google.protobuf.DoubleValue",
+        "google.protobuf.FloatValue",
+        "google.protobuf.Int64Value",
+        "google.protobuf.UInt64Value",
+        "google.protobuf.Int32Value",
+        "google.protobuf.UInt32Value",
+        "google.protobuf.BoolValue",
+        "google.protobuf.StringValue",
+        "google.protobuf.BytesValue",
+    }
+)
+_TRUE_WORDS = frozenset({"true", "1"})
+_FALSE_WORDS = frozenset({"false", "0"})
+_PARSE_FAILURES = (json_format.Error, TypeError, ValueError, RecursionError)
+
+
+def _descriptor_of(message: Message) -> Descriptor:
+    # The stubs allow the upb (C) descriptor class too; both expose the same interface.
+    return cast(Descriptor, message.DESCRIPTOR)
+
+
+def _find_field(message: Descriptor, name: str) -> FieldDescriptor | None:
+    """A field by its proto name or its JSON (lowerCamelCase) name."""
+    found = message.fields_by_name.get(name)
+    if found is not None:
+        return found
+    for candidate in message.fields:
+        if candidate.json_name == name:
+            return candidate
+    return None
+
+
+def _resolve_path(root: Descriptor, dotted: str, source: str) -> list[FieldDescriptor]:
+    """The chain of fields a dotted parameter name walks through; a clear 400 if it cannot."""
+    chain: list[FieldDescriptor] = []
+    message: Descriptor | None = root
+    parts = dotted.split(".")
+    for position, part in enumerate(parts):
+        if message is None:
+            raise invalid_argument(f"{source} {dotted!r} does not name a field of {root.full_name}", dotted)
+        found = _find_field(message, part)
+        if found is None:
+            raise invalid_argument(f"unknown {source} {dotted!r}: {root.full_name} has no such field", dotted)
+        chain.append(found)
+        is_last = position == len(parts) - 1
+        if not is_last:
+            if not is_message(found) or is_repeated(found):
+                raise invalid_argument(
+                    f"{source} {dotted!r}: {found.name!r} is not a message field that can be nested into",
+                    dotted,
+                )
+            message = message_type_of(found)
+    return chain
+
+
+def _scalar_from_text(field: FieldDescriptor, text: str, name: str, source: str) -> Any:
+    """Converts the text of a query parameter or path segment to the JSON value json_format expects."""
+    if field.type == FieldDescriptor.TYPE_BOOL:
+        lowered = text.lower()
+        if lowered in _TRUE_WORDS:
+            return True
+        if lowered in _FALSE_WORDS:
+            return False
+        raise invalid_argument(f"{source} {name!r}: expected true or false, got {text!r}", name)
+    if field.type == FieldDescriptor.TYPE_ENUM:
+        stripped = text.lstrip("-")
+        return int(text) if stripped.isdigit() else text
+    if is_message(field):
+        message_type = message_type_of(field)
+        full_name = message_type.full_name
+        if full_name in _STRING_FORM_TYPES:
+            return text
+        if full_name in _WRAPPER_TYPES:
+            return _scalar_from_text(message_type.fields_by_name["value"], text, name, source)
+        raise invalid_argument(f"{source} {name!r}: field of type {full_name} cannot be set from text", name)
+    # Numbers, strings and bytes: proto3 JSON accepts the text form of each as a JSON string.
+    return text
+
+
+def _apply_text_values(
+    request: Message, dotted: str, values: Sequence[str], source: str, replace: bool = False
+) -> None:
+    """Sets the field named by `dotted` from one or more text values (a query parameter or path variable)."""
+    chain = _resolve_path(_descriptor_of(request), dotted, source)
+    leaf = chain[-1]
+    if is_map(leaf):
+        raise invalid_argument(f"{source} {dotted!r}: map fields cannot be set from the URL", dotted)
+    if is_repeated(leaf):
+        if is_message(leaf) and message_type_of(leaf).full_name not in _WRAPPER_TYPES:
+            raise invalid_argument(
+                f"{source} {dotted!r}: repeated messages cannot be set from the URL", dotted
+            )
+        value: Any = [_scalar_from_text(leaf, text, dotted, source) for text in values]
+    else:
+        if len(values) > 1:
+            raise invalid_argument(
+                f"{source} {dotted!r} is given {len(values)} times but is not repeated", dotted
+            )
+        value = _scalar_from_text(leaf, values[0], dotted, source)
+    # Build {"a": {"b": value}} and merge it, so json_format does every type check and conversion.
+    nested: dict[str, Any] = {leaf.name: value}
+    for field in reversed(chain[:-1]):
+        nested = {field.name: nested}
+    parsed = type(request)()
+    try:
+        json_format.ParseDict(nested, parsed)
+    except _PARSE_FAILURES as error:
+        raise invalid_argument(f"{source} {dotted!r}: {_describe_parse_error(error)}", dotted) from None
+    if replace:
+        _clear_path(request, chain)
+    request.MergeFrom(parsed)
+
+
+def _clear_path(request: Message, chain: Sequence[FieldDescriptor]) -> None:
+    target = request
+    for field in chain[:-1]:
+        target = getattr(target, field.name)
+    target.ClearField(chain[-1].name)
+
+
+def _current_text(request: Message, chain: Sequence[FieldDescriptor]) -> str | None:
+    """The current value of a singular string-like field along `chain`, or None if unset/default."""
+    target: Any = request
+    for field in chain:
+        if isinstance(target, Message) and is_message(field) and not target.HasField(field.name):
+            return None
+        target = getattr(target, field.name)
+    if isinstance(target, Message) or target in ("", 0, False):
+        return None
+    return str(target)
+
+
+def _describe_parse_error(error: BaseException) -> str:
+    if isinstance(error, RecursionError):
+        return "nested too deeply"
+    # json_format appends a list of every available field on a second line; the first says it all.
+    return str(error).split("\n", 1)[0].strip()
+
+
+def parse_json_body(raw: bytes) -> Any:
+    if not raw.strip():
+        raise invalid_argument("the request body is required: send a JSON object")
+    try:
+        # JSON on the wire is UTF-8 (RFC 8259); json.loads would otherwise guess UTF-16/32 from bytes.
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise invalid_argument("the request body is not UTF-8 text") from None
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise invalid_argument("malformed JSON in the request body: nested too deeply") from None
+    except ValueError as error:
+        raise invalid_argument(f"malformed JSON in the request body: {error}") from None
+
+
+def build_request(
+    route: Route,
+    path_values: Mapping[str, str],
+    query: Mapping[str, Sequence[str]],
+    raw_body: bytes,
+) -> Message:
+    """The gRPC request for one HTTP request, or a GatewayError (400) saying what is wrong with it."""
+    request_class = message_factory.GetMessageClass(route.rpc.input_type)
+    request: Message = request_class()
+
+    if route.body:
+        _apply_body(route, request, raw_body)
+        # With `body: "*"` every field not in the path comes from the body, so a query parameter is
+        # a mistake; with `body: "field"` the other fields may still come from the query.
+        if route.body == "*" and query:
+            name = next(iter(query))
+            raise invalid_argument(
+                f"unexpected query parameter {name!r}: this endpoint takes its fields from the JSON body",
+                name,
+            )
+
+    for dotted, values in query.items():
+        if dotted in route.path_fields:
+            raise invalid_argument(f"query parameter {dotted!r} is already given by the path", dotted)
+        if route.body and route.body != "*" and dotted.split(".")[0] == route.body:
+            raise invalid_argument(f"query parameter {dotted!r} is given by the request body", dotted)
+        _apply_text_values(request, dotted, values, "query parameter")
+
+    for dotted, text in path_values.items():
+        chain = _resolve_path(_descriptor_of(request), dotted, "path variable")
+        existing = _current_text(request, chain)
+        if existing is not None and existing != text:
+            raise invalid_argument(
+                f"{dotted!r} is {existing!r} in the body but {text!r} in the path; leave it out of the body",
+                dotted,
+            )
+        _apply_text_values(request, dotted, [text], "path variable", replace=True)
+    return request
+
+
+def _apply_body(route: Route, request: Message, raw_body: bytes) -> None:
+    if not raw_body.strip() and route.path_fields:
+        # An action on a resource named by the path (POST /agents/{id}/drain) may omit its body.
+        return
+    document = parse_json_body(raw_body)
+    if route.body == "*":
+        if not isinstance(document, dict):
+            raise invalid_argument(f"the request body must be a JSON object, not {type(document).__name__}")
+        target: Any = document
+    else:
+        target = {route.body: document}
+    try:
+        json_format.ParseDict(target, request)
+    except _PARSE_FAILURES as error:
+        raise invalid_argument(f"invalid request body: {_describe_parse_error(error)}") from None
+
+
+def render_message(message: Message, response_body: str, writer: ProtoJsonWriter) -> Any:
+    """Proto3 JSON (snake_case names) of a response, or of one of its fields if the rule says so."""
+    rendered = writer.to_dict(message)
+    return rendered.get(response_body) if response_body else rendered

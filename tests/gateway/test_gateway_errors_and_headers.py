@@ -1,0 +1,234 @@
+"""gRPC status → HTTP status and error body; headers passed through as metadata; deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import grpc
+import pytest
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from orchestrator_server.gateway.errors import HTTP_STATUS_BY_GRPC_CODE
+from tests.gateway.conftest import ScriptedBackend
+
+
+def _aborting(code: grpc.StatusCode, message: str, *details: Any) -> Any:
+    async def behaviour(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        packed = []
+        for detail in details:
+            wrapper = any_pb2.Any()
+            wrapper.Pack(detail)
+            packed.append(wrapper)
+        status = status_pb2.Status(code=code.value[0], message=message, details=packed)
+        await context.abort_with_status(rpc_status.to_status(status))
+
+    return behaviour
+
+
+@pytest.mark.parametrize(
+    ("code", "http_status"),
+    [
+        (grpc.StatusCode.INVALID_ARGUMENT, 400),
+        (grpc.StatusCode.OUT_OF_RANGE, 400),
+        (grpc.StatusCode.UNAUTHENTICATED, 401),
+        (grpc.StatusCode.PERMISSION_DENIED, 403),
+        (grpc.StatusCode.NOT_FOUND, 404),
+        (grpc.StatusCode.ALREADY_EXISTS, 409),
+        (grpc.StatusCode.ABORTED, 409),
+        (grpc.StatusCode.FAILED_PRECONDITION, 412),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
+        (grpc.StatusCode.CANCELLED, 499),
+        (grpc.StatusCode.UNKNOWN, 500),
+        (grpc.StatusCode.INTERNAL, 500),
+        (grpc.StatusCode.DATA_LOSS, 500),
+        (grpc.StatusCode.UNIMPLEMENTED, 501),
+        (grpc.StatusCode.UNAVAILABLE, 503),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, 504),
+    ],
+)
+async def test_grpc_codes_map_to_http_as_code_proto_says(
+    backend: ScriptedBackend, http: aiohttp.ClientSession, code: grpc.StatusCode, http_status: int
+) -> None:
+    assert HTTP_STATUS_BY_GRPC_CODE[code] == http_status
+
+    async def fail(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await context.abort(code, f"it went {code.name}")
+
+    backend.unary["RegistryService/GetAgent"] = fail
+    async with http.get("/agents/a-1") as response:
+        assert response.status == http_status
+        body = await response.json()
+    assert body == {
+        "error": {"code": http_status, "status": code.name, "message": f"it went {code.name}", "details": []}
+    }
+
+
+async def test_error_details_are_decoded_from_the_status_trailer(
+    backend: ScriptedBackend, http: aiohttp.ClientSession
+) -> None:
+    violation = error_details_pb2.BadRequest.FieldViolation(field="name", description="required")
+    backend.unary["RegistryService/RegisterAgent"] = _aborting(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "invalid request: name: required",
+        error_details_pb2.BadRequest(field_violations=[violation]),
+    )
+    async with http.post("/agents/register", json={"type": "cost"}) as response:
+        assert response.status == 400
+        body = await response.json()
+    assert body["error"]["message"] == "invalid request: name: required"
+    assert body["error"]["details"] == [
+        {
+            "@type": "type.googleapis.com/google.rpc.BadRequest",
+            "field_violations": [{"field": "name", "description": "required"}],
+        }
+    ]
+
+
+async def test_an_undecodable_detail_is_passed_on_as_base64_not_a_500(
+    backend: ScriptedBackend, http: aiohttp.ClientSession
+) -> None:
+    async def fail(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        unknown = any_pb2.Any(type_url="type.googleapis.com/acme.Secret", value=b"\x01\x02")
+        status = status_pb2.Status(code=code_pb2.NOT_FOUND, message="gone", details=[unknown])
+        await context.abort_with_status(rpc_status.to_status(status))
+
+    backend.unary["RegistryService/GetAgent"] = fail
+    async with http.get("/agents/a-1") as response:
+        assert response.status == 404
+        body = await response.json()
+    assert body["error"]["details"] == [{"@type": "type.googleapis.com/acme.Secret", "value": "AQI="}]
+
+
+async def test_resource_exhausted_is_429_with_retry_after_from_retry_info(
+    backend: ScriptedBackend, http: aiohttp.ClientSession
+) -> None:
+    retry = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=2, nanos=500_000_000))
+    backend.unary["RegistryService/SendHeartbeat"] = _aborting(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, "slow down", retry
+    )
+    async with http.post("/agents/heartbeat", json={"agent_id": "a-1"}) as response:
+        assert response.status == 429
+        assert response.headers["Retry-After"] == "3"  # rounded up: never earlier than asked
+        body = await response.json()
+    assert body["error"]["details"][0]["retry_delay"] == "2.500s"
+
+    backend.unary["RegistryService/SendHeartbeat"] = _aborting(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, "slow down"
+    )
+    async with http.post("/agents/heartbeat", json={"agent_id": "a-1"}) as response:
+        assert response.status == 429
+        assert response.headers["Retry-After"] == "1"
+
+
+async def test_auth_and_request_id_headers_become_metadata(
+    backend: ScriptedBackend, http: aiohttp.ClientSession
+) -> None:
+    headers = {
+        "Authorization": "Bearer key-1",
+        "X-Api-Key": "k-2",
+        "X-Request-Id": "req-123",
+        "Cookie": "not=forwarded",
+    }
+    async with http.get("/agents/list", headers=headers) as response:
+        assert response.status == 200
+        assert response.headers["x-request-id"] == "req-123"
+    metadata = backend.last("RegistryService/ListAgents").metadata
+    assert metadata["authorization"] == "Bearer key-1"
+    assert metadata["x-api-key"] == "k-2"
+    assert metadata["x-request-id"] == "req-123"
+    assert "cookie" not in metadata
+
+
+async def test_a_request_id_is_generated_when_absent_and_sent_both_ways(
+    backend: ScriptedBackend, http: aiohttp.ClientSession
+) -> None:
+    async with http.get("/agents/list") as response:
+        generated = response.headers["x-request-id"]
+    assert len(generated) == 32
+    assert backend.last("RegistryService/ListAgents").metadata["x-request-id"] == generated
+    async with http.get("/nothing") as response:  # errors carry one too
+        assert response.status == 404
+        assert response.headers["x-request-id"]
+
+
+@pytest.mark.parametrize(
+    ("header", "value", "expected"),
+    [("grpc-timeout", "1500m", 1.5), ("x-request-timeout", "2.5", 2.5), (None, None, 30.0)],
+)
+async def test_deadline_comes_from_the_headers_or_the_default(
+    backend: ScriptedBackend,
+    http: aiohttp.ClientSession,
+    header: str | None,
+    value: str | None,
+    expected: float,
+) -> None:
+    headers = {header: value} if header and value else {}
+    async with http.get("/agents/list", headers=headers) as response:
+        assert response.status == 200
+    remaining = backend.last("RegistryService/ListAgents").time_remaining
+    assert remaining is not None
+    assert expected - 1.0 < remaining <= expected
+
+
+@pytest.mark.parametrize(
+    ("header", "value"),
+    [
+        ("grpc-timeout", "soon"),
+        ("grpc-timeout", "0S"),
+        ("grpc-timeout", "123456789S"),
+        ("x-request-timeout", "-1"),
+        ("x-request-timeout", "nan"),
+        ("x-request-timeout", "inf"),
+        ("x-request-id", "x" * 129),
+        ("authorization", "Bearer \u00e9"),
+    ],
+)
+async def test_bad_headers_are_400(
+    backend: ScriptedBackend, http: aiohttp.ClientSession, header: str, value: str
+) -> None:
+    async with http.get("/agents/list", headers={header: value}) as response:
+        assert response.status == 400
+        body = await response.json()
+    assert header in body["error"]["message"]
+    assert backend.calls == []
+
+
+async def test_an_expired_deadline_is_504_and_the_server_call_is_cancelled(
+    backend: ScriptedBackend, http: aiohttp.ClientSession
+) -> None:
+    cancelled = asyncio.Event()
+
+    async def never_answers(request: Any, context: Any) -> Any:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            cancelled.set()
+
+    backend.unary["RegistryService/ListAgents"] = never_answers
+    async with http.get("/agents/list", headers={"x-request-timeout": "0.05"}) as response:
+        assert response.status == 504
+        assert (await response.json())["error"]["status"] == "DEADLINE_EXCEEDED"
+    await asyncio.wait_for(cancelled.wait(), 5)
+
+
+async def test_gateway_answers_503_when_the_grpc_server_is_unreachable(unused_tcp_port: int) -> None:
+    from orchestrator_server.gateway import start_gateway
+
+    gateway = await start_gateway("127.0.0.1", 0, f"127.0.0.1:{unused_tcp_port}")
+    try:
+        async with aiohttp.ClientSession() as session:
+            url = f"http://127.0.0.1:{gateway.port}"
+            async with session.get(f"{url}/agents/list", headers={"x-request-timeout": "5"}) as response:
+                assert response.status == 503
+                assert (await response.json())["error"]["status"] == "UNAVAILABLE"
+            async with session.get(f"{url}/readyz") as response:
+                assert response.status == 503
+                assert "UNAVAILABLE" in (await response.json())["reason"]
+            async with session.get(f"{url}/livez") as response:
+                assert response.status == 200
+    finally:
+        await gateway.stop()
