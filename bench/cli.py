@@ -18,7 +18,7 @@ from pathlib import Path
 from bench import proc, report, workers
 from bench.client import message_sizes
 from bench.figures import f1_detection, f2_failover, f3_capacity, f4_unary, f5_tasks, f6_rest, f7_restart
-from bench.figures.common import FULL, QUICK, Context, unimplemented
+from bench.figures.common import FULL, QUICK, Context, Sizes, unimplemented
 from bench.report import ERROR, FIGURES, NOT_MEASURED, Figure, Report
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -51,10 +51,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--out", default="", help="report file stem in bench/results (default latest / quick)"
     )
     parser.add_argument(
-        "--capacity-levels", default="", help="session counts of figure 3, e.g. 1000,2000 (default by mode)"
+        "--set",
+        action="append",
+        default=[],
+        metavar="SIZE=VALUE",
+        help="override one size, e.g. --set capacity_levels=1000,2000 --set restart_tasks=20000",
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, databases)")
     return parser.parse_args(argv)
+
+
+def override(sizes: Sizes, assignments: list[str]) -> Sizes:
+    """Apply ``name=value`` overrides to the sizes (tuples as comma-separated lists)."""
+    changes: dict[str, object] = {}
+    for item in assignments:
+        name, sep, raw = item.partition("=")
+        current = getattr(sizes, name, None)
+        if not sep or current is None:
+            raise SystemExit(f"--set {item}: expected NAME=VALUE with NAME one of {list(vars(sizes))}")
+        if isinstance(current, tuple):
+            changes[name] = tuple(int(x) for x in raw.split(",") if x.strip())
+        else:
+            changes[name] = type(current)(raw)
+    return dataclasses.replace(sizes, **changes)  # type: ignore[arg-type]
 
 
 async def run_figure(key: str, ctx: Context) -> Figure:
@@ -85,9 +104,7 @@ async def run_figure(key: str, ctx: Context) -> Figure:
 
 async def run(args: argparse.Namespace) -> Report:
     sizes = QUICK if args.quick else FULL
-    if args.capacity_levels:
-        levels = tuple(int(x) for x in args.capacity_levels.split(",") if x.strip())
-        sizes = dataclasses.replace(sizes, capacity_levels=levels)
+    sizes = override(sizes, args.set)
     keys = list(FIGURES)
     if args.only:
         wanted = {s.strip() for s in args.only.split(",") if s.strip()}
