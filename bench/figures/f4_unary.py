@@ -50,7 +50,7 @@ async def run(ctx: Context) -> Figure:
         await holder.close()
         await caller.close()
     summaries = {k: summarize(v) for k, v in results.items()}
-    fig.details = {k: s.as_dict() for k, s in summaries.items() if s}
+    fig.details |= {k: s.as_dict() for k, s in summaries.items() if s}
     echo_s = summaries["echo"]
     assert echo_s is not None
     ctx.baselines["echo unary (sequential)"] = echo_s.as_dict()

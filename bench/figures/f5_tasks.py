@@ -102,7 +102,7 @@ async def run(ctx: Context) -> Figure:
     }
     d, e = summarize(dispatch), summarize(e2e)
     create_lat = summarize(merged(made, "latencies_ms"))
-    fig.details = {
+    fig.details |= {
         "rate_per_s": sizes.task_rate,
         "dispatch_ms": d.as_dict() if d else None,
         "create_to_complete_ms": e.as_dict() if e else None,
