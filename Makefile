@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 PROTO_FILES := $(wildcard proto/orchestrator/v1/*.proto)
 GEN_DIR := orchestrator/v1
+PY_DIRS := $(wildcard orchestrator_server orchestrator_client tests bench examples)
 
 .PHONY: setup proto proto-check lint test run bench bench-quick clean
 
@@ -42,8 +43,8 @@ proto-check: setup
 lint: setup proto-check
 	$(BIN)/buf lint
 	$(BIN)/buf build -o /dev/null
-	$(BIN)/ruff check orchestrator_server orchestrator_client tests bench
-	$(BIN)/ruff format --check orchestrator_server orchestrator_client tests bench
+	$(BIN)/ruff check $(PY_DIRS)
+	$(BIN)/ruff format --check $(PY_DIRS)
 	$(BIN)/mypy
 
 test: setup

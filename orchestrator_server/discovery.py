@@ -84,28 +84,33 @@ class Discovery:
             violations.add("protocol", "unknown protocol")
         violations.raise_if_any()
         after = decode_page_token(request.page_token)
-        found: list[discovery_pb2.AgentEndpoint] = []
+        # A position is the agent id and the endpoint's index: endpoints keep their declared order
+        # (not name order) and names may repeat, so names cannot serve as positions.
+        found: list[tuple[str, discovery_pb2.AgentEndpoint]] = []
         for agent in self.candidates(request.query, agent_filter):
-            for endpoint in agent.endpoints:
+            for index, endpoint in enumerate(agent.endpoints):
                 if request.endpoint_name and endpoint.name != request.endpoint_name:
                     continue
                 if request.protocol and endpoint.protocol != request.protocol:
                     continue
-                position = f"{agent.agent_id}/{endpoint.name}"
+                position = f"{agent.agent_id}/{index:05d}"
                 if position <= after:
                     continue
                 found.append(
-                    discovery_pb2.AgentEndpoint(
-                        agent_id=agent.agent_id,
-                        agent_name=agent.name,
-                        agent_type=agent.type,
-                        status=agent.status,
-                        endpoint=endpoint,
+                    (
+                        position,
+                        discovery_pb2.AgentEndpoint(
+                            agent_id=agent.agent_id,
+                            agent_name=agent.name,
+                            agent_type=agent.type,
+                            status=agent.status,
+                            endpoint=endpoint,
+                        ),
                     )
                 )
         page = found[:size]
         more = len(found) > size
-        return page, encode_page_token(f"{page[-1].agent_id}/{page[-1].endpoint.name}") if more else ""
+        return [entry for _, entry in page], encode_page_token(page[-1][0]) if more else ""
 
     def resolve(
         self, request: discovery_pb2.ResolveAgentRequest

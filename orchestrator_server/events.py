@@ -36,6 +36,13 @@ class ResyncNeeded(Exception):
         self.reason = reason
 
 
+@dataclass(frozen=True)
+class CaughtUp:
+    """Marks the end of a replay: every matching event up to `revision` has been delivered."""
+
+    revision: int
+
+
 @dataclass(eq=False)
 class _Subscriber:
     matches: EventFilter
@@ -88,15 +95,27 @@ class EventBus:
         Raises ResyncNeeded when `after_revision` is older than the retained log, newer than the
         latest revision, or when the watcher falls too far behind.
         """
+        async for item in self.watch_marked(after_revision, matches):
+            if not isinstance(item, CaughtUp):
+                yield item
+
+    async def watch_marked(
+        self, after_revision: int, matches: EventFilter
+    ) -> AsyncIterator[event_pb2.Event | CaughtUp]:
+        """As `watch`, with one `CaughtUp` between the replayed events and the live ones."""
         subscriber = _Subscriber(matches, asyncio.Queue(SUBSCRIBER_BACKLOG))
         self._subscribers.add(subscriber)
         try:
             last = after_revision
             if after_revision > self.revision:
                 raise ResyncNeeded(self._store_oldest, f"revision {after_revision} is in the future")
-            async for event in self._replay(after_revision, matches):
+            replayed_to = [after_revision]
+            async for event in self._replay(after_revision, matches, replayed_to):
                 last = event.revision
                 yield event
+            # Every event up to replayed_to was considered; matching ones were yielded above.
+            last = max(last, replayed_to[0])
+            yield CaughtUp(last)
             while True:
                 if subscriber.overflowed:
                     raise ResyncNeeded(last + 1, "watcher fell too far behind")
@@ -107,7 +126,10 @@ class EventBus:
         finally:
             self._subscribers.discard(subscriber)
 
-    async def _replay(self, after: int, matches: EventFilter) -> AsyncIterator[event_pb2.Event]:
+    async def _replay(
+        self, after: int, matches: EventFilter, replayed_to: list[int]
+    ) -> AsyncIterator[event_pb2.Event]:
+        """Missed events; sets replayed_to[0] to the revision up to which it looked."""
         recent_oldest = self._recent[0].revision if self._recent else self.revision + 1
         if after < recent_oldest - 1:
             self._store_oldest = await self._store.oldest_revision()
@@ -131,6 +153,7 @@ class EventBus:
         if self._recent and self._recent[0].revision > after + 1:
             raise ResyncNeeded(self._recent[0].revision, "too many changes while replaying")
         # Copy: the deque may grow while the consumer is suspended between yields.
+        replayed_to[0] = max(after, self.revision)
         for event in [event for event in self._recent if event.revision > after]:
             if matches(event):
                 yield event

@@ -355,6 +355,8 @@ class Registry:
 
     async def deregister(self, agent_id: str) -> agent_pb2.Agent:
         state = self._state(agent_id)
+        if state.agent.status == DEREGISTERED:
+            return state.agent  # already gone: no second event, transition or failover
         if state.session is not None:
             state.session.end("NOT_FOUND", "agent deregistered")
             state.session = None

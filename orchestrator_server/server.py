@@ -174,10 +174,20 @@ class OrchestratorServer:
         except ImportError:
             log.info("REST gateway not available in this build")
             return None
+        # The gateway calls us over loopback unless we listen on one specific address.
+        host = self.config.bind_host
+        target_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
         gateway: RunningGateway = await gateway_module.start_gateway(
-            self.config.bind_host, self.config.http_port, f"127.0.0.1:{self.grpc_port}"
+            host, self.config.http_port, f"{target_host}:{self.grpc_port}", readiness_check=self._store_ready
         )
         return gateway
+
+    async def _store_ready(self) -> bool:
+        try:
+            await self.store.ping()
+        except Exception:  # any failure means "not ready"; /readyz reports it
+            return False
+        return True
 
     def _bus(self) -> EventBus:
         assert self.bus is not None, "server not started"

@@ -443,10 +443,12 @@ class TaskScheduler:
                 f"task {task_id} is {task_pb2.TaskStatus.Name(task.status)}, not PENDING"
             )
         agent = self._registry.get(agent_id)
-        if not self._placeable(agent):
+        # Unlike the scheduler, an operator may place work on an agent without a session (a REST
+        # agent alive by unary heartbeats): it finds its work with ListTasks(agent_id, ASSIGNED).
+        if agent.status != READY or agent.draining or self._free_capacity(agent) <= 0:
             raise FailedPrecondition(
                 f"agent {agent_id} cannot take work now ({agent_pb2.AgentStatus.Name(agent.status)}"
-                f"{', no session' if self._registry.session_of(agent_id) is None else ''}"
+                f"{', draining' if agent.draining else ''}"
                 f"{', at capacity' if self._free_capacity(agent) <= 0 else ''})"
             )
         if entry.backoff_timer is not None:

@@ -195,7 +195,9 @@ class AssignTaskRequest(_message.Message):
     task_id: _builtins.str
     """Pending task to place."""
     agent_id: _builtins.str
-    """Agent to place it on; it must be READY with an open session, not draining, with free capacity."""
+    """Agent to place it on; it must be READY, not draining, with free capacity. An agent without a
+    session (alive by unary heartbeats) finds its work with ListTasks(agent_id, status ASSIGNED).
+    """
     def __init__(
         self,
         *,

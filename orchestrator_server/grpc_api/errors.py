@@ -8,7 +8,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_interceptor.server import AsyncServerInterceptor
 from grpc_status import rpc_status
 
@@ -36,7 +36,9 @@ def to_status(error: OrchestratorError) -> grpc.Status:
         packed = any_pb2.Any()
         packed.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
         details.append(packed)
-    status = status_pb2.Status(code=code_pb2.Code.Value(error.code), message=error.message, details=details)
+    status = status_pb2.Status(
+        code=grpc.StatusCode[error.code].value[0], message=error.message, details=details
+    )
     return rpc_status.to_status(status)
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import grpc
 
 from orchestrator.v1 import event_pb2, health_pb2, health_pb2_grpc
-from orchestrator_server.events import EventBus, ResyncNeeded
+from orchestrator_server.events import CaughtUp, EventBus, ResyncNeeded
 from orchestrator_server.health import HealthReporter, agent_health
 from orchestrator_server.registry import DEREGISTERED
 from orchestrator_server.validation import Violations
@@ -64,20 +64,26 @@ class HealthServicer(health_pb2_grpc.HealthServiceServicer):
         after = request.start_revision
         resync = False
         while True:
-            if after == 0:
+            # Resuming: the missed transitions are replayed first, then caught_up is sent.
+            replaying = after != 0
+            if not replaying:
                 after = self._bus.revision
                 for agent in list(self._bus.committed_agents.values()):
                     if agent.status != DEREGISTERED and (not request.type or agent.type == request.type):
                         yield health_pb2.WatchAgentHealthResponse(
                             revision=after, health=agent_health(agent), initial=True, resync=resync
                         )
-            yield health_pb2.WatchAgentHealthResponse(revision=after, caught_up=True)
+                yield health_pb2.WatchAgentHealthResponse(revision=after, caught_up=True)
             try:
-                async for event in self._bus.watch(after, concerns):
+                async for item in self._bus.watch_marked(after, concerns):
+                    if isinstance(item, CaughtUp):
+                        if replaying:
+                            yield health_pb2.WatchAgentHealthResponse(revision=item.revision, caught_up=True)
+                        continue
                     yield health_pb2.WatchAgentHealthResponse(
-                        revision=event.revision,
-                        health=agent_health(event.agent),
-                        previous_status=event.previous_status,
+                        revision=item.revision,
+                        health=agent_health(item.agent),
+                        previous_status=item.previous_status,
                     )
             except ResyncNeeded:
                 yield health_pb2.WatchAgentHealthResponse(revision=self._bus.revision, resync=True)

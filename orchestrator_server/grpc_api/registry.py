@@ -19,6 +19,8 @@ from orchestrator_server.tasks import TaskScheduler
 log = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[Any, Any]
+# How long a closing session may take to write what is queued for it.
+WRITER_FLUSH_TIMEOUT = 1.0
 # End-of-stream marker of context.read(); missing from the type stubs.
 EOF: Any = getattr(grpc.aio, "EOF")  # noqa: B009
 
@@ -126,9 +128,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 current.uncancel()
             reason = session.ended.reason
         finally:
-            writer.cancel()
             # Shielded: the client may cancel the call again while the agent is being marked DOWN.
             await asyncio.shield(self._registry.close_session(session, reason))
+            await self._stop_writer(session, writer)
         if session.ended is not None:
             await context.abort(grpc.StatusCode[session.ended.code], session.ended.reason)
 
@@ -174,12 +176,27 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 log.info("session %s: %s failed: %s", session.agent_id, kind, error.message)
 
     @staticmethod
+    async def _stop_writer(session: Session, writer: asyncio.Task[None]) -> None:
+        """Lets the writer flush what is queued and finish its write in flight before the call ends.
+
+        Cancelling it mid-write leaves the write's operation pending in grpc core; ending the call
+        then fails with GRPC_CALL_ERROR_TOO_MANY_OPERATIONS and the client never gets a status."""
+        session.outbox.put_nowait(None)  # type: ignore[arg-type]
+        try:
+            await asyncio.wait_for(asyncio.shield(writer), WRITER_FLUSH_TIMEOUT)
+        except TimeoutError:
+            writer.cancel()  # a peer that does not read: give up on it
+        except asyncio.CancelledError:
+            writer.cancel()
+            raise
+
+    @staticmethod
     async def _pump(session: Session, context: Context, first: registry_pb2.SessionWelcome) -> None:
-        """Writes the welcome, then everything pushed to the session, in order."""
+        """Writes the welcome, then everything pushed to the session, in order, until None."""
         try:
             await context.write(registry_pb2.HeartbeatResponse(welcome=first))
-            while True:
-                await context.write(await session.outbox.get())
+            while (message := await session.outbox.get()) is not None:
+                await context.write(message)
         except asyncio.CancelledError:
             raise
         except Exception as error:  # the stream is gone; the reader sees it end too

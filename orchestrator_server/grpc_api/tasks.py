@@ -7,7 +7,7 @@ from typing import Any
 
 import grpc
 
-from orchestrator.v1 import event_pb2, tasks_pb2, tasks_pb2_grpc
+from orchestrator.v1 import event_pb2, task_pb2, tasks_pb2, tasks_pb2_grpc
 from orchestrator_server.events import EventBus, ResyncNeeded
 from orchestrator_server.tasks import TERMINAL, TaskScheduler
 
@@ -65,7 +65,9 @@ class TasksServicer(tasks_pb2_grpc.TasksServiceServicer):
     async def WatchTask(
         self, request: tasks_pb2.WatchTaskRequest, context: Context
     ) -> AsyncIterator[tasks_pb2.WatchTaskResponse]:
-        task = await self._tasks.get(request.task_id)
+        # A copy: the scheduler changes its task in place while this generator waits at `yield`.
+        task = task_pb2.Task()
+        task.CopyFrom(await self._tasks.get(request.task_id))
         yield tasks_pb2.WatchTaskResponse(task=task, revision=task.revision)
         if task.status in TERMINAL:
             return
@@ -82,8 +84,8 @@ class TasksServicer(tasks_pb2_grpc.TasksServiceServicer):
                         return
             except ResyncNeeded:
                 # Missed changes are summed up by the task's current state.
-                task = await self._tasks.get(request.task_id)
-                yield tasks_pb2.WatchTaskResponse(task=task, revision=self._bus.revision)
+                task.CopyFrom(await self._tasks.get(request.task_id))
+                after = self._bus.revision
+                yield tasks_pb2.WatchTaskResponse(task=task, revision=after)
                 if task.status in TERMINAL:
                     return
-                after = self._bus.revision

@@ -200,18 +200,21 @@ async def test_bad_headers_are_400(
 async def test_an_expired_deadline_is_504_and_the_server_call_is_cancelled(
     backend: ScriptedBackend, http: aiohttp.ClientSession
 ) -> None:
-    cancelled = asyncio.Event()
+    started, cancelled = asyncio.Event(), asyncio.Event()
 
     async def never_answers(request: Any, context: Any) -> Any:
+        started.set()
         try:
             await asyncio.Event().wait()
         finally:
             cancelled.set()
 
     backend.unary["RegistryService/ListAgents"] = never_answers
-    async with http.get("/agents/list", headers={"x-request-timeout": "0.05"}) as response:
+    # Long enough for the call to reach the handler even on a loaded machine, short enough to expire.
+    async with http.get("/agents/list", headers={"x-request-timeout": "0.5"}) as response:
         assert response.status == 504
         assert (await response.json())["error"]["status"] == "DEADLINE_EXCEEDED"
+    assert started.is_set()
     await asyncio.wait_for(cancelled.wait(), 5)
 
 

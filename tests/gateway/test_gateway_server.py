@@ -92,11 +92,24 @@ async def test_every_path_of_the_original_document_answers_with_its_method(
         task_id = (await _json(response))["task"]["task_id"]
     async with rest.get("/tasks/status", params={"task_id": task_id}) as response:
         assert (await _json(response))["task"]["status"] == "TASK_STATUS_PENDING"
-    # A REST-only agent has no session to push work down, so the server refuses the placement;
-    # the answer proves the route reaches AssignTask and maps FAILED_PRECONDITION to 412.
+    # The legacy flow: an operator places the task on a REST-only agent, which finds it by listing
+    # its assigned tasks (no session to push down) and reports the result over REST.
+    async with rest.post("/tasks/assign", json={"task_id": task_id, "agent_id": agent_id}) as response:
+        assigned = (await _json(response))["task"]
+    assert assigned["status"] == "TASK_STATUS_ASSIGNED"
+    params = {"agent_id": agent_id, "status": "TASK_STATUS_ASSIGNED"}
+    async with rest.get("/tasks/list", params=params) as response:
+        mine = (await _json(response))["tasks"]
+    assert [task["task_id"] for task in mine] == [task_id]
+    attempt_id = mine[0]["current_attempt_id"]
+    async with rest.post(
+        f"/tasks/{task_id}/complete", json={"attempt_id": attempt_id, "result": {"ok": True}}, headers=bearer
+    ) as response:
+        assert (await _json(response))["task"]["status"] == "TASK_STATUS_SUCCEEDED"
+    # A second assignment of a finished task is refused: FAILED_PRECONDITION maps to 412.
     async with rest.post("/tasks/assign", json={"task_id": task_id, "agent_id": agent_id}) as response:
         refused = await _json(response, 412)
-    assert agent_id in refused["error"]["message"]
+    assert task_id in refused["error"]["message"]
 
     async with rest.delete(f"/agents/{agent_id}") as response:
         assert (await _json(response))["agent"]["status"] == "AGENT_STATUS_DEREGISTERED"
@@ -225,9 +238,9 @@ async def test_parity_same_result_and_mapped_code_over_grpc_and_rest(
          lambda: rest.get("/tasks/status", params={"task_id": task_id})),
         ("unknown task", stubs.tasks.GetTask(tasks_pb2.GetTaskRequest(task_id="tsk_missing")),
          lambda: rest.get("/tasks/tsk_missing")),
-        ("assign to REST-only agent", stubs.tasks.AssignTask(tasks_pb2.AssignTaskRequest(
-            task_id=task_id, agent_id=agent_id)),
-         lambda: rest.post("/tasks/assign", json={"task_id": task_id, "agent_id": agent_id})),
+        ("assign to an unknown agent", stubs.tasks.AssignTask(tasks_pb2.AssignTaskRequest(
+            task_id=task_id, agent_id="agt_missing")),
+         lambda: rest.post("/tasks/assign", json={"task_id": task_id, "agent_id": "agt_missing"})),
         ("complete a foreign attempt", stubs.tasks.CompleteTask(tasks_pb2.CompleteTaskRequest(
             task_id=task_id, attempt_id="att_nope")),
          lambda: rest.post(f"/tasks/{task_id}/complete", json={"attempt_id": "att_nope"})),

@@ -1,0 +1,213 @@
+"""The server as a real process: killed and restarted on the same database, and drained by SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+from google.protobuf import field_mask_pb2
+from grpc_health.v1 import health_pb2 as grpc_health_pb2
+from grpc_health.v1 import health_pb2_grpc as grpc_health_pb2_grpc
+
+from orchestrator.v1 import agent_pb2, discovery_pb2, event_pb2, health_pb2, registry_pb2
+from tests.conftest import ServerProcess, Stubs, async_wait_for
+from tests.support import (
+    DEREGISTERED,
+    DOWN,
+    DRAINING,
+    READY,
+    SessionClient,
+    open_session,
+    read_message,
+)
+
+ServerFactory = Callable[..., ServerProcess]
+
+
+@contextlib.asynccontextmanager
+async def connect(server: ServerProcess) -> AsyncIterator[Stubs]:
+    channel = grpc.aio.insecure_channel(server.target)
+    try:
+        yield Stubs(channel)
+    finally:
+        await channel.close()
+
+
+async def start(server: ServerProcess) -> None:
+    await asyncio.to_thread(server.start)
+
+
+async def get_agent(stubs: Stubs, agent_id: str) -> agent_pb2.Agent:
+    return (await stubs.registry.GetAgent(registry_pb2.GetAgentRequest(agent_id=agent_id))).agent
+
+
+async def system_revision(stubs: Stubs) -> int:
+    return (await stubs.health.GetSystemHealth(health_pb2.GetSystemHealthRequest())).revision
+
+
+def durable_view(agent: agent_pb2.Agent) -> agent_pb2.Agent:
+    """The agent without its soft state (load, heartbeat time, live-session flag)."""
+    view = agent_pb2.Agent()
+    view.CopyFrom(agent)
+    view.ClearField("load")
+    view.ClearField("last_heartbeat_at")
+    view.session.streaming = False
+    return view
+
+
+async def keep_beating(session: SessionClient) -> None:
+    sequence = 0
+    while True:
+        sequence += 1
+        session.send(beat=registry_pb2.SessionBeat(sequence=sequence))
+        await asyncio.sleep(0.2)
+
+
+async def test_kill_and_restart_keeps_agents_revisions_and_watch_resume(
+    server_process: ServerFactory,
+) -> None:
+    server = server_process()
+    await start(server)
+    async with connect(server) as stubs:
+        alive = await stubs.register(
+            "alive",
+            type="cost",
+            version="1.0",
+            capabilities=["gpu", "analyze"],
+            labels={"region": "eu", "tier": "gold"},
+            endpoints=[agent_pb2.Endpoint(name="api", address="10.0.0.1:50051", protocol=1)],
+            max_concurrent_tasks=3,
+        )
+        session = await open_session(stubs.registry, alive.agent.agent_id, alive.agent_token)
+        drained = (await stubs.register("drained", labels={"x": "y"})).agent.agent_id
+        await stubs.registry.DrainAgent(registry_pb2.DrainAgentRequest(agent_id=drained, reason="maint"))
+        gone = (await stubs.register("gone")).agent.agent_id
+        await stubs.registry.DeregisterAgent(registry_pb2.DeregisterAgentRequest(agent_id=gone))
+        already_down = await stubs.register("down")
+        down_session = await open_session(
+            stubs.registry, already_down.agent.agent_id, already_down.agent_token
+        )
+        await down_session.goodbye()
+        returning = await stubs.register("returning")
+        returning_session = await open_session(
+            stubs.registry, returning.agent.agent_id, returning.agent_token
+        )
+        ids = [alive.agent.agent_id, drained, gone, returning.agent.agent_id, already_down.agent.agent_id]
+        before = {agent_id: await get_agent(stubs, agent_id) for agent_id in ids}
+        assert [before[agent_id].status for agent_id in ids] == [READY, DRAINING, DEREGISTERED, READY, DOWN]
+        # A watcher that has seen everything up to here.
+        watch = stubs.discovery.WatchAgents(discovery_pb2.WatchAgentsRequest())
+        last_seen = (await read_message(watch)).revision
+        assert last_seen == await system_revision(stubs)
+
+        await asyncio.to_thread(server.kill)
+        watch.cancel()
+        session.call.cancel()
+        returning_session.call.cancel()
+
+    # Second life, on the same database file and port, with a short heartbeat timeout.
+    server.env.update(HEARTBEAT_TIMEOUT="2", HEARTBEAT_INTERVAL="0.5")
+    await start(server)
+    async with connect(server) as stubs:
+        after = {agent_id: await get_agent(stubs, agent_id) for agent_id in ids}
+        # Everything durable survived; the agents that were alive are still counted alive.
+        for agent_id in ids:
+            assert durable_view(after[agent_id]) == durable_view(before[agent_id])
+        assert after[alive.agent.agent_id].status == READY
+        assert after[drained].status == DRAINING
+        assert await system_revision(stubs) == last_seen
+        listed = await stubs.registry.ListAgents(registry_pb2.ListAgentsRequest())
+        assert {agent.agent_id for agent in listed.agents} == {
+            alive.agent.agent_id,
+            drained,
+            returning.agent.agent_id,
+            already_down.agent.agent_id,
+        }
+        assert after[already_down.agent.agent_id].status == DOWN  # no grace for the already dead
+
+        # One agent comes back in time with the credential it had: a new session epoch.
+        resumed_session = SessionClient(stubs.registry, returning.agent.agent_id, returning.agent_token)
+        welcome = await resumed_session.receive_kind("welcome")
+        assert welcome.welcome.epoch == before[returning.agent.agent_id].session.epoch + 1
+        beating = asyncio.create_task(keep_beating(resumed_session))
+
+        # The watcher resumes from its last revision and hears exactly what happened since.
+        resumed = stubs.discovery.WatchAgents(discovery_pb2.WatchAgentsRequest(start_revision=last_seen))
+        updated = await stubs.registry.UpdateAgent(
+            registry_pb2.UpdateAgentRequest(
+                agent_id=drained,
+                update=registry_pb2.AgentUpdate(version="2"),
+                update_mask=field_mask_pb2.FieldMask(paths=["version"]),
+            )
+        )
+        # The two that did not come back go DOWN once HEARTBEAT_TIMEOUT has passed.
+        deltas = []
+        downs: set[str] = set()
+        while len(downs) < 2:
+            message = await read_message(resumed, 15)
+            assert message.HasField("delta")
+            deltas.append(message)
+            if message.delta.agent.status == DOWN:
+                downs.add(message.delta.agent.agent_id)
+        assert downs == {alive.agent.agent_id, drained}
+        revisions = [message.revision for message in deltas]
+        assert revisions == list(range(last_seen + 1, last_seen + 1 + len(deltas)))
+        assert updated.agent.revision in revisions
+        for message in deltas:
+            if message.delta.agent.status == DOWN:
+                assert message.delta.type == event_pb2.EVENT_TYPE_AGENT_STATUS_CHANGED
+                assert message.delta.agent.status_reason == "heartbeat timeout"
+        assert (await get_agent(stubs, returning.agent.agent_id)).status == READY
+        beating.cancel()
+        resumed.cancel()
+        await resumed_session.goodbye()
+
+
+async def test_sigterm_drains(server_process: ServerFactory) -> None:
+    server = server_process(LOG_FORMAT="json")
+    await start(server)
+    async with connect(server) as stubs:
+        registered = await stubs.register("agent")
+        agent_id = registered.agent.agent_id
+        session = await open_session(stubs.registry, agent_id, registered.agent_token)
+        health = grpc_health_pb2_grpc.HealthStub(stubs.channel)
+        health_watch = health.Watch(grpc_health_pb2.HealthCheckRequest(service=""))
+        assert (await read_message(health_watch)).status == grpc_health_pb2.HealthCheckResponse.SERVING
+
+        assert server.process is not None
+        server.process.send_signal(signal.SIGTERM)
+        # Health flips to NOT_SERVING while draining.
+        assert (await read_message(health_watch)).status == grpc_health_pb2.HealthCheckResponse.NOT_SERVING
+        health_watch.cancel()  # an open watch would hold the drain for the whole grace
+        # The agent is told to reconnect before its stream ends.
+        reconnect = await session.receive_kind("reconnect")
+        assert "shutting down" in reconnect.reconnect.reason
+        # As an agent would: it closes this stream (no goodbye: it means to come back) and
+        # the server finishes the call.
+        session.close()
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            while await asyncio.wait_for(session.call.read(), 10) is not grpc.aio.EOF:
+                pass
+        exit_code = await asyncio.to_thread(server.process.wait, 20)
+        assert exit_code == 0, server.log()
+        logged = [json.loads(line) for line in server.log().splitlines()]
+        assert any(entry["message"] == "SIGTERM received: draining" for entry in logged)
+        assert all({"time", "level", "logger", "message"} <= set(entry) for entry in logged)
+
+    # A drain is a restart like any other: the agent that was alive gets its grace after it.
+    server.env.update(HEARTBEAT_TIMEOUT="5", HEARTBEAT_INTERVAL="0.5")
+    await start(server)
+    async with connect(server) as stubs:
+        agent = await get_agent(stubs, agent_id)
+        assert agent.status == READY, agent.status_reason
+        session = await open_session(stubs.registry, agent_id, registered.agent_token)
+        await session.goodbye()
+        await async_wait_for(lambda: _is_down(stubs, agent_id), what="agent DOWN after its goodbye")
+
+
+async def _is_down(stubs: Stubs, agent_id: str) -> bool:
+    return (await get_agent(stubs, agent_id)).status == DOWN
