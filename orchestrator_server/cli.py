@@ -25,7 +25,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        for key in ("request_id", "method", "principal", "code", "duration_ms"):
+        for key in ("request_id", "method", "principal", "target", "peer", "code", "duration_ms", "at"):
             if hasattr(record, key):
                 entry[key] = getattr(record, key)
         if record.exc_info:
@@ -59,23 +59,29 @@ async def serve(config: Config) -> None:
     await server.wait_stopped()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="orchestrator", description="OptiInfra orchestrator")
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("serve", help="run the gRPC server and the REST gateway (configured by environment)")
-    args = parser.parse_args(argv)
-    if args.command == "serve":
-        try:
-            config = Config.from_env()
-        except ConfigError as error:
-            print(f"orchestrator: {error}", file=sys.stderr)
-            return 2
-        configure_logging(config)
-        try:
-            import uvloop
+def serve_from_env() -> int:
+    """`orchestrator serve`: configuration from the environment; a bad value exits 2 naming it."""
+    try:
+        config = Config.from_env()
+    except ConfigError as error:
+        print(f"orchestrator: {error}", file=sys.stderr)
+        return 2
+    configure_logging(config)
+    try:
+        import uvloop
 
-            uvloop.install()
-        except ImportError:
-            pass
-        asyncio.run(serve(config))
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(serve(config))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m orchestrator_server [serve]`; the admin commands live in `orchestrator` (the SDK's CLI)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m orchestrator_server", description="OptiInfra orchestrator"
+    )
+    parser.add_argument("command", nargs="?", default="serve", choices=["serve"])
+    parser.parse_args(argv)
+    return serve_from_env()

@@ -55,6 +55,20 @@ class Config:
     max_concurrent_streams: int = 20_000
     shutdown_grace: float = 5.0
     process_id: str = field(default_factory=lambda: f"{os.uname().nodename}:{os.getpid()}")
+    # Security (auth.py, limits.py; docs/SECURITY.md). Keys never appear in the repr.
+    api_keys: str = field(default="", repr=False)
+    api_keys_file: str = ""
+    api_keys_reload_interval: float = 5.0
+    allow_insecure_production: bool = False
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
+    rate_limit_enabled: bool = True
+    rate_limit_api_rate: float = 1000.0
+    rate_limit_api_burst: int = 2000
+    rate_limit_session_rate: float = 50.0
+    rate_limit_session_burst: int = 100
+    max_sessions_per_principal: int = 1000
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -65,7 +79,7 @@ class Config:
         interval = reader.number("HEARTBEAT_INTERVAL", min(cls.heartbeat_interval, timeout / 3), minimum=0.01)
         if interval >= timeout:
             raise ConfigError("HEARTBEAT_INTERVAL", f"must be shorter than HEARTBEAT_TIMEOUT ({timeout:g} s)")
-        return cls(
+        config = cls(
             grpc_port=reader.integer("GRPC_PORT", cls.grpc_port, minimum=0, maximum=65535),
             http_port=reader.integer("PORT", cls.http_port, minimum=0, maximum=65535),
             bind_host=reader.text("BIND_HOST", cls.bind_host),
@@ -102,7 +116,33 @@ class Config:
                 "MAX_CONCURRENT_STREAMS", cls.max_concurrent_streams, minimum=1
             ),
             shutdown_grace=reader.number("SHUTDOWN_GRACE", cls.shutdown_grace, minimum=0.0),
+            api_keys=reader.text("API_KEYS", "", allow_empty=True),
+            api_keys_file=reader.text("API_KEYS_FILE", "", allow_empty=True),
+            api_keys_reload_interval=reader.number(
+                "API_KEYS_RELOAD_INTERVAL", cls.api_keys_reload_interval, minimum=0.0
+            ),
+            allow_insecure_production=reader.flag("ALLOW_INSECURE_PRODUCTION", cls.allow_insecure_production),
+            tls_cert_file=reader.text("TLS_CERT_FILE", "", allow_empty=True),
+            tls_key_file=reader.text("TLS_KEY_FILE", "", allow_empty=True),
+            tls_client_ca_file=reader.text("TLS_CLIENT_CA_FILE", "", allow_empty=True),
+            rate_limit_enabled=reader.flag("RATE_LIMIT_ENABLED", cls.rate_limit_enabled),
+            rate_limit_api_rate=reader.number("RATE_LIMIT_API_RATE", cls.rate_limit_api_rate, minimum=0.0),
+            rate_limit_api_burst=reader.integer("RATE_LIMIT_API_BURST", cls.rate_limit_api_burst, minimum=1),
+            rate_limit_session_rate=reader.number(
+                "RATE_LIMIT_SESSION_RATE", cls.rate_limit_session_rate, minimum=0.0
+            ),
+            rate_limit_session_burst=reader.integer(
+                "RATE_LIMIT_SESSION_BURST", cls.rate_limit_session_burst, minimum=1
+            ),
+            max_sessions_per_principal=reader.integer(
+                "MAX_SESSIONS_PER_PRINCIPAL", cls.max_sessions_per_principal, minimum=1
+            ),
         )
+        # Production without keys, unreadable key or certificate files: refused here, before startup.
+        from orchestrator_server.auth import check_security_config  # auth imports this module
+
+        check_security_config(config)
+        return config
 
 
 class _Reader:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
@@ -48,6 +49,7 @@ class _Subscriber:
     matches: EventFilter
     queue: asyncio.Queue[event_pb2.Event]
     overflowed: bool = False
+    closed: bool = False
 
 
 class EventBus:
@@ -61,17 +63,27 @@ class EventBus:
         self._store_oldest = oldest_revision
         self._recent: collections.deque[event_pb2.Event] = collections.deque(maxlen=recent)
         self._subscribers: set[_Subscriber] = set()
+        self._closed = False
+        self._listeners: list[Callable[[event_pb2.Event], None]] = []
         # The committed state of every agent, for snapshots consistent with `revision`.
         self.committed_agents: dict[str, agent_pb2.Agent] = {}
-        self._listeners: list[Callable[[event_pb2.Event], None]] = []
 
     def seed_agents(self, agents: Sequence[agent_pb2.Agent]) -> None:
         for agent in agents:
             self.committed_agents[agent.agent_id] = agent
 
     def add_listener(self, listener: Callable[[event_pb2.Event], None]) -> None:
-        """Calls `listener` synchronously for every committed event (e.g. metrics)."""
+        """Calls `listener` synchronously for every committed event, in revision order."""
         self._listeners.append(listener)
+
+    def close(self) -> None:
+        """Ends every watch cleanly (the process is shutting down); watchers resume elsewhere."""
+        self._closed = True
+        for subscriber in self._subscribers:
+            subscriber.closed = True
+            # Wakes a waiting watcher; an empty event (revision 0) is never delivered.
+            with contextlib.suppress(asyncio.QueueFull):
+                subscriber.queue.put_nowait(event_pb2.Event())
 
     def publish(self, events: Sequence[event_pb2.Event]) -> None:
         for event in events:
@@ -103,7 +115,7 @@ class EventBus:
         self, after_revision: int, matches: EventFilter
     ) -> AsyncIterator[event_pb2.Event | CaughtUp]:
         """As `watch`, with one `CaughtUp` between the replayed events and the live ones."""
-        subscriber = _Subscriber(matches, asyncio.Queue(SUBSCRIBER_BACKLOG))
+        subscriber = _Subscriber(matches, asyncio.Queue(SUBSCRIBER_BACKLOG), closed=self._closed)
         self._subscribers.add(subscriber)
         try:
             last = after_revision
@@ -116,7 +128,7 @@ class EventBus:
             # Every event up to replayed_to was considered; matching ones were yielded above.
             last = max(last, replayed_to[0])
             yield CaughtUp(last)
-            while True:
+            while not subscriber.closed:
                 if subscriber.overflowed:
                     raise ResyncNeeded(last + 1, "watcher fell too far behind")
                 event = await subscriber.queue.get()

@@ -262,7 +262,6 @@ class Registry:
     async def register(self, request: registry_pb2.RegisterAgentRequest) -> tuple[agent_pb2.Agent, str, bool]:
         """Registers (or re-registers) an agent; returns it, a fresh credential and whether it is new."""
         self._validate_registration(request)
-        token = secrets.token_urlsafe(32)
         existing_id = self._by_name.get((request.name, request.instance_id))
         now = now_timestamp()
         created = existing_id is None
@@ -289,6 +288,8 @@ class Registry:
         self._apply_attributes(agent, request)
         agent.type = request.type
         agent.updated_at.CopyFrom(now)
+        # `<agent_id>.<secret>`: the interceptor finds the agent from the credential alone (auth.py).
+        token = f"{agent.agent_id}.{secrets.token_urlsafe(32)}"
         state.token_hash = hash_token(token)
         if state.session is None:
             # Registering is a sign of life: the agent counts as alive for one heartbeat timeout,

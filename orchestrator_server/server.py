@@ -35,12 +35,14 @@ from orchestrator.v1 import (
     health_pb2_grpc as orchestrator_health_pb2_grpc,
 )
 from orchestrator_server import metrics
+from orchestrator_server.auth import Listener, bind
 from orchestrator_server.config import Config
 from orchestrator_server.discovery import Discovery
 from orchestrator_server.events import RECENT_EVENTS, EventBus
 from orchestrator_server.grpc_api.discovery import DiscoveryServicer
 from orchestrator_server.grpc_api.errors import ErrorInterceptor
 from orchestrator_server.grpc_api.health import HealthServicer
+from orchestrator_server.grpc_api.interceptors import security_interceptors
 from orchestrator_server.grpc_api.registry import RegistryServicer
 from orchestrator_server.grpc_api.tasks import TasksServicer
 from orchestrator_server.grpc_api.telemetry import TelemetryInterceptor
@@ -101,6 +103,7 @@ class OrchestratorServer:
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._server: grpc.aio.Server | None = None
         self._gateway: RunningGateway | None = None
+        self._listener: Listener | None = None
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
@@ -144,7 +147,8 @@ class OrchestratorServer:
             ),
             server,
         )
-        self.grpc_port = server.add_insecure_port(f"{self.config.bind_host}:{self.config.grpc_port}")
+        self._listener = await bind(server, self.config)
+        self.grpc_port = self._listener.port
         if self.grpc_port == 0:
             raise OSError(f"cannot bind gRPC to {self.config.bind_host}:{self.config.grpc_port}")
         await server.start()
@@ -165,8 +169,13 @@ class OrchestratorServer:
             self._write_ready_file()
 
     def _interceptors(self) -> Sequence[Any]:
-        # Outermost first: telemetry sees the final status whoever set it.
-        return [TelemetryInterceptor(), ErrorInterceptor()]
+        # Outermost first: telemetry sees the final status whoever set it; the security checks
+        # raise domain errors for ErrorInterceptor to turn into statuses.
+        return [
+            TelemetryInterceptor(),
+            ErrorInterceptor(),
+            *security_interceptors(self.config, self.registry),
+        ]
 
     async def _start_gateway(self) -> RunningGateway | None:
         try:
@@ -174,11 +183,12 @@ class OrchestratorServer:
         except ImportError:
             log.info("REST gateway not available in this build")
             return None
-        # The gateway calls us over loopback unless we listen on one specific address.
-        host = self.config.bind_host
-        target_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        assert self._listener is not None, "gRPC not bound"
         gateway: RunningGateway = await gateway_module.start_gateway(
-            host, self.config.http_port, f"{target_host}:{self.grpc_port}", readiness_check=self._store_ready
+            self.config.bind_host,
+            self.config.http_port,
+            self._listener.gateway_target,
+            readiness_check=self._store_ready,
         )
         return gateway
 
@@ -210,6 +220,7 @@ class OrchestratorServer:
         await self.health.enter_graceful_shutdown()
         self.registry.shutdown("orchestrator shutting down")
         self.tasks.shutdown()
+        self._bus().close()
         if self._gateway is not None:
             await self._gateway.stop()
         # Give the reconnect requests a moment to leave before the streams are cut.

@@ -207,8 +207,10 @@ class TaskScheduler:
         return fresh, encode_page_token(str(next_position)) if next_position is not None else ""
 
     def workload(self) -> WorkloadSummary:
-        pending = sum(len(group.heap) for group in self._groups.values())
+        # Unfinished tasks are either placed (held by an agent) or pending; the heaps may also hold
+        # stale entries (removed lazily), so they are not counted.
         running = sum(len(held) for held in self._held.values())
+        pending = len(self._active) - running
         paused = self._failover_paused()
         return WorkloadSummary(
             pending_tasks=pending,

@@ -32,6 +32,8 @@ class Agent:
         self.outbox: asyncio.Queue[registry_pb2.HeartbeatRequest | None] = asyncio.Queue()
         self.running: dict[str, asyncio.Task[None]] = {}  # attempt id -> work
         self.stopping = asyncio.Event()
+        # SIGUSR1 cuts the current stream without a goodbye, as a network failure would.
+        self.drop_requested = asyncio.Event()
         self.agent_id = ""
         self.token = ""
 
@@ -78,7 +80,7 @@ class Agent:
         self.outbox = asyncio.Queue()
         call = self.registry.Heartbeat(self.requests())
         beats = asyncio.create_task(self.beat())
-        drop = asyncio.create_task(asyncio.sleep(self.args.drop_after)) if self.args.drop_after else None
+        drop = asyncio.create_task(self.drop_requested.wait())
         try:
             async for response in call:
                 kind = response.WhichOneof("message")
@@ -89,8 +91,7 @@ class Agent:
                         epoch=response.welcome.epoch,
                         kept=list(response.welcome.kept_attempt_ids),
                     )
-                    if drop is not None:
-                        drop.add_done_callback(lambda _: call.cancel())
+                    drop.add_done_callback(lambda _: call.cancel())
                 elif kind == "assignment":
                     self.on_assignment(response.assignment)
                 elif kind == "cancellation":
@@ -111,8 +112,8 @@ class Agent:
             return "dropped"
         finally:
             beats.cancel()
-            if drop is not None:
-                drop.cancel()
+            drop.cancel()
+            self.drop_requested.clear()
 
     def on_assignment(self, assignment: registry_pb2.TaskAssignment) -> None:
         task = assignment.task
@@ -179,6 +180,7 @@ class Agent:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
+        loop.add_signal_handler(signal.SIGUSR1, self.drop_requested.set)
         await self.register()
         stop = asyncio.create_task(self.stopping.wait())
         while True:
@@ -195,7 +197,6 @@ class Agent:
             self.log("ended", why=why)
             if not self.args.reconnect:
                 return
-            self.args.drop_after = 0
             await asyncio.sleep(self.args.reconnect_delay)
 
 
@@ -210,7 +211,6 @@ def main() -> None:
     parser.add_argument("--capacity", type=int, default=4)
     parser.add_argument("--interval", type=float, default=0.5)
     parser.add_argument("--work", type=float, default=0.0, help="seconds each task takes")
-    parser.add_argument("--drop-after", type=float, default=0.0, help="cut the stream after N seconds")
     parser.add_argument("--reconnect", action="store_true", help="open a new session when one ends")
     parser.add_argument("--reconnect-delay", type=float, default=0.1)
     args = parser.parse_args()

@@ -26,6 +26,7 @@ from orchestrator.v1 import (
 )
 from orchestrator_server.config import Config
 from orchestrator_server.server import OrchestratorServer
+from tests.support import SessionClient
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENT_SCRIPT = Path(__file__).resolve().parent / "agent_process.py"
@@ -40,7 +41,7 @@ def make_config(tmp_path: Path, **overrides: Any) -> Config:
         "database_path": str(tmp_path / "orchestrator.db"),
         "db_synchronous": "NORMAL",
         "gateway_enabled": False,
-        "heartbeat_timeout": 10.0,
+        "heartbeat_timeout": 60.0,  # tests that need a short one say so
         "heartbeat_interval": 0.5,
         "failover_grace": 0.0,
         "shutdown_grace": 0.5,
@@ -77,39 +78,10 @@ class Stubs:
         )
 
 
-class SessionClient:
-    """Drives one Heartbeat stream by hand."""
-
-    def __init__(self, stubs: Stubs, agent_id: str, token: str, running: tuple[str, ...] = ()) -> None:
-        self.outbox: asyncio.Queue[registry_pb2.HeartbeatRequest | None] = asyncio.Queue()
-        self.outbox.put_nowait(
-            registry_pb2.HeartbeatRequest(
-                hello=registry_pb2.SessionHello(
-                    agent_id=agent_id, agent_token=token, running_attempt_ids=running
-                )
-            )
-        )
-        self.call = stubs.registry.Heartbeat(self._requests())
-
-    async def _requests(self) -> AsyncIterator[registry_pb2.HeartbeatRequest]:
-        while (message := await self.outbox.get()) is not None:
-            yield message
-
-    def send(self, **message: Any) -> None:
-        self.outbox.put_nowait(registry_pb2.HeartbeatRequest(**message))
-
-    def close(self) -> None:
-        self.outbox.put_nowait(None)
-
-    async def receive(self) -> registry_pb2.HeartbeatResponse:
-        response = await asyncio.wait_for(self.call.read(), 10)
-        assert response is not grpc.aio.EOF, "stream ended"
-        return response  # type: ignore[no-any-return]
-
-
 async def open_session(stubs: Stubs, name: str = "agent", **fields: Any) -> tuple[SessionClient, str]:
+    """Registers an agent and opens its session by hand; returns the session and the agent id."""
     registered = await stubs.register(name, **fields)
-    session = SessionClient(stubs, registered.agent.agent_id, registered.agent_token)
+    session = SessionClient(stubs.registry, registered.agent.agent_id, registered.agent_token)
     welcome = await session.receive()
     assert welcome.WhichOneof("message") == "welcome"
     return session, registered.agent.agent_id
@@ -314,6 +286,10 @@ class AgentProcess:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             self.process.wait(10)
+
+    def drop_stream(self) -> None:
+        """Cuts the agent's stream without a goodbye; it reconnects if started with --reconnect."""
+        self.process.send_signal(signal.SIGUSR1)
 
 
 @pytest.fixture

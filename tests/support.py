@@ -50,11 +50,19 @@ async def invalid_fields(call: Awaitable[Any]) -> dict[str, str]:
 class SessionClient:
     """Drives one Heartbeat stream by hand: queue messages with `send`, read with `receive`."""
 
-    def __init__(self, registry: registry_pb2_grpc.RegistryServiceStub, agent_id: str, token: str) -> None:
+    def __init__(
+        self,
+        registry: registry_pb2_grpc.RegistryServiceStub,
+        agent_id: str,
+        token: str,
+        running: tuple[str, ...] = (),
+    ) -> None:
         self.outbox: asyncio.Queue[registry_pb2.HeartbeatRequest | None] = asyncio.Queue()
         self.outbox.put_nowait(
             registry_pb2.HeartbeatRequest(
-                hello=registry_pb2.SessionHello(agent_id=agent_id, agent_token=token)
+                hello=registry_pb2.SessionHello(
+                    agent_id=agent_id, agent_token=token, running_attempt_ids=running
+                )
             )
         )
         self.call = registry.Heartbeat(self._requests())

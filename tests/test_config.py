@@ -49,6 +49,8 @@ def test_values_are_parsed() -> None:
             "SCHEDULING_STRATEGY": "round_robin",
             "ORCHESTRATOR_READY_FILE": "/tmp/ready.json",
             "MASS_FAILURE_THRESHOLD": "1",
+            # Production refuses to start without API keys unless told to (tests/security).
+            "ALLOW_INSECURE_PRODUCTION": "true",
         }
     )
     assert (config.grpc_port, config.http_port, config.bind_host) == (0, 9090, "127.0.0.1")

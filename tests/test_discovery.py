@@ -470,3 +470,40 @@ async def test_watch_after_compaction(servers: Callable[..., Any]) -> None:
     replayed = await read_deltas(resumed, live - start)
     assert [message.revision for message in replayed] == list(range(start + 1, live + 1))
     resumed.cancel()
+
+
+async def test_an_agent_leaving_a_filtered_watch_is_reported(stubs: Stubs) -> None:
+    registered = await stubs.register("mover", labels={"zone": "a"})
+    agent_id = registered.agent.agent_id
+    query = discovery_pb2.AgentQuery(label_selector="zone=a")
+    watch = stubs.discovery.WatchAgents(discovery_pb2.WatchAgentsRequest(query=query))
+    snapshot = await watch.read()
+    assert [agent.agent_id for agent in snapshot.snapshot.agents] == [agent_id]
+    await stubs.registry.UpdateAgent(
+        registry_pb2.UpdateAgentRequest(
+            agent_id=agent_id,
+            update=registry_pb2.AgentUpdate(labels={"zone": "b"}),
+            update_mask={"paths": ["labels"]},
+        )
+    )
+    left = await watch.read()
+    assert left.delta.agent.agent_id == agent_id and left.delta.left_query
+    # Changes of an agent the watcher no longer holds are not sent.
+    await stubs.registry.UpdateAgent(
+        registry_pb2.UpdateAgentRequest(
+            agent_id=agent_id,
+            update=registry_pb2.AgentUpdate(version="2"),
+            update_mask={"paths": ["version"]},
+        )
+    )
+    other = await stubs.register("stayer", labels={"zone": "a"})
+    joined = await watch.read()
+    assert joined.delta.agent.agent_id == other.agent.agent_id and not joined.delta.left_query
+    # A watcher resuming from before the move hears that the agent left.
+    resumed = stubs.discovery.WatchAgents(
+        discovery_pb2.WatchAgentsRequest(query=query, start_revision=snapshot.revision)
+    )
+    first = await resumed.read()
+    assert first.delta.agent.agent_id == agent_id and first.delta.left_query
+    watch.cancel()
+    resumed.cancel()

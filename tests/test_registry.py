@@ -75,7 +75,7 @@ async def test_register_creates_an_agent_with_its_attributes(stubs: Stubs) -> No
     assert response.created
     assert response.agent_token
     assert response.heartbeat_interval.ToMilliseconds() == 500
-    assert response.heartbeat_timeout.ToSeconds() == 10
+    assert response.heartbeat_timeout.ToSeconds() == 60  # the tests' default (conftest.make_config)
     agent = response.agent
     assert agent.agent_id.startswith("agt_")
     assert (agent.name, agent.instance_id, agent.type, agent.version) == (

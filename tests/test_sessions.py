@@ -73,7 +73,7 @@ async def test_bad_beat_is_refused_but_session_lives(stubs: Stubs) -> None:
 async def test_hello_errors(stubs: Stubs, hello: dict[str, str] | None, code: grpc.StatusCode) -> None:
     registered = await stubs.register()
     fields = hello if hello is not None else {"agent_id": registered.agent.agent_id, "agent_token": "wrong"}
-    session = SessionClient(stubs, fields.get("agent_id", ""), fields["agent_token"])
+    session = SessionClient(stubs.registry, fields.get("agent_id", ""), fields["agent_token"])
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await session.receive()
     assert raised.value.code() == code
@@ -128,9 +128,10 @@ async def test_silent_stream_is_closed_after_timeout(servers: Callable[..., Any]
 
 
 async def test_beats_keep_a_session_alive_past_the_timeout(servers: Callable[..., Any]) -> None:
-    running: Running = await servers(heartbeat_timeout=0.5, heartbeat_interval=0.1)
+    # A timeout long enough that a loaded machine's stalls stay under it; beats 20x as often.
+    running: Running = await servers(heartbeat_timeout=2.0, heartbeat_interval=0.1)
     session, agent_id = await open_session(running.stubs)
-    deadline = time.monotonic() + 1.5  # three timeouts
+    deadline = time.monotonic() + 4.5  # more than two timeouts
     sequence = 0
     while time.monotonic() < deadline:
         sequence += 1
@@ -143,9 +144,9 @@ async def test_beats_keep_a_session_alive_past_the_timeout(servers: Callable[...
 async def test_newer_session_fences_the_older(stubs: Stubs) -> None:
     registered = await stubs.register()
     agent_id, token = registered.agent.agent_id, registered.agent_token
-    old = SessionClient(stubs, agent_id, token)
+    old = SessionClient(stubs.registry, agent_id, token)
     assert (await old.receive()).welcome.epoch == 1
-    new = SessionClient(stubs, agent_id, token)
+    new = SessionClient(stubs.registry, agent_id, token)
     assert (await new.receive()).welcome.epoch == 2
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await old.receive()

@@ -517,21 +517,17 @@ async def test_sigkill_agent_mid_run_moves_its_work(
 async def test_agent_reconnecting_within_grace_keeps_its_tasks(
     servers: Callable[..., Any], agent_processes: Callable[..., AgentProcess]
 ) -> None:
-    running: Running = await servers(failover_grace=10.0)
+    running: Running = await servers(failover_grace=30.0)
     stubs = running.stubs
     agent = agent_processes(
-        running.target,
-        "flaky",
-        "--capacity",
-        "4",
-        "--drop-after",
-        "0.5",
-        "--reconnect",
-        "--reconnect-delay",
-        "0.3",
+        running.target, "flaky", "--capacity", "4", "--reconnect", "--reconnect-delay", "0.3"
     )
     await asyncio.to_thread(agent.wait_welcome)
-    task_ids = [(await create(stubs, payload={"sleep": 1.5})).task_id for _ in range(3)]
+    task_ids = [(await create(stubs, payload={"sleep": 2.0})).task_id for _ in range(3)]
+    await async_wait_for(
+        lambda: sum(r["event"] == "assigned" for r in agent.records()) == 3, what="all assigned"
+    )
+    agent.drop_stream()
     finished = await wait_all(stubs, task_ids)
     welcomes = [record for record in agent.records() if record["event"] == "welcome"]
     assert len(welcomes) == 2, "the agent dropped its stream and came back once"
@@ -634,3 +630,19 @@ async def test_sigterm_drains_and_running_work_survives_the_restart(
     # A planned restart is not a failure: the agent kept its attempt, even with FAILOVER_GRACE=0.
     assert final.status == SUCCEEDED and len(final.attempts) == 1
     await channel.close()
+
+
+async def test_system_health_counts_pending_and_running_tasks(stubs: Stubs) -> None:
+    from orchestrator.v1 import health_pb2
+
+    session, _ = await open_session(stubs, max_concurrent_tasks=1)
+    first = await create(stubs)
+    await next_assignment(session)
+    second = await create(stubs)
+    await stubs.tasks.CancelTask(
+        tasks_pb2.CancelTaskRequest(task_id=second.task_id)
+    )  # leaves a stale heap entry
+    await create(stubs)
+    health = await stubs.health.GetSystemHealth(health_pb2.GetSystemHealthRequest())
+    assert (health.pending_tasks, health.running_tasks) == (1, 1)
+    assert (await get(stubs, first.task_id)).status == task_pb2.TASK_STATUS_ASSIGNED

@@ -58,3 +58,12 @@ async def test_request_id_is_taken_from_metadata_and_logged(
         getattr(record, "request_id", "") == "req-123" and "NOT_FOUND" in record.getMessage()
         for record in records
     )
+
+
+async def test_an_unimplemented_method_is_unimplemented_not_internal(stubs: Stubs) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    health = health_pb2_grpc.HealthStub(stubs.channel)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await health.List(health_pb2.HealthListRequest())
+    assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED

@@ -388,10 +388,15 @@ class AgentDelta(_message.Message):
     TYPE_FIELD_NUMBER: _builtins.int
     AGENT_FIELD_NUMBER: _builtins.int
     PREVIOUS_STATUS_FIELD_NUMBER: _builtins.int
+    LEFT_QUERY_FIELD_NUMBER: _builtins.int
     type: _event_pb2.EventType.ValueType
     """What changed."""
     previous_status: _agent_pb2.AgentStatus.ValueType
     """Status before the change, for status changes."""
+    left_query: _builtins.bool
+    """True when the agent no longer matches the watch's query (e.g. its labels changed): drop it.
+    After a resume, sent for every non-matching agent changed while the watcher was away.
+    """
     @_builtins.property
     def agent(self) -> _agent_pb2.Agent:
         """The agent after the change."""
@@ -402,10 +407,11 @@ class AgentDelta(_message.Message):
         type: _event_pb2.EventType.ValueType = ...,
         agent: _agent_pb2.Agent | None = ...,
         previous_status: _agent_pb2.AgentStatus.ValueType = ...,
+        left_query: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "previous_status", b"previous_status", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "left_query", b"left_query", "previous_status", b"previous_status", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

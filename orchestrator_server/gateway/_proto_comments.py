@@ -31,6 +31,7 @@ COMMENTS: Final[dict[str, str]] = {
     "orchestrator.v1.Agent.version": "Version of the agent software.",
     "orchestrator.v1.AgentDelta": "One change of one agent.",
     "orchestrator.v1.AgentDelta.agent": "The agent after the change.",
+    "orchestrator.v1.AgentDelta.left_query": "True when the agent no longer matches the watch's query (e.g. its labels changed): drop it. After a resume, sent for every non-matching agent changed while the watcher was away.",
     "orchestrator.v1.AgentDelta.previous_status": "Status before the change, for status changes.",
     "orchestrator.v1.AgentDelta.type": "What changed.",
     "orchestrator.v1.AgentEndpoint": "AgentEndpoint is one endpoint with the agent that declares it.",

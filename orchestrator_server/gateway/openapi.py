@@ -14,6 +14,7 @@ from typing import Any
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, ServiceDescriptor
 
+from orchestrator_server.gateway._proto_comments import COMMENTS
 from orchestrator_server.gateway.descriptors import (
     enum_type_of,
     is_map,
@@ -22,7 +23,6 @@ from orchestrator_server.gateway.descriptors import (
     message_type_of,
 )
 from orchestrator_server.gateway.http_rules import Route, RouteTable
-from orchestrator_server.gateway.proto_comments import COMMENTS
 
 Schema = dict[str, Any]
 

@@ -1,4 +1,4 @@
-"""Comments of the .proto files, by full name, used as descriptions in /openapi.json.
+"""Extracts the comments of the .proto files, by full name, for the descriptions in /openapi.json.
 
 protoc's `--python_out` drops `source_code_info` from the descriptors it embeds, so the running
 process cannot see the comments. They are extracted once at development time into
@@ -21,9 +21,7 @@ from pathlib import Path
 
 from google.protobuf import descriptor_pb2
 
-from orchestrator_server.gateway._proto_comments import COMMENTS
-
-__all__ = ["COMMENTS", "extract_comments", "generate_comments"]
+__all__ = ["extract_comments", "generate_comments"]
 
 # Field numbers in descriptor.proto that make up source_code_info paths.
 _FILE_MESSAGE_TYPE = 4

@@ -10,7 +10,7 @@ import grpc
 
 from orchestrator.v1 import discovery_pb2, discovery_pb2_grpc, event_pb2
 from orchestrator_server.discovery import Discovery
-from orchestrator_server.events import EventBus, ResyncNeeded
+from orchestrator_server.events import CaughtUp, EventBus, ResyncNeeded
 from orchestrator_server.registry import DEREGISTERED
 from orchestrator_server.validation import Violations
 
@@ -51,8 +51,15 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
         # Watchers see every status (DOWN is the news they wait for), deregistration included.
         watch_filter = dataclasses.replace(query_filter, include_deregistered=True)
 
+        # Agents the watcher holds, to tell it when one stops matching. After a resume we do not
+        # know its set, so every agent changed during the replay is reported, matching or leaving.
+        known: set[str] = set()
+        replaying = request.start_revision > 0
+
         def concerns(event: event_pb2.Event) -> bool:
-            return event.HasField("agent") and watch_filter.matches(event.agent)
+            return event.HasField("agent") and (
+                replaying or event.agent.agent_id in known or watch_filter.matches(event.agent)
+            )
 
         after = request.start_revision
         while True:
@@ -63,15 +70,31 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
                     for agent in self._bus.committed_agents.values()
                     if agent.status != DEREGISTERED and query_filter.matches(agent)
                 ]
+                known = {agent.agent_id for agent in snapshot}
+                replaying = False
                 yield discovery_pb2.WatchAgentsResponse(
                     revision=after, snapshot=discovery_pb2.AgentSnapshot(agents=snapshot)
                 )
             try:
-                async for event in self._bus.watch(after, concerns):
+                async for item in self._bus.watch_marked(after, concerns):
+                    if isinstance(item, CaughtUp):
+                        replaying = False
+                        continue
+                    agent_id = item.agent.agent_id
+                    matching = watch_filter.matches(item.agent)
+                    if matching:
+                        known.add(agent_id)
+                    elif agent_id in known or replaying:
+                        known.discard(agent_id)
+                    else:
+                        continue  # queued while replaying; the watcher never had it
                     yield discovery_pb2.WatchAgentsResponse(
-                        revision=event.revision,
+                        revision=item.revision,
                         delta=discovery_pb2.AgentDelta(
-                            type=event.type, agent=event.agent, previous_status=event.previous_status
+                            type=item.type,
+                            agent=item.agent,
+                            previous_status=item.previous_status,
+                            left_query=not matching,
                         ),
                     )
             except ResyncNeeded as resync:
@@ -82,3 +105,5 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
                     ),
                 )
                 after = 0
+            else:
+                return  # the server is shutting down; the watcher resumes from its revision

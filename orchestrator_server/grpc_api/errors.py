@@ -48,6 +48,19 @@ async def abort_with(context: grpc.aio.ServicerContext[Any, Any], error: Orchest
     await aio_context.abort_with_status(to_status(error))
 
 
+async def answer(error: Exception, context: grpc.aio.ServicerContext[Any, Any], method_name: str) -> None:
+    """Ends the call with the status `error` deserves: its own for domain errors, UNIMPLEMENTED for
+    what is not implemented, a bare INTERNAL (and a logged traceback) for anything else."""
+    if isinstance(error, grpc.aio.AbortError):
+        raise error  # the call was already ended with a status
+    if isinstance(error, OrchestratorError):
+        await abort_with(context, error)
+    if isinstance(error, NotImplementedError):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method_name} is not implemented")
+    log.error("unexpected error in %s", method_name, exc_info=error)
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+
 class ErrorInterceptor(AsyncServerInterceptor):
     """Domain errors become their status; anything else is logged and becomes a bare INTERNAL."""
 
@@ -63,13 +76,8 @@ class ErrorInterceptor(AsyncServerInterceptor):
             if hasattr(response, "__aiter__"):
                 return self._stream(response, context, method_name)
             return await response
-        except OrchestratorError as error:
-            await abort_with(context, error)
-        except grpc.aio.AbortError:
-            raise
-        except Exception:
-            log.exception("unexpected error in %s", method_name)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        except Exception as error:
+            await answer(error, context, method_name)
 
     async def _stream(
         self, responses: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any], method_name: str
@@ -77,10 +85,5 @@ class ErrorInterceptor(AsyncServerInterceptor):
         try:
             async for response in responses:
                 yield response
-        except OrchestratorError as error:
-            await abort_with(context, error)
-        except grpc.aio.AbortError:
-            raise
-        except Exception:
-            log.exception("unexpected error in %s", method_name)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        except Exception as error:
+            await answer(error, context, method_name)

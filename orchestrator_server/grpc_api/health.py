@@ -88,3 +88,5 @@ class HealthServicer(health_pb2_grpc.HealthServiceServicer):
             except ResyncNeeded:
                 yield health_pb2.WatchAgentHealthResponse(revision=self._bus.revision, resync=True)
                 after, resync = 0, True
+            else:
+                return  # the server is shutting down; the watcher resumes from its revision

@@ -9,6 +9,7 @@ import grpc
 
 from orchestrator.v1 import event_pb2, task_pb2, tasks_pb2, tasks_pb2_grpc
 from orchestrator_server.events import EventBus, ResyncNeeded
+from orchestrator_server.grpc_api.interceptors import acting_agent_id
 from orchestrator_server.tasks import TERMINAL, TaskScheduler
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -47,19 +48,23 @@ class TasksServicer(tasks_pb2_grpc.TasksServiceServicer):
     async def CompleteTask(
         self, request: tasks_pb2.CompleteTaskRequest, context: Context
     ) -> tasks_pb2.CompleteTaskResponse:
-        task = await self._tasks.complete(request.task_id, request.attempt_id, request.result)
+        task = await self._tasks.complete(
+            request.task_id, request.attempt_id, request.result, acting_agent_id()
+        )
         return tasks_pb2.CompleteTaskResponse(task=task)
 
     async def FailTask(
         self, request: tasks_pb2.FailTaskRequest, context: Context
     ) -> tasks_pb2.FailTaskResponse:
-        task = await self._tasks.fail(request.task_id, request.attempt_id, request.error)
+        task = await self._tasks.fail(request.task_id, request.attempt_id, request.error, acting_agent_id())
         return tasks_pb2.FailTaskResponse(task=task)
 
     async def ReportTaskProgress(
         self, request: tasks_pb2.ReportTaskProgressRequest, context: Context
     ) -> tasks_pb2.ReportTaskProgressResponse:
-        task = await self._tasks.progress(request.task_id, request.attempt_id, request.progress)
+        task = await self._tasks.progress(
+            request.task_id, request.attempt_id, request.progress, acting_agent_id()
+        )
         return tasks_pb2.ReportTaskProgressResponse(task=task)
 
     async def WatchTask(
@@ -89,3 +94,5 @@ class TasksServicer(tasks_pb2_grpc.TasksServiceServicer):
                 yield tasks_pb2.WatchTaskResponse(task=task, revision=after)
                 if task.status in TERMINAL:
                     return
+            else:
+                return  # the server is shutting down; the watcher asks again

@@ -1,4 +1,4 @@
-"""Gateway overhead per request: REST `GET /agents/list` against direct gRPC `ListAgents`.
+"""Gateway overhead per request: REST `GET /agents/list` and `POST /agents/heartbeat` against gRPC.
 
     .venv/bin/python -m tests.gateway.measure_overhead [--requests 2000] [--agents 10]
 
@@ -77,33 +77,44 @@ async def _measure(grpc_target: str, http_ports: dict[str, int], requests: int, 
     channel = grpc.aio.insecure_channel(grpc_target)
     registry = registry_pb2_grpc.RegistryServiceStub(channel)
     for index in range(agents):
-        await registry.RegisterAgent(
+        registered = await registry.RegisterAgent(
             registry_pb2.RegisterAgentRequest(name=f"bench-{index}", instance_id="1", type="bench")
         )
+    agent_id, token = registered.agent.agent_id, registered.agent_token
+    credential = [("authorization", f"Bearer {token}")]
 
     async def grpc_list() -> None:
         await registry.ListAgents(registry_pb2.ListAgentsRequest())
 
-    rows = [
-        _row(
-            "gRPC ListAgents (direct)",
-            await _sequential(grpc_list, requests),
-            await _throughput(grpc_list, requests),
+    async def grpc_beat() -> None:
+        await registry.SendHeartbeat(
+            registry_pb2.SendHeartbeatRequest(agent_id=agent_id), metadata=credential
         )
-    ]
+
+    rows = []
+    for name, call in (("gRPC ListAgents (direct)", grpc_list), ("gRPC SendHeartbeat (direct)", grpc_beat)):
+        rows.append(_row(name, await _sequential(call, requests), await _throughput(call, requests)))
     connector = aiohttp.TCPConnector(limit=CONCURRENCY)
     async with aiohttp.ClientSession(connector=connector) as session:
-        for name, port in http_ports.items():
-            url = f"http://127.0.0.1:{port}/agents/list"
+        for where, port in http_ports.items():
+            base = f"http://127.0.0.1:{port}"
 
-            async def rest_list(url: str = url) -> None:
-                async with session.get(url) as response:
+            async def rest_list(base: str = base) -> None:
+                async with session.get(f"{base}/agents/list") as response:
                     await response.read()
                     assert response.status == 200
 
-            rows.append(
-                _row(name, await _sequential(rest_list, requests), await _throughput(rest_list, requests))
-            )
+            async def rest_beat(base: str = base) -> None:
+                headers = {"authorization": f"Bearer {token}"}
+                async with session.post(
+                    f"{base}/agents/heartbeat", json={"agent_id": agent_id}, headers=headers
+                ) as r:
+                    await r.read()
+                    assert r.status == 200
+
+            for name, call in ((f"REST GET /agents/list ({where})", rest_list),
+                               (f"REST POST /agents/heartbeat ({where})", rest_beat)):  # fmt: skip
+                rows.append(_row(name, await _sequential(call, requests), await _throughput(call, requests)))
     await channel.close(grace=None)
     return rows
 
@@ -137,8 +148,8 @@ def main() -> None:
             )  # fmt: skip
             separate = _wait_ready(workdir / "gateway.json", gateway)
             ports = {
-                "REST GET /agents/list (gateway in the server process)": ready["http_port"],
-                "REST GET /agents/list (gateway as its own process)": separate["http_port"],
+                "gateway in the server process": ready["http_port"],
+                "gateway as its own process": separate["http_port"],
             }
             rows = asyncio.run(_measure(target, ports, args.requests, args.agents))
         finally:

@@ -171,7 +171,7 @@ async def test_deadline_comes_from_the_headers_or_the_default(
         assert response.status == 200
     remaining = backend.last("RegistryService/ListAgents").time_remaining
     assert remaining is not None
-    assert expected - 1.0 < remaining <= expected
+    assert expected - 5.0 < remaining <= expected  # generous: a loaded machine delays the call
 
 
 @pytest.mark.parametrize(
