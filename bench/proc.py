@@ -148,6 +148,12 @@ def orchestrator(
         "LOG_LEVEL": "WARNING",
         "HEARTBEAT_INTERVAL": "1",
         "HEARTBEAT_TIMEOUT": "10",
+        # The limiter stays in the path (its cost is measured) but never throttles: the figures measure
+        # capacity, and one load generator is one principal (a limiter would rightly stop it).
+        "RATE_LIMIT_API_RATE": "1000000",
+        "RATE_LIMIT_API_BURST": "1000000",
+        "RATE_LIMIT_SESSION_RATE": "1000000",
+        "RATE_LIMIT_SESSION_BURST": "1000000",
     }
     env.update(extra_env or {})
     return ManagedProcess(name, [sys.executable, "-m", "orchestrator_server", "serve"], env, workdir)
