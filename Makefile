@@ -13,7 +13,7 @@ PY_DIRS := $(wildcard orchestrator_server orchestrator_client tests bench exampl
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[server,dev]'
+	$(PY) -m pip install -q -e '.[server,dev,bench]'
 	touch $@
 
 setup: $(VENV)/.installed
