@@ -130,6 +130,7 @@ class TaskScheduler:
         self._creating: dict[str, asyncio.Future[task_pb2.Task]] = {}
         self._groups: dict[GroupKey, _Group] = {}
         self._held: dict[str, set[str]] = {}  # agent id -> task ids placed on it
+        self._placed = 0  # tasks placed on some agent (the sum of the sets above)
         self._sequence = 0
         self._strategy = STRATEGIES[config.scheduling_strategy]
         self._round_robin = 0
@@ -209,7 +210,7 @@ class TaskScheduler:
     def workload(self) -> WorkloadSummary:
         # Unfinished tasks are either placed (held by an agent) or pending; the heaps may also hold
         # stale entries (removed lazily), so they are not counted.
-        running = sum(len(held) for held in self._held.values())
+        running = self._placed
         pending = len(self._active) - running
         paused = self._failover_paused()
         return WorkloadSummary(
@@ -469,6 +470,10 @@ class TaskScheduler:
 
     def _placement_pass(self) -> None:
         self._pass_scheduled = False
+        # Most kicks (registrations, reconnects, freed capacity) find nothing waiting: stop before
+        # looking at every agent.
+        if len(self._active) == self._placed:
+            return
         agents = [agent for agent in self._registry.agents() if self._placeable(agent)]
         if not agents:
             return
@@ -641,6 +646,7 @@ class TaskScheduler:
         held = self._held.get(attempt.agent_id)
         if held is not None and entry.task.task_id in held:
             held.discard(entry.task.task_id)
+            self._placed -= 1
             agent = self._registry.find(attempt.agent_id)
             if agent is not None:
                 agent.assigned_tasks = len(held)
@@ -648,7 +654,9 @@ class TaskScheduler:
 
     def _hold(self, agent_id: str, task_id: str) -> None:
         held = self._held.setdefault(agent_id, set())
-        held.add(task_id)
+        if task_id not in held:
+            held.add(task_id)
+            self._placed += 1
         agent = self._registry.find(agent_id)
         if agent is not None:
             agent.assigned_tasks = len(held)
