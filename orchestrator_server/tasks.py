@@ -348,6 +348,13 @@ class TaskScheduler:
     async def progress(
         self, task_id: str, attempt_id: str, progress: task_pb2.TaskProgress, agent_id: str | None = None
     ) -> task_pb2.Task:
+        entry = self._report_progress(task_id, attempt_id, progress, agent_id)
+        await self._commit(entry)
+        return entry.task
+
+    def _report_progress(
+        self, task_id: str, attempt_id: str, progress: task_pb2.TaskProgress, agent_id: str | None
+    ) -> ActiveTask:
         self._validate_report(task_id, attempt_id)
         if not 0.0 <= progress.fraction <= 1.0:
             raise InvalidArgument.field("progress.fraction", "must be between 0.0 and 1.0")
@@ -358,29 +365,32 @@ class TaskScheduler:
         self._mark_running(entry, attempt)
         entry.task.progress.CopyFrom(progress)
         entry.task.progress.reported_at.GetCurrentTime()
-        await self._commit(entry)
-        return entry.task
+        return entry
 
-    async def session_update(self, agent_id: str, update: registry_pb2.SessionTaskUpdate) -> None:
-        """A task report over the agent's session (STARTED, PROGRESS, REJECTED)."""
+    def session_update(self, agent_id: str, update: registry_pb2.SessionTaskUpdate) -> None:
+        """A task report over the agent's session (STARTED, PROGRESS, REJECTED).
+
+        Applied at once, committed in the background: a session message has no reply to hold back,
+        and the session's reader must not wait for the disk before it reads the next beat."""
         if update.kind == registry_pb2.TASK_UPDATE_KIND_PROGRESS:
-            await self.progress(update.task_id, update.attempt_id, update.progress, agent_id)
-            return
-        self._validate_report(update.task_id, update.attempt_id)
-        entry = self._active.get(update.task_id)
-        if entry is None:
-            raise FailedPrecondition(f"task {update.task_id} is not running")
-        attempt = self._current(entry, update.attempt_id, agent_id)
-        if update.kind == registry_pb2.TASK_UPDATE_KIND_STARTED:
-            self._mark_running(entry, attempt)
-        elif update.kind == registry_pb2.TASK_UPDATE_KIND_REJECTED:
-            # The agent cannot take it (no handler, full): place it elsewhere without using an attempt.
-            self._lose_attempt(
-                entry, f"rejected by agent: {update.reason}"[:512], task_pb2.ATTEMPT_STATUS_LOST
-            )
+            entry = self._report_progress(update.task_id, update.attempt_id, update.progress, agent_id)
         else:
-            raise InvalidArgument.field("task_update.kind", "is required")
-        await self._commit(entry)
+            self._validate_report(update.task_id, update.attempt_id)
+            found = self._active.get(update.task_id)
+            if found is None:
+                raise FailedPrecondition(f"task {update.task_id} is not running")
+            entry = found
+            attempt = self._current(entry, update.attempt_id, agent_id)
+            if update.kind == registry_pb2.TASK_UPDATE_KIND_STARTED:
+                self._mark_running(entry, attempt)
+            elif update.kind == registry_pb2.TASK_UPDATE_KIND_REJECTED:
+                # The agent cannot take it (no handler, full): place it elsewhere without using an attempt.
+                self._lose_attempt(
+                    entry, f"rejected by agent: {update.reason}"[:512], task_pb2.ATTEMPT_STATUS_LOST
+                )
+            else:
+                raise InvalidArgument.field("task_update.kind", "is required")
+        self._spawn(self._commit(entry))
 
     def _validate_report(self, task_id: str, attempt_id: str) -> None:
         violations = Violations()

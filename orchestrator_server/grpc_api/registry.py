@@ -163,7 +163,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                     session.push(ack)
                 elif kind == "task_update":
                     if self._registry.touch(session):
-                        await self._tasks.session_update(session.agent_id, message.task_update)
+                        self._tasks.session_update(session.agent_id, message.task_update)
                 elif kind == "goodbye":
                     session.goodbye = True
                     return
