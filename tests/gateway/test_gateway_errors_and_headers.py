@@ -171,7 +171,8 @@ async def test_deadline_comes_from_the_headers_or_the_default(
         assert response.status == 200
     remaining = backend.last("RegistryService/ListAgents").time_remaining
     assert remaining is not None
-    assert expected - 5.0 < remaining <= expected  # generous: a loaded machine delays the call
+    # Generous below (a loaded machine delays the call), a little slack above (clock granularity).
+    assert expected - 5.0 < remaining <= expected + 0.1
 
 
 @pytest.mark.parametrize(
