@@ -56,6 +56,7 @@ class SessionClient:
         agent_id: str,
         token: str,
         running: tuple[str, ...] = (),
+        metadata: tuple[tuple[str, str], ...] = (),
     ) -> None:
         self.outbox: asyncio.Queue[registry_pb2.HeartbeatRequest | None] = asyncio.Queue()
         self.outbox.put_nowait(
@@ -65,7 +66,7 @@ class SessionClient:
                 )
             )
         )
-        self.call = registry.Heartbeat(self._requests())
+        self.call = registry.Heartbeat(self._requests(), metadata=metadata)
 
     async def _requests(self) -> AsyncIterator[registry_pb2.HeartbeatRequest]:
         while (message := await self.outbox.get()) is not None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import pkgutil
 from collections.abc import AsyncIterator, Callable, Sequence
 from importlib import import_module
@@ -19,6 +18,7 @@ from grpc_reflection.v1alpha import reflection_pb2
 import orchestrator.v1
 from orchestrator.v1 import registry_pb2
 from tests.conftest import Running
+from tests.support import SessionClient
 
 ADMIN_KEY = "admin-key-0123456789abcdef"
 AGENT_KEY = "agent-key-0123456789abcdef"
@@ -112,28 +112,9 @@ async def register(running: Running, name: str, key: str = AGENT_KEY) -> registr
     return response
 
 
-class Session:
+def open_stream(running: Running, agent_id: str, token: str, metadata: Metadata = ()) -> SessionClient:
     """A Heartbeat stream opened with (optionally) metadata, driven by hand."""
-
-    def __init__(self, running: Running, agent_id: str, token: str, metadata: Metadata = ()) -> None:
-        self.outbox: asyncio.Queue[registry_pb2.HeartbeatRequest | None] = asyncio.Queue()
-        self.send(hello=registry_pb2.SessionHello(agent_id=agent_id, agent_token=token))
-        self.call = running.stubs.registry.Heartbeat(self._requests(), metadata=metadata)
-
-    async def _requests(self) -> AsyncIterator[registry_pb2.HeartbeatRequest]:
-        while (message := await self.outbox.get()) is not None:
-            yield message
-
-    def send(self, **message: Any) -> None:
-        self.outbox.put_nowait(registry_pb2.HeartbeatRequest(**message))
-
-    def close(self) -> None:
-        self.outbox.put_nowait(None)
-
-    async def receive(self, within: float = 10.0) -> registry_pb2.HeartbeatResponse:
-        response = await asyncio.wait_for(self.call.read(), within)
-        assert response is not grpc.aio.EOF, "stream ended"
-        return response  # type: ignore[no-any-return]
+    return SessionClient(running.stubs.registry, agent_id, token, metadata=tuple(metadata))
 
 
 @pytest.fixture

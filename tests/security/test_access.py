@@ -20,15 +20,16 @@ from tests.security.conftest import (
     AGENT_KEY,
     READER_KEY,
     Metadata,
-    Session,
     bearer,
     call_code,
     message_class,
+    open_stream,
     orchestrator_methods,
     path,
     register,
     served_methods,
 )
+from tests.support import SessionClient
 
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 PERMISSION_DENIED = grpc.StatusCode.PERMISSION_DENIED
@@ -181,7 +182,7 @@ async def test_open_mode_warns_at_startup(servers: Any, caplog: pytest.LogCaptur
 # -- agent credentials -------------------------------------------------------------------------
 
 
-async def _assigned(secured: Running, session: Session, agent_id: str) -> tuple[str, str]:
+async def _assigned(secured: Running, session: SessionClient, agent_id: str) -> tuple[str, str]:
     """Creates a task for `agent_id` and returns (task_id, attempt_id) once its session has it."""
     created = await secured.stubs.tasks.CreateTask(
         tasks_pb2.CreateTaskRequest(spec=task_pb2.TaskSpec(type="work", target_agent_id=agent_id)),
@@ -197,7 +198,7 @@ async def _assigned(secured: Running, session: Session, agent_id: str) -> tuple[
 async def test_agent_a_cannot_act_for_agent_b(secured: Running) -> None:
     _, a_token = await _agent(secured, "agent-a")
     b_id, b_token = await _agent(secured, "agent-b")
-    b_session = Session(secured, b_id, b_token, bearer(b_token))
+    b_session = open_stream(secured, b_id, b_token, bearer(b_token))
     assert (await b_session.receive()).WhichOneof("message") == "welcome"
     task_id, attempt_id = await _assigned(secured, b_session, b_id)
     as_a = bearer(a_token)
@@ -247,12 +248,12 @@ async def test_agent_a_cannot_act_for_agent_b(secured: Running) -> None:
     assert refused == dict.fromkeys(refused, PERMISSION_DENIED)
 
     # A's credential in the metadata, B in the hello (even with B's own token): refused.
-    hijack = Session(secured, b_id, b_token, as_a)
+    hijack = open_stream(secured, b_id, b_token, as_a)
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await hijack.receive()
     assert raised.value.code() == PERMISSION_DENIED
     # A's token presented as B's in the hello: not B's credential.
-    forged = Session(secured, b_id, a_token)
+    forged = open_stream(secured, b_id, a_token)
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await forged.receive()
     assert raised.value.code() == UNAUTHENTICATED
@@ -297,7 +298,7 @@ async def test_reregistration_replaces_the_credential(secured: Running) -> None:
 async def test_a_session_is_authenticated_by_its_hello_and_may_carry_a_key(secured: Running) -> None:
     agent_id, token = await _agent(secured)
     for metadata in ((), bearer(AGENT_KEY), bearer(ADMIN_KEY), bearer(token)):
-        session = Session(secured, agent_id, token, metadata)
+        session = open_stream(secured, agent_id, token, metadata)
         assert (await session.receive()).WhichOneof("message") == "welcome"
         session.send(beat=registry_pb2.SessionBeat(sequence=3))
         assert (await session.receive()).ack.sequence == 3
@@ -306,7 +307,7 @@ async def test_a_session_is_authenticated_by_its_hello_and_may_carry_a_key(secur
 
 async def test_an_unknown_agent_in_the_hello_is_not_found(secured: Running) -> None:
     # The SDK re-registers on NOT_FOUND (session protocol), so that code survives authentication.
-    session = Session(secured, "agt_unknown", "agt_unknown.secret", bearer(AGENT_KEY))
+    session = open_stream(secured, "agt_unknown", "agt_unknown.secret", bearer(AGENT_KEY))
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await session.receive()
     assert raised.value.code() == grpc.StatusCode.NOT_FOUND
@@ -348,7 +349,7 @@ async def test_an_agent_completing_its_own_task_is_not_audited_an_admin_override
     secured: Running, caplog: pytest.LogCaptureFixture
 ) -> None:
     agent_id, token = await _agent(secured)
-    session = Session(secured, agent_id, token, bearer(token))
+    session = open_stream(secured, agent_id, token, bearer(token))
     await session.receive()
     first = await _assigned(secured, session, agent_id)
     second = await _assigned(secured, session, agent_id)

@@ -16,7 +16,7 @@ from typing import Any
 
 from orchestrator.v1 import agent_pb2, registry_pb2
 from tests.conftest import ROOT, Running
-from tests.security.conftest import ADMIN_KEY, API_KEYS, READER_KEY, Session, bearer, register
+from tests.security.conftest import ADMIN_KEY, API_KEYS, READER_KEY, bearer, open_stream, register
 
 AGENTS = 50
 INTERVAL = 0.25
@@ -33,7 +33,7 @@ class Beater:
     """One agent's session: a beat every INTERVAL, the delay of each ack recorded."""
 
     def __init__(self, running: Running, agent_id: str, token: str) -> None:
-        self.session = Session(running, agent_id, token, bearer(token))
+        self.session = open_stream(running, agent_id, token, bearer(token))
         self.sent: dict[int, float] = {}
         self.delays: list[tuple[float, float]] = []  # (time acked, delay)
         self.sequence = 0

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from orchestrator.v1 import health_pb2, health_pb2_grpc, registry_pb2
 from tests.conftest import ServerProcess
-from tests.security.conftest import ADMIN_KEY, API_KEYS, Session, bearer, orchestrator_methods, path
+from tests.security.conftest import ADMIN_KEY, API_KEYS, bearer, open_stream, orchestrator_methods, path
 
 UNARY = [
     *(
@@ -175,6 +175,6 @@ async def test_malformed_session_messages_end_the_stream_cleanly(servers: Callab
         registry_pb2.RegisterAgentRequest(name="a", instance_id="1", type="worker"),
         metadata=bearer(ADMIN_KEY),
     )
-    session = Session(running, registered.agent.agent_id, registered.agent_token)
+    session = open_stream(running, registered.agent.agent_id, registered.agent_token)
     assert (await session.receive()).WhichOneof("message") == "welcome"
     session.close()

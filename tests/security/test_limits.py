@@ -15,7 +15,7 @@ from grpc_status import rpc_status
 from orchestrator.v1 import discovery_pb2, health_pb2, health_pb2_grpc, registry_pb2
 from orchestrator_server.limits import RateLimiter, StreamSlots, TokenBucket
 from tests.conftest import Running, async_wait_for
-from tests.security.conftest import ADMIN_KEY, API_KEYS, READER_KEY, Session, bearer, register
+from tests.security.conftest import ADMIN_KEY, API_KEYS, READER_KEY, bearer, open_stream, register
 
 
 class Clock:
@@ -123,8 +123,8 @@ async def test_a_session_over_its_budget_is_paced_not_cut(servers: Callable[...,
     )
     busy = await register(running, "busy", ADMIN_KEY)
     calm = await register(running, "calm", ADMIN_KEY)
-    busy_session = Session(running, busy.agent.agent_id, busy.agent_token, bearer(busy.agent_token))
-    calm_session = Session(running, calm.agent.agent_id, calm.agent_token)
+    busy_session = open_stream(running, busy.agent.agent_id, busy.agent_token, bearer(busy.agent_token))
+    calm_session = open_stream(running, calm.agent.agent_id, calm.agent_token)
     await busy_session.receive()
     await calm_session.receive()
     started = time.monotonic()
