@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import collections
 import hashlib
 import hmac
 import itertools
@@ -110,26 +109,20 @@ class Session:
     agent_id: str
     epoch: int
     peer: str
-    outbox: collections.deque[registry_pb2.HeartbeatResponse] = field(default_factory=collections.deque)
-    # Called after each push; the transport sets it to start writing (the domain knows no streams).
-    on_push: Callable[[], None] | None = None
+    outbox: asyncio.Queue[registry_pb2.HeartbeatResponse] = field(default_factory=asyncio.Queue)
     ended: SessionEnd | None = None
     goodbye: bool = False
-    # The task serving the stream; cancelled to end the stream from the server's side, but only
-    # while it waits to read: cancelling a write in flight would leave the call without a status.
+    # The task serving the stream; cancelled to end the stream from the server's side.
     handler: asyncio.Task[object] | None = None
-    reading: bool = False
 
     def push(self, message: registry_pb2.HeartbeatResponse) -> None:
-        self.outbox.append(message)
-        if self.on_push is not None:
-            self.on_push()
+        self.outbox.put_nowait(message)
 
     def end(self, code: str, reason: str) -> None:
         """Ends the stream from the server's side (fencing, timeout, shutdown)."""
         if self.ended is None:
             self.ended = SessionEnd(code, reason)
-            if self.handler is not None and self.reading and not self.handler.done():
+            if self.handler is not None and not self.handler.done():
                 self.handler.cancel()
 
 

@@ -114,13 +114,10 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             kept_attempt_ids=kept,
             agent=self._registry.get(session.agent_id),
         )
-        writer = SessionWriter(session, context)
-        await writer.write_first(registry_pb2.HeartbeatResponse(welcome=welcome))
+        writer = asyncio.create_task(self._pump(session, context, welcome))
         reason = "stream closed"
         try:
-            await self._serve(session, context, writer)
-            if session.ended is not None:
-                reason = session.ended.reason
+            await self._serve(session, context)
         except asyncio.CancelledError:
             if session.ended is None:
                 reason = "stream cancelled"
@@ -133,7 +130,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         finally:
             # Shielded: the client may cancel the call again while the agent is being marked DOWN.
             await asyncio.shield(self._registry.close_session(session, reason))
-            await writer.stop()
+            await self._stop_writer(session, writer)
         if session.ended is not None:
             await context.abort(grpc.StatusCode[session.ended.code], session.ended.reason)
 
@@ -149,13 +146,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         hello: registry_pb2.SessionHello = first.hello
         return hello
 
-    async def _serve(self, session: Session, context: Context, writer: SessionWriter) -> None:
-        while session.ended is None:  # ended while writing: stop before the next read
-            session.reading = True
-            try:
-                message = await context.read()
-            finally:
-                session.reading = False
+    async def _serve(self, session: Session, context: Context) -> None:
+        while True:
+            message = await context.read()
             if message is EOF:
                 return
             kind = message.WhichOneof("message")
@@ -167,7 +160,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                         ack=registry_pb2.SessionAck(sequence=message.beat.sequence, status=status)
                     )
                     ack.ack.server_time.GetCurrentTime()
-                    await writer.write(ack)
+                    session.push(ack)
                 elif kind == "task_update":
                     if self._registry.touch(session):
                         self._tasks.session_update(session.agent_id, message.task_update)
@@ -182,69 +175,29 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             except OrchestratorError as error:
                 log.info("session %s: %s failed: %s", session.agent_id, kind, error.message)
 
-
-class SessionWriter:
-    """Writes one session's stream: acks straight from the reader, pushes from a short-lived task.
-
-    grpc allows one write at a time, so a lock orders them; messages pushed while a write is in
-    flight wait in the session's outbox, and an ack never overtakes them."""
-
-    def __init__(self, session: Session, context: Context) -> None:
-        self._session = session
-        self._context = context
-        self._lock = asyncio.Lock()
-        self._flusher: asyncio.Task[None] | None = None
-
-    async def write_first(self, message: registry_pb2.HeartbeatResponse) -> None:
-        """Writes `message` before anything pushed so far (the welcome), then starts pushing."""
-        await self._write(message)
-        self._session.on_push = self._wake
-        if self._session.outbox:
-            self._wake()
-
-    async def write(self, message: registry_pb2.HeartbeatResponse) -> None:
-        if self._session.outbox:
-            self._session.push(message)  # behind the pushes still waiting
-        else:
-            await self._write(message)
-
-    async def _write(self, message: registry_pb2.HeartbeatResponse) -> None:
-        try:
-            async with self._lock:
-                await self._context.write(message)
-        except asyncio.CancelledError:
-            raise
-        except Exception as error:  # the stream is gone; the reader sees it end too
-            log.debug("session %s: write failed: %s", self._session.agent_id, error)
-
-    def _wake(self) -> None:
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.get_running_loop().create_task(self._flush())
-
-    async def _flush(self) -> None:
-        outbox = self._session.outbox
-        try:
-            async with self._lock:
-                while outbox:
-                    await self._context.write(outbox.popleft())
-        except asyncio.CancelledError:
-            raise
-        except Exception as error:  # the stream is gone; the reader sees it end too
-            log.debug("session %s: write failed: %s", self._session.agent_id, error)
-
-    async def stop(self) -> None:
-        """Lets a write in flight finish before the call ends.
+    @staticmethod
+    async def _stop_writer(session: Session, writer: asyncio.Task[None]) -> None:
+        """Lets the writer flush what is queued and finish its write in flight before the call ends.
 
         Cancelling it mid-write leaves the write's operation pending in grpc core; ending the call
         then fails with GRPC_CALL_ERROR_TOO_MANY_OPERATIONS and the client never gets a status."""
-        self._session.on_push = None
-        flusher = self._flusher
-        if flusher is None or flusher.done():
-            return
+        session.outbox.put_nowait(None)  # type: ignore[arg-type]
         try:
-            await asyncio.wait_for(asyncio.shield(flusher), WRITER_FLUSH_TIMEOUT)
+            await asyncio.wait_for(asyncio.shield(writer), WRITER_FLUSH_TIMEOUT)
         except TimeoutError:
-            flusher.cancel()  # a peer that does not read: give up on it
+            writer.cancel()  # a peer that does not read: give up on it
         except asyncio.CancelledError:
-            flusher.cancel()
+            writer.cancel()
             raise
+
+    @staticmethod
+    async def _pump(session: Session, context: Context, first: registry_pb2.SessionWelcome) -> None:
+        """Writes the welcome, then everything pushed to the session, in order, until None."""
+        try:
+            await context.write(registry_pb2.HeartbeatResponse(welcome=first))
+            while (message := await session.outbox.get()) is not None:
+                await context.write(message)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # the stream is gone; the reader sees it end too
+            log.debug("session %s: write failed: %s", session.agent_id, error)
