@@ -57,6 +57,19 @@ async def submit_and_wait(
 
 async def main() -> int:
     args = parse()
+    try:
+        return await submit_all(args)
+    except OrchestratorError as error:
+        # One line, not a traceback: the usual causes are a missing key or an unreachable server.
+        hint = " (set ORCHESTRATOR_API_KEY)" if error.http_status in (401, 403) else ""
+        print(f"orchestrator refused: {error}{hint}", file=sys.stderr)
+        return 2
+    except TimeoutError:
+        print(f"not all tasks finished within {args.timeout}s", file=sys.stderr)
+        return 3
+
+
+async def submit_all(args: argparse.Namespace) -> int:
     async with AdminClient(args.target, api_key=os.environ.get("ORCHESTRATOR_API_KEY") or None) as admin:
         ready = [agent.name async for agent in admin.discover_agents(type="example")]
         print(
@@ -66,14 +79,7 @@ async def main() -> int:
             submit_and_wait(admin, f"{args.batch}-{n}", task_type, payload, args.timeout)
             for n, (task_type, payload) in enumerate(work(args.count))
         ]
-        try:
-            outcomes = await asyncio.gather(*jobs)
-        except OrchestratorError as error:
-            print(f"orchestrator refused: {error} (HTTP {error.http_status})", file=sys.stderr)
-            return 2
-        except TimeoutError:
-            print(f"not all tasks finished within {args.timeout}s", file=sys.stderr)
-            return 3
+        outcomes = await asyncio.gather(*jobs)
     return 0 if all(outcomes) else 1
 
 

@@ -100,3 +100,25 @@ async def test_example_agent_and_submitter(
     output = (tmp_path / "submitter.log").read_text()
     assert code == 0, output
     assert output.count("SUCCEEDED") == 5, output  # 2 estimates, 2 checksums, 1 wait
+
+
+async def test_submitter_without_a_key_says_so_in_one_line(
+    server_process: Callable[..., ServerProcess],
+    processes: Callable[..., subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:
+    server = server_process(API_KEYS="admin:admin-key-for-the-example-0001").start()
+    env_key = os.environ.pop("ORCHESTRATOR_API_KEY", None)
+    try:
+        submitter = processes(
+            ROOT / "examples" / "submitter.py", target=server.target, log_name="refused.log"
+        )
+        code = await asyncio.to_thread(submitter.wait, 60)
+    finally:
+        if env_key is not None:
+            os.environ["ORCHESTRATOR_API_KEY"] = env_key
+    output = (tmp_path / "refused.log").read_text()
+    assert code == 2, output
+    assert "Traceback" not in output, output
+    refusal = [line for line in output.splitlines() if line.startswith("orchestrator refused")]
+    assert len(refusal) == 1 and "ORCHESTRATOR_API_KEY" in refusal[0], output
