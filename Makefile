@@ -1,13 +1,13 @@
-# One target per habit: make proto | lint | test | run | bench | bench-quick
+# One target per habit: make proto | lint | test | run | bench | bench-quick | chaos | chaos-quick
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 PROTO_FILES := $(wildcard proto/orchestrator/v1/*.proto)
 GEN_DIR := orchestrator/v1
-PY_DIRS := $(wildcard orchestrator_server orchestrator_client tests bench examples)
+PY_DIRS := $(wildcard orchestrator_server orchestrator_client tests bench examples chaos)
 
-.PHONY: setup proto proto-check lint test run bench bench-quick clean
+.PHONY: setup proto proto-check lint test run bench bench-quick chaos chaos-quick clean
 
 # The virtualenv is (re)built whenever pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -59,6 +59,15 @@ bench: setup
 # Every figure at small sizes; fails only when a figure was not produced, never on a speed.
 bench-quick: setup
 	$(PY) -m bench --quick --check
+
+# SIGKILLs the orchestrator CHAOS_KILLS times (default 20) under SDK agents and a steady submitter;
+# fails on a lost, unfinished or twice-completed task (docs/RELIABILITY.md). Not part of `make test`.
+chaos: setup
+	$(PY) -m chaos
+
+# Three kills, about a minute; tests/test_chaos.py runs the same in the suite.
+chaos-quick: setup
+	$(PY) -m chaos --kills 3 --settle 45
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage*

@@ -131,6 +131,8 @@ async def test_beats_keep_a_session_alive_past_the_timeout(servers: Callable[...
     # A timeout long enough that a loaded machine's stalls stay under it; beats 20x as often.
     running: Running = await servers(heartbeat_timeout=2.0, heartbeat_interval=0.1)
     session, agent_id = await open_session(running.stubs)
+    opened = await _status_is(running.stubs, agent_id, READY)
+    assert opened is not None
     deadline = time.monotonic() + 4.5  # more than two timeouts
     sequence = 0
     while time.monotonic() < deadline:
@@ -138,7 +140,9 @@ async def test_beats_keep_a_session_alive_past_the_timeout(servers: Callable[...
         session.send(beat=registry_pb2.SessionBeat(sequence=sequence))
         assert (await session.receive()).ack.sequence == sequence
         await asyncio.sleep(0.1)
-    assert await _status_is(running.stubs, agent_id, READY) is not None
+    agent = await _status_is(running.stubs, agent_id, READY)
+    assert agent is not None
+    assert agent.transitions == opened.transitions, "the agent flapped while its session beat in time"
 
 
 async def test_newer_session_fences_the_older(stubs: Stubs) -> None:

@@ -131,6 +131,15 @@ async def test_stopping_the_gateway_ends_open_watches(backend: ScriptedBackend) 
         await _next_line(response)
         await asyncio.wait_for(gateway.stop(), 5)
         await asyncio.wait_for(script.ended.wait(), 5)
+        # The HTTP response ends too (no client left hanging), and never like a finished watch:
+        # either cut short, or closed after an error line that says why.
+        try:
+            rest = await asyncio.wait_for(response.content.read(), 5)
+        except aiohttp.ClientPayloadError:
+            pass
+        else:
+            lines = rest.splitlines()
+            assert lines and "error" in json.loads(lines[-1]), rest
         response.close()
 
 

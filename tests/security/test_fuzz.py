@@ -3,9 +3,10 @@ UNKNOWN or UNIMPLEMENTED) and the server keeps serving. Bounded to a few hundred
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import string
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import grpc
@@ -17,9 +18,18 @@ from grpc_health.v1 import health_pb2 as grpc_health_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orchestrator.v1 import health_pb2, health_pb2_grpc, registry_pb2
+from orchestrator.v1 import health_pb2, health_pb2_grpc, registry_pb2, registry_pb2_grpc
 from tests.conftest import ServerProcess
-from tests.security.conftest import ADMIN_KEY, API_KEYS, bearer, open_stream, orchestrator_methods, path
+from tests.security.conftest import (
+    ADMIN_KEY,
+    API_KEYS,
+    bearer,
+    open_stream,
+    orchestrator_methods,
+    path,
+    register,
+)
+from tests.support import DOWN, read_message
 
 UNARY = [
     *(
@@ -117,12 +127,26 @@ def _call(channel: grpc.Channel, method: MethodDescriptor, payload: bytes) -> gr
     return grpc.StatusCode.OK
 
 
-def _still_serving(channel: grpc.Channel) -> None:
-    stub = health_pb2_grpc.HealthServiceStub(channel)
-    response = stub.GetSystemHealth(
+def _still_serving(channel: grpc.Channel, server: ServerProcess) -> None:
+    """The process is alive and serves a write and a read on a fresh connection."""
+    assert server.process is not None and server.process.poll() is None, "the server process died"
+    with grpc.insecure_channel(server.target) as fresh:
+        registry = registry_pb2_grpc.RegistryServiceStub(fresh)
+        registered = registry.RegisterAgent(
+            registry_pb2.RegisterAgentRequest(name="after-fuzz", instance_id="1", type="worker"),
+            metadata=bearer(ADMIN_KEY),
+            timeout=10,
+        )
+        found = registry.GetAgent(
+            registry_pb2.GetAgentRequest(agent_id=registered.agent.agent_id),
+            metadata=bearer(ADMIN_KEY),
+            timeout=10,
+        )
+        assert found.agent.name == "after-fuzz"
+    health = health_pb2_grpc.HealthServiceStub(channel).GetSystemHealth(
         health_pb2.GetSystemHealthRequest(), metadata=bearer(ADMIN_KEY), timeout=10
     )
-    assert response.version or response.uptime.seconds >= 0
+    assert health.store_status == "ok" and health.total_agents >= 1, health
 
 
 @FUZZ_SETTINGS
@@ -149,7 +173,7 @@ def test_the_server_is_still_serving_after_the_fuzz(channel: tuple[grpc.Channel,
     # One fixture per test: fuzz a little here too, then check it answers normally.
     for method in UNARY:
         assert _call(channel[0], method, b"\xff\xff\xff\xff") not in UNDECIDED
-    _still_serving(channel[0])
+    _still_serving(*channel)
 
 
 async def test_malformed_session_messages_end_the_stream_cleanly(servers: Callable[..., Any]) -> None:
@@ -170,11 +194,36 @@ async def test_malformed_session_messages_end_the_stream_cleanly(servers: Callab
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await reflection.read()
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    # And after a good hello, a malformed message ends that session, not the server.
-    registered = await running.stubs.registry.RegisterAgent(
-        registry_pb2.RegisterAgentRequest(name="a", instance_id="1", type="worker"),
-        metadata=bearer(ADMIN_KEY),
-    )
-    session = open_stream(running, registered.agent.agent_id, registered.agent_token)
-    assert (await session.receive()).WhichOneof("message") == "welcome"
-    session.close()
+
+    # After a good hello, malformed bytes end that session with INVALID_ARGUMENT, and only it.
+    bystander_agent = await register(running, "bystander", ADMIN_KEY)
+    bystander = open_stream(running, bystander_agent.agent.agent_id, bystander_agent.agent_token)
+    assert (await bystander.receive()).WhichOneof("message") == "welcome"
+    for garbage in (b"\xff\xff\xff\xff", b"\x0a\x05\x0a", b"\x12\x02\x08"):
+        fuzzed = await register(running, "fuzzed", ADMIN_KEY)
+        hello = registry_pb2.HeartbeatRequest(
+            hello=registry_pb2.SessionHello(agent_id=fuzzed.agent.agent_id, agent_token=fuzzed.agent_token)
+        )
+        outbox: asyncio.Queue[bytes] = asyncio.Queue()
+        outbox.put_nowait(hello.SerializeToString())
+
+        async def raw(queue: asyncio.Queue[bytes] = outbox) -> AsyncIterator[bytes]:
+            while True:
+                yield await queue.get()
+
+        session = stream(raw(), metadata=bearer(ADMIN_KEY))
+        welcome = registry_pb2.HeartbeatResponse.FromString(await read_message(session))
+        assert welcome.WhichOneof("message") == "welcome"
+        outbox.put_nowait(garbage)
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            while (await asyncio.wait_for(session.read(), 10)) is not grpc.aio.EOF:
+                pass
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (garbage, raised.value)
+        # The fuzzed agent's stream is over, and it is DOWN; the server and the bystander go on.
+        agent = await running.stubs.registry.GetAgent(
+            registry_pb2.GetAgentRequest(agent_id=fuzzed.agent.agent_id), metadata=bearer(ADMIN_KEY)
+        )
+        assert agent.agent.status == DOWN
+        bystander.send(beat=registry_pb2.SessionBeat(sequence=len(garbage)))
+        assert (await bystander.receive_kind("ack")).ack.sequence == len(garbage)
+    await bystander.goodbye()

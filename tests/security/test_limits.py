@@ -3,6 +3,7 @@ sessions paced rather than cut, and each limit configurable."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import Any
@@ -36,6 +37,40 @@ def test_token_bucket() -> None:
     # Pacing: reserve always takes, and says how long to wait.
     assert bucket.reserve(0.5) == pytest.approx(0.5)
     assert bucket.reserve(0.5) == pytest.approx(1.0)
+
+
+def test_a_long_idle_bucket_allows_only_its_burst() -> None:
+    clock = Clock()
+    limiter = RateLimiter(rate=10.0, burst=3, clock=clock)
+    assert limiter.take("a") == 0.0
+    clock.now += 3600.0  # an hour idle: 36,000 tokens earned, capped at 3
+    taken = 0
+    while limiter.take("a") == 0.0:
+        taken += 1
+        assert taken <= 100, "the bucket never ran dry"
+    assert taken == 3
+
+
+async def test_a_long_idle_principal_gets_only_its_burst_at_once(servers: Callable[..., Any]) -> None:
+    running: Running = await servers(api_keys=API_KEYS, rate_limit_api_rate=1.0, rate_limit_api_burst=2)
+    health = running.stubs.health
+    request = health_pb2.GetSystemHealthRequest()
+    await health.GetSystemHealth(request, metadata=bearer(READER_KEY))
+    # Idle long enough to earn 5 tokens at 1/s, were the bucket not capped at 2.
+    await asyncio.sleep(5.0)
+
+    async def code() -> grpc.StatusCode:
+        try:
+            await health.GetSystemHealth(request, metadata=bearer(READER_KEY))
+        except grpc.aio.AioRpcError as error:
+            return error.code()
+        return grpc.StatusCode.OK
+
+    codes = await asyncio.gather(*(code() for _ in range(6)))
+    allowed = codes.count(grpc.StatusCode.OK)
+    # The burst of 2, plus at most one token earned while a slow machine sends the six calls.
+    assert 2 <= allowed <= 3, codes
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
 
 
 def test_rate_limiter_keys_apart_and_prunes_idle_buckets() -> None:
