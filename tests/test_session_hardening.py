@@ -12,12 +12,19 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import aiohttp
 import grpc
 import pytest
+from google.protobuf import descriptor_pb2
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
+from grpc_status import rpc_status
 
 from orchestrator.v1 import discovery_pb2, registry_pb2
+from orchestrator_server.grpc_api.reflection import V1_SERVICE_NAME, V1ALPHA_SERVICE_NAME
 from tests.conftest import AgentProcess, Running, ServerProcess, Stubs, async_wait_for, open_session
-from tests.support import DOWN, READY
+from tests.support import DOWN, READY, SessionClient
 from tests.test_sessions import next_status
 
 
@@ -201,3 +208,72 @@ async def test_a_silent_stream_is_closed_after_the_hello_timeout(servers: Callab
     code = await SilentStream(running.stubs).status()
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert 0.4 <= time.monotonic() - started < 10.0
+
+
+async def test_reflection_is_served_under_v1_as_well_as_v1alpha(running: Running) -> None:
+    # The v1 protocol is v1alpha's, byte for byte: v1alpha messages speak it.
+    call = running.stubs.channel.stream_stream(
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )()
+    await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+    listed = await asyncio.wait_for(call.read(), 10)
+    names = {service.name for service in listed.list_services_response.service}
+    assert {"orchestrator.v1.TasksService", V1_SERVICE_NAME, V1ALPHA_SERVICE_NAME} <= names
+    await call.write(reflection_pb2.ServerReflectionRequest(file_containing_symbol=V1_SERVICE_NAME))
+    found = await asyncio.wait_for(call.read(), 10)
+    file = descriptor_pb2.FileDescriptorProto.FromString(
+        found.file_descriptor_response.file_descriptor_proto[0]
+    )
+    assert file.package == "grpc.reflection.v1"
+    assert file.service[0].method[0].input_type == ".grpc.reflection.v1.ServerReflectionRequest"
+    await call.done_writing()
+    call.cancel()
+
+
+async def test_sigterm_drain_turns_readiness_off_refuses_new_sessions_and_keeps_serving(
+    server_process: Callable[..., ServerProcess],
+) -> None:
+    server = server_process(GATEWAY_ENABLED="true", SHUTDOWN_DELAY=2, SHUTDOWN_GRACE=10)
+    await asyncio.to_thread(server.start)
+    base = f"http://127.0.0.1:{server.http_port}"
+    async with grpc.aio.insecure_channel(server.target) as channel, aiohttp.ClientSession() as http:
+        stubs = Stubs(channel)
+        health = health_pb2_grpc.HealthStub(channel)
+        session, agent_id = await open_session(stubs, "held")
+        async with http.get(f"{base}/readyz") as response:
+            assert response.status == 200
+        assert server.process is not None
+        server.process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+
+        async def not_ready() -> bool:
+            async with http.get(f"{base}/readyz") as response:
+                return response.status == 503
+
+        await async_wait_for(not_ready, 10, "/readyz 503 after SIGTERM")
+        # Still serving within the delay: REST, unary gRPC, the open session's beats.
+        assert time.monotonic() - signalled < 2.0, "the delay ran out before the checks"
+        async with http.get(f"{base}/agents/list") as response:
+            assert response.status == 200
+        check = await health.Check(health_pb2.HealthCheckRequest(service=""))
+        assert check.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        session.send(beat=registry_pb2.SessionBeat(sequence=1))
+        assert (await session.receive_kind("ack")).ack.sequence == 1
+        # A new session is refused with a hint to come back, not welcomed into a dying server.
+        registered = await stubs.registry.GetAgent(registry_pb2.GetAgentRequest(agent_id=agent_id))
+        assert registered.agent.status == READY
+        newcomer = SessionClient(stubs.registry, agent_id, "any-token")
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await newcomer.receive()
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        status = rpc_status.from_call(refused.value)  # type: ignore[arg-type]
+        assert status is not None and any(
+            detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for detail in status.details
+        )
+        # After the delay the held session is asked to reconnect; leaving lets the process exit.
+        await session.receive_kind("reconnect", within=15)
+        session.call.cancel()
+        assert await asyncio.to_thread(server.process.wait, 15) == 0
+        assert time.monotonic() - signalled < 9.0  # well within SHUTDOWN_GRACE: nothing stranded
