@@ -121,6 +121,7 @@ RULES: Mapping[str, Rule] = {
     "/grpc.health.v1.Health/Watch": Rule(Access.PUBLIC, budget=Budget.NONE),
     "/grpc.health.v1.Health/List": Rule(Access.PUBLIC, budget=Budget.NONE),
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": _READ,
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": _READ,
 }
 
 

@@ -52,7 +52,7 @@ async def serve(config: Config) -> None:
     def request_stop(signame: str) -> None:
         if not stopping:
             logging.getLogger(__name__).info("%s received: draining", signame)
-            stopping.append(loop.create_task(server.stop()))
+            stopping.append(loop.create_task(server.stop(delay=config.shutdown_delay)))
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, request_stop, sig.name)

@@ -54,6 +54,13 @@ class Config:
     max_message_bytes: int = 4 * 1024 * 1024
     max_concurrent_streams: int = 20_000
     shutdown_grace: float = 5.0
+    # Seconds between SIGTERM (readiness off) and the start of the drain, so load balancers stop
+    # sending before anything is refused.
+    shutdown_delay: float = 1.0
+    # A Heartbeat stream must send its hello within this many seconds.
+    hello_timeout: float = 10.0
+    # Streams waiting for their hello at once (they carry no identity yet, so no per-principal cap).
+    max_pending_hellos: int = 1000
     process_id: str = field(default_factory=lambda: f"{os.uname().nodename}:{os.getpid()}")
     # Security (auth.py, limits.py; docs/SECURITY.md). Keys never appear in the repr.
     api_keys: str = field(default="", repr=False)
@@ -116,6 +123,9 @@ class Config:
                 "MAX_CONCURRENT_STREAMS", cls.max_concurrent_streams, minimum=1
             ),
             shutdown_grace=reader.number("SHUTDOWN_GRACE", cls.shutdown_grace, minimum=0.0),
+            shutdown_delay=reader.number("SHUTDOWN_DELAY", cls.shutdown_delay, minimum=0.0),
+            hello_timeout=reader.number("HELLO_TIMEOUT", cls.hello_timeout, minimum=0.05),
+            max_pending_hellos=reader.integer("MAX_PENDING_HELLOS", cls.max_pending_hellos, minimum=1),
             api_keys=reader.text("API_KEYS", "", allow_empty=True),
             api_keys_file=reader.text("API_KEYS_FILE", "", allow_empty=True),
             api_keys_reload_interval=reader.number(

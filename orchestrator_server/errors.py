@@ -14,6 +14,10 @@ class OrchestratorError(Exception):
 
     #: Canonical code name, as in google.rpc.Code.
     code: str = "UNKNOWN"
+    #: Machine-readable reason (google.rpc.ErrorInfo) for errors a client must tell apart.
+    reason: str = ""
+    #: Seconds after which trying again makes sense (google.rpc.RetryInfo), if known.
+    retry_after: float | None = None
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -71,3 +75,7 @@ class ResourceExhausted(OrchestratorError):
 
 class Unavailable(OrchestratorError):
     code = "UNAVAILABLE"
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

@@ -33,6 +33,7 @@ from orchestrator_server.errors import (
     InvalidArgument,
     NotFound,
     Unauthenticated,
+    Unavailable,
 )
 from orchestrator_server.selectors import Selector, parse_selector
 from orchestrator_server.store import Change, Store
@@ -94,6 +95,16 @@ class AgentObserver(Protocol):
         """A session opened; returns the attempts the agent still holds."""
 
 
+class IdentityInUse(AlreadyExists):
+    """A second process claims an agent identity (name + instance) another live process holds."""
+
+    reason = "IDENTITY_IN_USE"
+
+
+# How long a refused session is told to wait while the server drains (it restarts meanwhile).
+DRAIN_RETRY_AFTER = 1.0
+
+
 @dataclass(frozen=True)
 class SessionEnd:
     """Why the server closed a session; `code` is the status code name to end the stream with."""
@@ -109,6 +120,8 @@ class Session:
     agent_id: str
     epoch: int
     peer: str
+    # The agent process's random id from the hello ("" for clients that do not send one).
+    incarnation: str = ""
     outbox: asyncio.Queue[registry_pb2.HeartbeatResponse] = field(default_factory=asyncio.Queue)
     ended: SessionEnd | None = None
     goodbye: bool = False
@@ -292,6 +305,7 @@ class Registry:
         else:
             state = self._agents[existing_id]
             agent = state.agent
+            self._refuse_second_holder(state, "")
             if agent.type != request.type and agent.status != DEREGISTERED:
                 raise AlreadyExists(
                     f"agent {request.name}/{request.instance_id} is registered with type {agent.type!r}"
@@ -472,20 +486,33 @@ class Registry:
         return state.agent.status, time.time() + self._config.heartbeat_timeout
 
     async def open_session(
-        self, agent_id: str, token: str, peer: str, running_attempt_ids: Sequence[str]
+        self,
+        agent_id: str,
+        token: str,
+        peer: str,
+        running_attempt_ids: Sequence[str],
+        incarnation: str = "",
     ) -> tuple[Session, list[str]]:
-        """Authenticates the hello, fences any older session and marks the agent alive."""
+        """Authenticates the hello, fences any older session and marks the agent alive.
+
+        The older session is fenced only when it belongs to the same process (same incarnation:
+        a reconnect that overtook the end of its broken stream) or has gone silent; a live session
+        of another process keeps the identity and the newcomer is refused (IdentityInUse)."""
         violations = Violations()
         violations.identifier("hello.agent_id", agent_id)
+        violations.text("hello.incarnation", incarnation, 64)
         if len(running_attempt_ids) > 100_000:
             violations.add("hello.running_attempt_ids", "too many attempts")
         violations.raise_if_any()
+        if self._closing:
+            raise Unavailable("the orchestrator is shutting down; reconnect shortly", DRAIN_RETRY_AFTER)
         self.verify_token(agent_id, token)
         state = self._agents[agent_id]
         agent = state.agent
+        self._refuse_second_holder(state, incarnation)
         if state.session is not None:
             state.session.end("ABORTED", f"superseded by a newer session (epoch {agent.session.epoch + 1})")
-        session = Session(agent_id, agent.session.epoch + 1, peer)
+        session = Session(agent_id, agent.session.epoch + 1, peer, incarnation)
         state.session = session
         state.last_seen = asyncio.get_running_loop().time()
         state.lease_until = 0.0
@@ -502,6 +529,28 @@ class Registry:
             kept = self.observer.agent_reattached(agent_id, running_attempt_ids)
             self.observer.agent_available(agent_id)
         return session, kept
+
+    def _refuse_second_holder(self, state: AgentState, incarnation: str) -> None:
+        """Raises IdentityInUse when a live session of another process holds the agent.
+
+        Live means heard from within two beat intervals (plus a second of slack): a stream that
+        has been silent longer is presumed half-open (its process gone with its host) and is
+        fenced by the newcomer. Sessions that sent no incarnation (raw clients) are always fenced,
+        as before incarnations existed."""
+        session = state.session
+        if session is None or session.ended is not None or not session.incarnation:
+            return
+        if incarnation == session.incarnation:
+            return  # the same process, resuming
+        live_window = min(self._config.heartbeat_timeout, 2 * self._config.heartbeat_interval + 1.0)
+        if asyncio.get_running_loop().time() - state.last_seen > live_window:
+            return
+        agent = state.agent
+        raise IdentityInUse(
+            f"agent {agent.name}/{agent.instance_id} is already connected from {session.peer} by another "
+            "process; two processes cannot share one identity: give each its own instance id "
+            "(Agent(instance_id=...), or AGENT_INSTANCE in the examples)"
+        )
 
     def session_beat(
         self, session: Session, beat: registry_pb2.SessionBeat

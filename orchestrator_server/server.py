@@ -17,7 +17,6 @@ from typing import Any, Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from orchestrator.v1 import (
     discovery_pb2,
@@ -43,6 +42,7 @@ from orchestrator_server.grpc_api.discovery import DiscoveryServicer
 from orchestrator_server.grpc_api.errors import ErrorInterceptor
 from orchestrator_server.grpc_api.health import HealthServicer
 from orchestrator_server.grpc_api.interceptors import security_interceptors
+from orchestrator_server.grpc_api.reflection import enable_server_reflection
 from orchestrator_server.grpc_api.registry import RegistryServicer
 from orchestrator_server.grpc_api.tasks import TasksServicer
 from orchestrator_server.grpc_api.telemetry import TelemetryInterceptor
@@ -70,10 +70,16 @@ class RunningGateway(Protocol):
 
 def grpc_server_options(config: Config) -> list[tuple[str, Any]]:
     """Keepalive enforced on our side and permitted from agents, so half-open peers are found in
-    seconds; pending-stream limits raised so a reconnect storm is admitted, not refused."""
+    seconds; pending-stream limits raised so a reconnect storm is admitted, not refused.
+
+    Since grpc/grpc#34647 a ping's answer is awaited for `grpc.http2.ping_timeout_ms` (default
+    60 s), not `keepalive_timeout_ms`: without it a frozen peer stayed READY for a minute at a 1 s
+    keepalive (measured: 60 s before, ~2-3 s after, tests/test_session_hardening.py)."""
+    keepalive_timeout_ms = int(config.keepalive_timeout * 1000)
     return [
         ("grpc.keepalive_time_ms", int(config.keepalive_time * 1000)),
-        ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout * 1000)),
+        ("grpc.keepalive_timeout_ms", keepalive_timeout_ms),
+        ("grpc.http2.ping_timeout_ms", keepalive_timeout_ms),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.http2.min_ping_interval_without_data_ms", 1000),
@@ -105,6 +111,7 @@ class OrchestratorServer:
         self._gateway: RunningGateway | None = None
         self._listener: Listener | None = None
         self._stopped = asyncio.Event()
+        self._draining = False
 
     async def start(self) -> None:
         loaded = await self.store.open(self._publish)
@@ -128,9 +135,8 @@ class OrchestratorServer:
         )
 
         server = grpc.aio.server(interceptors=self._interceptors(), options=grpc_server_options(self.config))
-        registry_pb2_grpc.add_RegistryServiceServicer_to_server(
-            RegistryServicer(self.config, self.registry, self.tasks), server
-        )
+        self.sessions = RegistryServicer(self.config, self.registry, self.tasks)
+        registry_pb2_grpc.add_RegistryServiceServicer_to_server(self.sessions, server)
         orchestrator_health_pb2_grpc.add_HealthServiceServicer_to_server(
             HealthServicer(reporter, self.bus), server
         )
@@ -139,13 +145,8 @@ class OrchestratorServer:
         )
         tasks_pb2_grpc.add_TasksServiceServicer_to_server(TasksServicer(self.tasks, self.bus), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (
-                *SERVICE_NAMES,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
-            server,
+        enable_server_reflection(
+            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server
         )
         self._listener = await bind(server, self.config)
         self.grpc_port = self._listener.port
@@ -193,6 +194,8 @@ class OrchestratorServer:
         return gateway
 
     async def _store_ready(self) -> bool:
+        if self._draining:
+            return False
         try:
             await self.store.ping()
         except Exception:  # any failure means "not ready"; /readyz reports it
@@ -212,19 +215,26 @@ class OrchestratorServer:
             json.dump({"grpc_port": self.grpc_port, "http_port": self.http_port, "pid": os.getpid()}, handle)
         os.replace(handle.name, self.config.ready_file)
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Drains: NOT_SERVING, agents told to reconnect, in-flight calls finished, state flushed."""
-        if self._server is None:
+    async def stop(self, grace: float | None = None, delay: float = 0.0) -> None:
+        """Drains: NOT_SERVING and new sessions refused at once; everything else still served for
+        `delay` seconds (so load balancers stop sending first); then agents told to reconnect,
+        in-flight calls finished within `grace`, state flushed."""
+        if self._server is None or self._draining:
             return
+        self._draining = True
         grace = self.config.shutdown_grace if grace is None else grace
         await self.health.enter_graceful_shutdown()
+        self.sessions.refuse_new_sessions()
+        if delay > 0:
+            log.info("draining: not ready; still serving for %g s", delay)
+            await asyncio.sleep(delay)
         self.registry.shutdown("orchestrator shutting down")
         self.tasks.shutdown()
         self._bus().close()
-        if self._gateway is not None:
-            await self._gateway.stop()
         # Give the reconnect requests a moment to leave before the streams are cut.
         await asyncio.sleep(min(0.2, grace))
+        if self._gateway is not None:
+            await self._gateway.stop()
         await self._server.stop(grace)
         self._server = None
         await self.store.close()

@@ -629,10 +629,16 @@ class SessionHello(_message.Message):
     AGENT_ID_FIELD_NUMBER: _builtins.int
     AGENT_TOKEN_FIELD_NUMBER: _builtins.int
     RUNNING_ATTEMPT_IDS_FIELD_NUMBER: _builtins.int
+    INCARNATION_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """Agent opening the session."""
     agent_token: _builtins.str
     """Credential returned by RegisterAgent."""
+    incarnation: _builtins.str
+    """Random id of the agent process, the same on every session it opens. A hello whose incarnation
+    differs from that of a live session of the same agent comes from a second process holding the
+    same identity and is refused (ALREADY_EXISTS, reason IDENTITY_IN_USE); empty opts out.
+    """
     @_builtins.property
     def running_attempt_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Attempts the agent is still running (after a reconnect); the server keeps those it still assigns to it."""
@@ -643,10 +649,11 @@ class SessionHello(_message.Message):
         agent_id: _builtins.str = ...,
         agent_token: _builtins.str = ...,
         running_attempt_ids: _abc.Iterable[_builtins.str] | None = ...,
+        incarnation: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "agent_token", b"agent_token", "running_attempt_ids", b"running_attempt_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "agent_token", b"agent_token", "incarnation", b"incarnation", "running_attempt_ids", b"running_attempt_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

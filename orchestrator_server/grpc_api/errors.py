@@ -12,7 +12,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_interceptor.server import AsyncServerInterceptor
 from grpc_status import rpc_status
 
-from orchestrator_server.errors import InvalidArgument, OrchestratorError, ResourceExhausted
+from orchestrator_server.errors import InvalidArgument, OrchestratorError
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +30,15 @@ def to_status(error: OrchestratorError) -> grpc.Status:
         packed = any_pb2.Any()
         packed.Pack(bad_request)
         details.append(packed)
-    if isinstance(error, ResourceExhausted) and error.retry_after is not None:
+    if error.retry_after is not None:
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(int(error.retry_after * 1e9))
         packed = any_pb2.Any()
         packed.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+        details.append(packed)
+    if error.reason:
+        packed = any_pb2.Any()
+        packed.Pack(error_details_pb2.ErrorInfo(reason=error.reason, domain="orchestrator.optiinfra"))
         details.append(packed)
     status = status_pb2.Status(
         code=grpc.StatusCode[error.code].value[0], message=error.message, details=details

@@ -7,13 +7,20 @@ import logging
 from typing import Any
 
 import grpc
+from google.protobuf.message import Error as ProtobufError
 
 from orchestrator.v1 import registry_pb2, registry_pb2_grpc
 from orchestrator_server.config import Config
-from orchestrator_server.errors import FailedPrecondition, InvalidArgument, OrchestratorError
+from orchestrator_server.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    OrchestratorError,
+    ResourceExhausted,
+    Unavailable,
+)
 from orchestrator_server.grpc_api.errors import abort_with
 from orchestrator_server.metrics import HEARTBEATS
-from orchestrator_server.registry import Registry, Session
+from orchestrator_server.registry import DRAIN_RETRY_AFTER, Registry, Session
 from orchestrator_server.tasks import TaskScheduler
 
 log = logging.getLogger(__name__)
@@ -38,6 +45,23 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         self._config = config
         self._registry = registry
         self._tasks = tasks
+        # Streams that have not sent their hello yet: they carry no identity, so the
+        # per-principal stream cap cannot count them; this does (MAX_PENDING_HELLOS).
+        self._awaiting_hello = 0
+        # Set when the server begins to drain: new sessions are refused with a reconnect hint.
+        self._refusing_sessions = False
+        # Session writers, held strongly until they finish: a writer the loop only references
+        # weakly is collected mid-await when its call dies ("Task was destroyed but it is pending").
+        self._writers: set[asyncio.Task[None]] = set()
+
+    @property
+    def pending_hellos(self) -> int:
+        """Open Heartbeat streams that have not sent their hello yet."""
+        return self._awaiting_hello
+
+    def refuse_new_sessions(self) -> None:
+        """From now on every new Heartbeat stream is answered UNAVAILABLE with a retry hint."""
+        self._refusing_sessions = True
 
     async def RegisterAgent(
         self, request: registry_pb2.RegisterAgentRequest, context: Context
@@ -102,9 +126,15 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         return response
 
     async def Heartbeat(self, request_iterator: Any, context: Context) -> None:  # type: ignore[override]
+        if self._refusing_sessions:
+            raise Unavailable(
+                "the orchestrator is draining for a restart; reconnect shortly", DRAIN_RETRY_AFTER
+            )
         hello = await self._read_hello(context)
+        if hello is None:
+            return  # the client left before its hello: nobody to answer
         session, kept = await self._registry.open_session(
-            hello.agent_id, hello.agent_token, context.peer(), hello.running_attempt_ids
+            hello.agent_id, hello.agent_token, context.peer(), hello.running_attempt_ids, hello.incarnation
         )
         session.handler = asyncio.current_task()
         welcome = registry_pb2.SessionWelcome(
@@ -114,7 +144,11 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             kept_attempt_ids=kept,
             agent=self._registry.get(session.agent_id),
         )
-        writer = asyncio.create_task(self._pump(session, context, welcome))
+        writer = asyncio.create_task(
+            self._pump(session, context, registry_pb2.HeartbeatResponse(welcome=welcome))
+        )
+        self._writers.add(writer)
+        writer.add_done_callback(self._writers.discard)
         reason = "stream closed"
         try:
             await self._serve(session, context)
@@ -128,19 +162,39 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 current.uncancel()
             reason = session.ended.reason
         finally:
-            # Shielded: the client may cancel the call again while the agent is being marked DOWN.
-            await asyncio.shield(self._registry.close_session(session, reason))
-            await self._stop_writer(session, writer)
+            await self._end(session, reason, writer)
         if session.ended is not None:
             await context.abort(grpc.StatusCode[session.ended.code], session.ended.reason)
 
-    async def _read_hello(self, context: Context) -> registry_pb2.SessionHello:
+    async def _end(self, session: Session, reason: str, writer: asyncio.Task[None]) -> None:
+        """Marks the agent DOWN (unless fenced) and stops the writer, even if the call is cancelled
+        again meanwhile: a killed peer's call may be cancelled more than once, and neither step
+        may be skipped (a DOWN never recorded, a writer left pending)."""
+        closing = asyncio.ensure_future(self._registry.close_session(session, reason))
         try:
-            first = await asyncio.wait_for(context.read(), self._config.heartbeat_timeout)
+            await asyncio.shield(closing)
+        finally:
+            await self._stop_writer(session, writer)
+
+    async def _read_hello(self, context: Context) -> registry_pb2.SessionHello | None:
+        limit = self._config.max_pending_hellos
+        if self._awaiting_hello >= limit:
+            raise ResourceExhausted(
+                f"{limit} session streams are already waiting for their hello (MAX_PENDING_HELLOS)",
+                retry_after=1.0,
+            )
+        self._awaiting_hello += 1
+        try:
+            first = await asyncio.wait_for(context.read(), self._config.hello_timeout)
         except TimeoutError:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no hello within the heartbeat timeout")
+            await context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"no hello within {self._config.hello_timeout:g} s (HELLO_TIMEOUT)",
+            )
+        finally:
+            self._awaiting_hello -= 1
         if first is EOF:
-            await context.abort(grpc.StatusCode.CANCELLED, "stream closed before hello")
+            return None
         if first.WhichOneof("message") != "hello":
             await abort_with(context, InvalidArgument.field("message", "the first message must be a hello"))
         hello: registry_pb2.SessionHello = first.hello
@@ -191,13 +245,34 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             raise
 
     @staticmethod
-    async def _pump(session: Session, context: Context, first: registry_pb2.SessionWelcome) -> None:
-        """Writes the welcome, then everything pushed to the session, in order, until None."""
+    async def _pump(session: Session, context: Context, first: registry_pb2.HeartbeatResponse) -> None:
+        """Writes the welcome, then everything pushed to the session, in order, until None.
+
+        A message that cannot be delivered ends the session (the agent goes DOWN and reconnects):
+        a session whose writer died would otherwise stay READY with nobody writing to it."""
+        message: registry_pb2.HeartbeatResponse | None = first
         try:
-            await context.write(registry_pb2.HeartbeatResponse(welcome=first))
-            while (message := await session.outbox.get()) is not None:
+            while message is not None:
+                if message.WhichOneof("message") == "assignment":
+                    _check_readable(message)
                 await context.write(message)
+                message = await session.outbox.get()
         except asyncio.CancelledError:
             raise
+        except ProtobufError as error:
+            # The stream works but this message cannot cross it: end the session so it shows.
+            log.warning("session %s: cannot deliver %s: %s", session.agent_id, _kind(message), error)
+            session.end("INTERNAL", f"the session could not deliver a {_kind(message)}: {error}")
         except Exception as error:  # the stream is gone; the reader sees it end too
             log.debug("session %s: write failed: %s", session.agent_id, error)
+
+
+def _kind(message: registry_pb2.HeartbeatResponse | None) -> str:
+    return (message.WhichOneof("message") or "message") if message is not None else "message"
+
+
+def _check_readable(message: registry_pb2.HeartbeatResponse) -> None:
+    """Raises if a client could not parse `message`: an assignment carries the caller's payload, and
+    one nested deeper than protobuf parsers accept is written fine here but breaks the agent's
+    stream silently on its side (it hangs with no status), leaving a READY agent that gets nothing."""
+    registry_pb2.HeartbeatResponse.FromString(message.SerializeToString())
