@@ -19,6 +19,12 @@ from orchestrator_client import Agent, TaskContext, v1
 TASK_TYPE = "chaos"
 
 
+# The hook below overrides the SDK's one CompleteTask call; were it renamed, completions would
+# silently go unrecorded and double completions unseen, so its absence stops the run at once.
+if not callable(getattr(Agent, "_complete_call", None)):
+    raise SystemExit("chaos.agent: orchestrator_client.Agent has no _complete_call to record completions")
+
+
 class RecordingAgent(Agent):
     """An SDK agent that also records each completion the server accepted."""
 

@@ -13,6 +13,7 @@ from orchestrator_server import events
 from orchestrator_server.events import CaughtUp, EventBus, ResyncNeeded
 from orchestrator_server.store import Change
 from orchestrator_server.store.sqlite import SqliteStore
+from tests.conftest import async_wait_for
 
 
 def agent_event(index: int) -> event_pb2.Event:
@@ -109,7 +110,7 @@ async def test_a_watcher_that_falls_behind_is_told_to_resync(
     monkeypatch.setattr(events, "SUBSCRIBER_BACKLOG", 5)
     stream = wired.bus.watch(0, everything)
     first = asyncio.ensure_future(stream.__anext__())
-    await asyncio.sleep(0)  # subscribed and waiting
+    await async_wait_for(lambda: wired.bus._subscribers, what="the watcher subscribed")
     await wired.commit(12)  # the watcher does not read meanwhile
     assert (await first).revision == 1
     with pytest.raises(ResyncNeeded, match="behind") as raised:

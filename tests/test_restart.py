@@ -111,7 +111,9 @@ async def test_kill_and_restart_keeps_agents_revisions_and_watch_resume(
         returning_session.call.cancel()
 
     # Second life, on the same database file and port, with a short heartbeat timeout.
-    server.env.update(HEARTBEAT_TIMEOUT="2", HEARTBEAT_INTERVAL="0.5")
+    # Short, so the test does not wait long for the DOWNs, yet longer than a loaded machine takes to
+    # read the agents back after the restart (they must still be READY then).
+    server.env.update(HEARTBEAT_TIMEOUT="5", HEARTBEAT_INTERVAL="0.5")
     await start(server)
     async with connect(server) as stubs:
         after = {agent_id: await get_agent(stubs, agent_id) for agent_id in ids}

@@ -411,12 +411,15 @@ async def test_watch_task_until_terminal(stubs: Stubs) -> None:
 
 
 async def test_draining_agent_gets_no_new_work(stubs: Stubs) -> None:
-    session, agent_id = await open_session(stubs)
+    session, agent_id = await open_session(stubs, capabilities=["gpu"])
+    other, _ = await open_session(stubs, name="other")
     await stubs.registry.DrainAgent(registry_pb2.DrainAgentRequest(agent_id=agent_id, reason="maintenance"))
     notice = await next_message(session, "drain")
     assert notice.drain.draining
-    task = await create(stubs)
-    await asyncio.sleep(0)  # let a placement pass run, if one (wrongly) would
+    task = await create(stubs, required_capabilities=["gpu"])
+    # A barrier: once a task created later was placed, a placement pass has seen the first one.
+    later = await create(stubs)
+    assert (await next_assignment(other)).task.task_id == later.task_id
     assert (await get(stubs, task.task_id)).status == task_pb2.TASK_STATUS_PENDING
     await stubs.registry.UndrainAgent(registry_pb2.UndrainAgentRequest(agent_id=agent_id))
     assignment = await next_assignment(session)

@@ -20,12 +20,14 @@ from tests.security.conftest import ADMIN_KEY, API_KEYS, READER_KEY, bearer, ope
 
 AGENTS = 50
 INTERVAL = 0.25
-TIMEOUT = 3.0
+# Long enough that a stall of this loaded machine (the server and the 50 agents share the test's
+# event loop) is not mistaken for starvation; the flood lasts longer, so starving it would show.
+TIMEOUT = 5.0
 # Low, so that even a slow flooder on a loaded machine is far over it; the burst admits the
 # 50 registrations of the test itself (another principal, same settings).
 API_RATE = 5
 API_BURST = 60
-FLOOD_SECONDS = 4.0
+FLOOD_SECONDS = 6.0
 FLOODER = Path(__file__).with_name("flood_client.py")
 
 
