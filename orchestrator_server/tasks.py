@@ -710,6 +710,7 @@ class TaskScheduler:
         task.current_attempt_id = ""
         task.updated_at.CopyFrom(now)
         task.finished_at.CopyFrom(now)
+        task.ClearField("pending_reason")
         TASKS_FINISHED.labels(task_pb2.TaskStatus.Name(status).removeprefix("TASK_STATUS_").lower()).inc()  # type: ignore[arg-type]
         del self._active[task.task_id]
         if entry.key is not None:
@@ -776,9 +777,10 @@ class TaskScheduler:
             attempt.status = task_pb2.ATTEMPT_STATUS_CANCELLED
             attempt.finished_at.CopyFrom(now)
             self._tell_cancel(attempt.agent_id, task_id, attempt.attempt_id, "queue timeout")
-        entry.task.error.CopyFrom(
-            task_pb2.TaskError(message="waited longer than its queue timeout", reason="QUEUE_TIMEOUT")
-        )
+        message = "waited longer than its queue timeout"
+        if entry.task.status == PENDING:  # say what it waited for
+            message += f"; {self._explained(entry).pending_reason.message}"
+        entry.task.error.CopyFrom(task_pb2.TaskError(message=message[:4096], reason="QUEUE_TIMEOUT"))
         self._finish(entry, TIMED_OUT, now)
         self._spawn(self._commit(entry))
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from google.protobuf import field_mask_pb2
+from google.protobuf import duration_pb2, field_mask_pb2
 
 from orchestrator.v1 import agent_pb2, event_pb2, registry_pb2, task_pb2, tasks_pb2
 from orchestrator_server.tasks import MAX_KEPT_ATTEMPTS, MAX_REJECTIONS
@@ -194,3 +194,14 @@ async def test_pending_reason_counts_each_constraint(stubs: Stubs) -> None:
     # "drained" has no session either; the first failing check (not ready) counts it.
     assert counts == (1, 1, 1, 2, 0, 1), reason
     assert reason.message.startswith("no agent can take it now: 1 do not handle the type"), reason.message
+
+
+async def test_a_queue_timeout_says_what_the_task_waited_for(stubs: Stubs) -> None:
+    await open_session(stubs, name="typed", task_types=["other"])
+    task = await create(stubs, type="job", queue_timeout=duration_pb2.Duration(nanos=300_000_000))
+    final = await wait_status(stubs, task.task_id, TERMINAL)
+    assert final.status == task_pb2.TASK_STATUS_TIMED_OUT
+    assert final.error.message == (
+        "waited longer than its queue timeout; no agent handles task type 'job' (1 agent evaluated)"
+    )
+    assert not final.HasField("pending_reason")
