@@ -285,3 +285,21 @@ async def test_a_finished_task_keeps_its_key_and_its_spec_check(stubs: Stubs) ->
         create(session_stubs, idempotency_key="done-1", payload={"n": 2}), grpc.StatusCode.ALREADY_EXISTS
     )
     assert (await get(session_stubs, task.task_id)).status == task_pb2.TASK_STATUS_CANCELLED
+
+
+async def test_rest_answers_409_for_a_key_reused_with_another_spec(
+    rest: tuple[Running, aiohttp.ClientSession],
+) -> None:
+    _, http = rest
+    body = {"spec": {"type": "job", "payload": {"n": 1}, "idempotency_key": "rest-1"}}
+    async with http.post("/tasks/create", json=body) as response:
+        first = await response.json()
+        assert response.status == 200 and first["created"] is True, first
+    async with http.post("/tasks/create", json=body) as response:
+        again = await response.json()
+        assert again["task"]["task_id"] == first["task"]["task_id"] and not again.get("created"), again
+    body["spec"]["payload"] = {"n": 2}
+    async with http.post("/tasks/create", json=body) as response:
+        error = await response.json()
+        assert response.status == 409 and error["error"]["status"] == "ALREADY_EXISTS", error
+        assert first["task"]["task_id"] in error["error"]["message"]
