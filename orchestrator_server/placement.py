@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from orchestrator.v1 import agent_pb2, task_pb2
-from orchestrator_server.registry import READY
+from orchestrator_server.registry import DRAINING, READY
 from orchestrator_server.selectors import Selector
 
 # Seconds an explanation is reused before agents are looked at again.
@@ -81,9 +81,9 @@ class Group:
             reason.agents_evaluated += 1
             counter = self._mismatch(agent)
             if counter is None:
-                if agent.status != READY or not has_session(agent.agent_id):
+                if agent.status not in (READY, DRAINING) or not has_session(agent.agent_id):
                     counter = "not_ready"
-                elif agent.draining:
+                elif agent.draining or agent.status == DRAINING:
                     counter = "draining"
                 elif free_capacity(agent) <= 0:
                     counter = "at_capacity"

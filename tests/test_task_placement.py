@@ -171,8 +171,8 @@ async def test_pending_reason_counts_each_constraint(stubs: Stubs) -> None:
         stubs, name="gpu-us", capabilities=["gpu"], labels={"zone": "us"}, max_concurrent_tasks=1
     )
     await stubs.register("silent", capabilities=["gpu"], labels={"zone": "us"})  # no session
-    drained = await stubs.register("drained", capabilities=["gpu"], labels={"zone": "us"})
-    await stubs.registry.DrainAgent(registry_pb2.DrainAgentRequest(agent_id=drained.agent.agent_id))
+    _, drained_id = await open_session(stubs, name="drained", capabilities=["gpu"], labels={"zone": "us"})
+    await stubs.registry.DrainAgent(registry_pb2.DrainAgentRequest(agent_id=drained_id))
     # Fill gpu-us, the only agent that fits.
     first = await create(stubs, required_capabilities=["gpu"], label_selector="zone=us")
     assert (await next_assignment(full)).task.task_id == first.task_id
@@ -191,8 +191,7 @@ async def test_pending_reason_counts_each_constraint(stubs: Stubs) -> None:
         reason.draining,
         reason.at_capacity,
     )
-    # "drained" has no session either; the first failing check (not ready) counts it.
-    assert counts == (1, 1, 1, 2, 0, 1), reason
+    assert counts == (1, 1, 1, 1, 1, 1), reason
     assert reason.message.startswith("no agent can take it now: 1 do not handle the type"), reason.message
 
 

@@ -469,7 +469,7 @@ class PendingReason(_message.Message):
     filtered_by_selector: _builtins.int
     """Do not match the label selector."""
     not_ready: _builtins.int
-    """Not READY, or without an open session."""
+    """Down, degraded or without an open session."""
     draining: _builtins.int
     """Draining."""
     at_capacity: _builtins.int

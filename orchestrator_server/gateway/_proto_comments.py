@@ -276,7 +276,7 @@ COMMENTS: Final[dict[str, str]] = {
     "orchestrator.v1.PendingReason.filtered_by_target": "Not the task's target agent.",
     "orchestrator.v1.PendingReason.filtered_by_type": "Do not handle the task's type.",
     "orchestrator.v1.PendingReason.message": "One line for humans, e.g. \"no agent handles task type 'estimat' (3 agents evaluated)\".",
-    "orchestrator.v1.PendingReason.not_ready": "Not READY, or without an open session.",
+    "orchestrator.v1.PendingReason.not_ready": "Down, degraded or without an open session.",
     "orchestrator.v1.ReconnectRequest": "Asks the agent to close its session and open a new one (server shutting down, or moving).",
     "orchestrator.v1.ReconnectRequest.address": "Another orchestrator address to use; empty means the same one.",
     "orchestrator.v1.ReconnectRequest.reason": "Why.",
