@@ -20,6 +20,7 @@ from google.protobuf import duration_pb2, field_mask_pb2
 from orchestrator.v1 import agent_pb2, event_pb2, registry_pb2, task_pb2, tasks_pb2
 from orchestrator_server.tasks import MAX_KEPT_ATTEMPTS, MAX_REJECTIONS
 from tests.conftest import Running, Stubs, async_wait_for, open_session
+from tests.support import invalid_fields
 from tests.test_tasks import create, get, next_assignment, wait_status
 
 AGENT_SCRIPT = str(Path(__file__).resolve().parent / "task_types_agent.py")
@@ -204,3 +205,22 @@ async def test_a_queue_timeout_says_what_the_task_waited_for(stubs: Stubs) -> No
         "waited longer than its queue timeout; no agent handles task type 'job' (1 agent evaluated)"
     )
     assert not final.HasField("pending_reason")
+
+
+async def test_task_types_are_validated_like_capabilities(stubs: Stubs) -> None:
+    fields = await invalid_fields(stubs.register("bad", task_types=["ok", "not a name!"]))
+    assert set(fields) == {"task_types[1]"}
+    fields = await invalid_fields(stubs.register("many", task_types=[f"t{i}" for i in range(65)]))
+    assert "more than 64" in fields["task_types"]
+    registered = await stubs.register("fine", task_types=["b", "a", "b"])
+    assert list(registered.agent.task_types) == ["a", "b"]
+    fields = await invalid_fields(
+        stubs.registry.UpdateAgent(
+            registry_pb2.UpdateAgentRequest(
+                agent_id=registered.agent.agent_id,
+                update=registry_pb2.AgentUpdate(task_types=[""]),
+                update_mask=field_mask_pb2.FieldMask(paths=["task_types"]),
+            )
+        )
+    )
+    assert set(fields) == {"update.task_types[0]"}
