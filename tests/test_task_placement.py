@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import grpc
 import pytest
 from google.protobuf import duration_pb2, field_mask_pb2
 
 from orchestrator.v1 import agent_pb2, event_pb2, registry_pb2, task_pb2, tasks_pb2
 from orchestrator_server.tasks import MAX_KEPT_ATTEMPTS, MAX_REJECTIONS
 from tests.conftest import Running, Stubs, async_wait_for, open_session
-from tests.support import invalid_fields
+from tests.support import invalid_fields, rpc_error
 from tests.test_tasks import create, get, next_assignment, wait_status
 
 AGENT_SCRIPT = str(Path(__file__).resolve().parent / "task_types_agent.py")
@@ -224,3 +225,32 @@ async def test_task_types_are_validated_like_capabilities(stubs: Stubs) -> None:
         )
     )
     assert set(fields) == {"update.task_types[0]"}
+
+
+async def test_attempt_history_is_bounded_and_numbering_and_fencing_hold(stubs: Stubs) -> None:
+    session, _ = await open_session(stubs, name="flaky")
+    task = await create(stubs, max_attempts=MAX_KEPT_ATTEMPTS + 4)
+    seen: list[str] = []
+    for number in range(1, MAX_KEPT_ATTEMPTS + 4):
+        assignment = await next_assignment(session)
+        seen.append(assignment.attempt_id)
+        assert assignment.task.attempts[-1].number == number
+        error = task_pb2.TaskError(message="x" * 4000, reason="BOOM")
+        await stubs.tasks.FailTask(
+            tasks_pb2.FailTaskRequest(task_id=task.task_id, attempt_id=assignment.attempt_id, error=error)
+        )
+    last = await next_assignment(session)
+    current = await get(stubs, task.task_id)
+    assert current.attempt_count == MAX_KEPT_ATTEMPTS + 4 and current.failure_count == MAX_KEPT_ATTEMPTS + 3
+    assert [a.number for a in current.attempts] == list(range(5, MAX_KEPT_ATTEMPTS + 5))
+    assert all(len(a.error.message) <= 512 for a in current.attempts)
+    # Old attempts, listed or long dropped, are fenced: only the current one may report.
+    for stale in (seen[0], seen[-1]):
+        await rpc_error(
+            stubs.tasks.CompleteTask(tasks_pb2.CompleteTaskRequest(task_id=task.task_id, attempt_id=stale)),
+            grpc.StatusCode.FAILED_PRECONDITION,
+        )
+    done = await stubs.tasks.CompleteTask(
+        tasks_pb2.CompleteTaskRequest(task_id=task.task_id, attempt_id=last.attempt_id)
+    )
+    assert done.task.status == SUCCEEDED and done.task.attempts[-1].number == MAX_KEPT_ATTEMPTS + 4
