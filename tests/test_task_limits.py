@@ -88,7 +88,13 @@ async def test_rest_create_with_a_deep_or_odd_payload_is_refused_and_creates_not
             body = await response.json()
             assert response.status == 400, body
             assert "spec.payload" in str(body), body
-    # NaN cannot be written in JSON; over gRPC it can.
+    # Python's JSON reader takes NaN and Infinity literals, which JSON itself does not have.
+    for literal in ("NaN", "Infinity", "-Infinity"):
+        raw = '{"spec": {"type": "job", "payload": {"x": LITERAL}}}'.replace("LITERAL", literal)
+        headers = {"content-type": "application/json"}
+        async with http.post("/tasks/create", data=raw, headers=headers) as response:
+            body = await response.json()
+            assert response.status == 400 and "spec.payload" in str(body), (literal, body)
     nan = spec(payload={"x": 1.0})
     nan.payload["x"] = float("nan")
     fields = await invalid_fields(
