@@ -463,8 +463,9 @@ class AdminClient:
         labels: Mapping[str, str] | None = None,
         timeout: float | None = None,
     ) -> v1.Task:
-        """Create a task. With an `idempotency_key` the call is retried safely (the same key always
-        returns the same task); without one it is tried once."""
+        """Create a task. With an `idempotency_key` the call is retried safely (the same key and spec
+        from the same credential return the same task; the same key with another spec raises the
+        ALREADY_EXISTS error); without one it is tried once."""
         spec = v1.TaskSpec(
             type=task_type,
             required_capabilities=required_capabilities,

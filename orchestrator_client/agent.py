@@ -390,6 +390,8 @@ class Agent:
             labels=self.labels,
             endpoints=self.endpoints,
             max_concurrent_tasks=self.max_concurrent_tasks,
+            # Placement offers this agent only the types it has handlers for.
+            task_types=sorted(self._handlers),
         )
         response = await self._registry.RegisterAgent(
             request, metadata=self._api_metadata(), timeout=self._call_timeout

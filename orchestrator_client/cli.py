@@ -5,6 +5,7 @@
     orchestrator tasks list [--status PENDING] [--type T] [--agent AGENT_ID]
     orchestrator tasks get|cancel|wait TASK_ID
     orchestrator tasks create TYPE [--payload '{"k": 1}'] [--priority N] [--key IDEMPOTENCY_KEY]
+        [--capability CAP]... [--selector 'zone=a'] [--target-agent AGENT_ID] [--max-attempts N]
     orchestrator health [AGENT_ID]
     orchestrator watch agents|health [--type T]      (one JSON line per change, until Ctrl-C)
     orchestrator watch task TASK_ID
@@ -59,7 +60,7 @@ def task_row(task: v1.Task) -> list[str]:
         task.spec.type,
         short_enum(v1.TaskStatus.Name(task.status), "TASK_STATUS_"),
         str(task.spec.priority),
-        str(len(task.attempts)),
+        str(task.attempt_count or len(task.attempts)),
         agent,
     ]
 
@@ -151,7 +152,14 @@ async def tasks(client: AdminClient, args: argparse.Namespace) -> int:
         return 0
     if args.action == "create":
         task = await client.create_task(
-            args.id, json.loads(args.payload), priority=args.priority, idempotency_key=args.key
+            args.id,
+            json.loads(args.payload),
+            priority=args.priority,
+            idempotency_key=args.key,
+            required_capabilities=args.capability,
+            label_selector=args.selector,
+            target_agent_id=args.target_agent,
+            max_attempts=args.max_attempts,
         )
         print(to_json(task))
         return 0
@@ -162,7 +170,10 @@ async def tasks(client: AdminClient, args: argparse.Namespace) -> int:
         task = await client.wait_for_result(args.id, timeout=None)
         print(to_json(task))
         return 0 if task.status == v1.TaskStatus.TASK_STATUS_SUCCEEDED else 1
-    print(to_json(await client.get_task(args.id)))
+    task = await client.get_task(args.id)
+    print(to_json(task))
+    if task.status == v1.TaskStatus.TASK_STATUS_PENDING and task.pending_reason.message:
+        print(f"pending: {task.pending_reason.message}", file=sys.stderr)
     return 0
 
 
@@ -207,6 +218,12 @@ def parser() -> argparse.ArgumentParser:
     tasks_parser.add_argument("--payload", default="{}", help="JSON object")
     tasks_parser.add_argument("--priority", type=int, default=0)
     tasks_parser.add_argument("--key", default="", help="idempotency key")
+    tasks_parser.add_argument(
+        "--capability", action="append", default=[], help="required agent capability (repeatable)"
+    )
+    tasks_parser.add_argument("--selector", default="", help="label selector the agent must match")
+    tasks_parser.add_argument("--target-agent", default="", help="only this agent may run the task")
+    tasks_parser.add_argument("--max-attempts", type=int, default=0, help="0 = the server default")
     tasks_parser.add_argument("--reason", default="")
     tasks_parser.add_argument("--limit", type=int, default=1000)
 

@@ -41,6 +41,7 @@ from orchestrator_server.validation import (
     MAX_ADDRESS_LENGTH,
     MAX_CAPABILITIES,
     MAX_ENDPOINTS,
+    MAX_TASK_TYPES,
     Violations,
     decode_page_token,
     encode_page_token,
@@ -56,7 +57,7 @@ DOWN = agent_pb2.AGENT_STATUS_DOWN
 DEREGISTERED = agent_pb2.AGENT_STATUS_DEREGISTERED
 ALIVE_STATUSES = frozenset({READY, DEGRADED, DRAINING})
 
-UPDATABLE_FIELDS = ("version", "capabilities", "labels", "endpoints", "max_concurrent_tasks")
+UPDATABLE_FIELDS = ("version", "capabilities", "labels", "endpoints", "max_concurrent_tasks", "task_types")
 
 
 def now_timestamp() -> timestamp_pb2.Timestamp:
@@ -346,6 +347,7 @@ class Registry:
         self._validate_attributes(
             violations, request.capabilities, request.labels, request.endpoints, request.max_concurrent_tasks
         )
+        violations.names("task_types", request.task_types, MAX_TASK_TYPES)
         violations.raise_if_any()
 
     @staticmethod
@@ -382,6 +384,8 @@ class Registry:
         del agent.endpoints[:]
         agent.endpoints.extend(source.endpoints)
         agent.max_concurrent_tasks = source.max_concurrent_tasks
+        del agent.task_types[:]
+        agent.task_types.extend(sorted(set(source.task_types)))
 
     async def deregister(self, agent_id: str) -> agent_pb2.Agent:
         state = self._state(agent_id)
@@ -424,6 +428,7 @@ class Registry:
             update.max_concurrent_tasks,
             "update.",
         )
+        violations.names("update.task_types", update.task_types, MAX_TASK_TYPES)
         violations.raise_if_any()
         state = self._live_record(agent_id)
         agent = state.agent
@@ -440,6 +445,9 @@ class Registry:
             agent.endpoints.extend(update.endpoints)
         if "max_concurrent_tasks" in paths:
             agent.max_concurrent_tasks = update.max_concurrent_tasks
+        if "task_types" in paths:
+            del agent.task_types[:]
+            agent.task_types.extend(sorted(set(update.task_types)))
         agent.updated_at.GetCurrentTime()
         await self._commit(state, event_pb2.EVENT_TYPE_AGENT_UPDATED)
         if self.observer is not None and state.alive:

@@ -1,9 +1,9 @@
 """Tasks: queueing, placement, attempts, retries, timeouts and failover.
 
 Unfinished tasks live in memory (a cache of the store, rebuilt at start); finished ones are read
-from the store. Pending tasks wait in one priority heap per *requirement group* (same capabilities,
-selector and target), so a placement pass costs O(groups) per placement however many tasks wait:
-a group no agent fits is skipped whole.
+from the store. Pending tasks wait in one priority heap per *requirement group* (same type,
+capabilities, selector and target; see placement.py), so a placement pass costs O(groups) per
+placement however many tasks wait: a group no agent fits is skipped whole, and says why.
 
 Placement is event-driven: a pass runs when something changes (task created, agent available,
 capacity freed, backoff elapsed), never on a polling loop. Each placement is an attempt with its
@@ -19,20 +19,32 @@ import logging
 import random
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from google.protobuf import struct_pb2, timestamp_pb2
 
 from orchestrator.v1 import agent_pb2, discovery_pb2, event_pb2, registry_pb2, task_pb2, tasks_pb2
 from orchestrator_server.config import Config
 from orchestrator_server.discovery import load_score, rendezvous_pick
-from orchestrator_server.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from orchestrator_server.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
 from orchestrator_server.health import WorkloadSummary
+from orchestrator_server.idempotency import IdempotencyKeys, ScopedKey, check_same_spec
 from orchestrator_server.metrics import DISPATCH_LATENCY, FAILOVERS, TASKS_FINISHED
+from orchestrator_server.placement import Group, GroupKey
 from orchestrator_server.registry import READY, Registry, new_id, now_timestamp
 from orchestrator_server.selectors import Selector, parse_selector
 from orchestrator_server.store import Change, Store, TaskQuery
-from orchestrator_server.validation import MAX_CAPABILITIES, Violations, decode_page_token, encode_page_token
+from orchestrator_server.validation import (
+    MAX_CAPABILITIES,
+    Violations,
+    decode_position_token,
+    encode_page_token,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +59,20 @@ TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED, TIMED_OUT})
 
 MAX_PAYLOAD_BYTES = 1024 * 1024
 MAX_ATTEMPTS_LIMIT = 100
+# A task keeps its most recent attempts only (`attempt_count` counts them all), so a task row and
+# every event carrying it stay bounded however often the task is retried or moved.
+MAX_KEPT_ATTEMPTS = 16
+# Characters of an attempt's error message kept in the attempt (the task's own error keeps 4096).
+MAX_ATTEMPT_ERROR = 512
+# Refusals by agents (no handler, shutting down, full) a task survives; each also counts as a failed
+# attempt and backs off like one, so a task nobody will take ends FAILED ("REJECTED"), never loops.
+MAX_REJECTIONS = 10
 STRATEGIES = {
     "least_loaded": discovery_pb2.LOAD_BALANCING_STRATEGY_LEAST_LOADED,
     "round_robin": discovery_pb2.LOAD_BALANCING_STRATEGY_ROUND_ROBIN,
     "random": discovery_pb2.LOAD_BALANCING_STRATEGY_RANDOM,
     "consistent_hash": discovery_pb2.LOAD_BALANCING_STRATEGY_CONSISTENT_HASH,
 }
-
-GroupKey = tuple[frozenset[str], str, str]
 
 
 def wall_seconds(stamp: timestamp_pb2.Timestamp) -> float:
@@ -74,6 +92,7 @@ class ActiveTask:
     task: task_pb2.Task
     sequence: int
     selector: Selector
+    key: ScopedKey | None = None
     queue_timer: asyncio.TimerHandle | None = None
     run_timer: asyncio.TimerHandle | None = None
     backoff_timer: asyncio.TimerHandle | None = None
@@ -85,7 +104,12 @@ class ActiveTask:
     @property
     def group(self) -> GroupKey:
         spec = self.task.spec
-        return (frozenset(spec.required_capabilities), spec.label_selector.strip(), spec.target_agent_id)
+        return (
+            spec.type,
+            frozenset(spec.required_capabilities),
+            spec.label_selector.strip(),
+            spec.target_agent_id,
+        )
 
     @property
     def current_attempt(self) -> task_pb2.Attempt | None:
@@ -100,21 +124,6 @@ class ActiveTask:
         self.queue_timer = self.run_timer = self.backoff_timer = None
 
 
-@dataclass
-class _Group:
-    """Pending tasks with the same requirements, highest priority first, FIFO within a priority."""
-
-    capabilities: frozenset[str]
-    selector: Selector
-    target: str
-    heap: list[tuple[int, int, str]] = field(default_factory=list)
-
-    def fits(self, agent: agent_pb2.Agent) -> bool:
-        if self.target and agent.agent_id != self.target:
-            return False
-        return self.capabilities.issubset(agent.capabilities) and self.selector.matches(agent.labels)
-
-
 class TaskScheduler:
     """Every unfinished task, and where it runs. Implements the registry's AgentObserver."""
 
@@ -126,9 +135,8 @@ class TaskScheduler:
         self._store = store
         self._rng = rng or random.Random()
         self._active: dict[str, ActiveTask] = {}
-        self._by_key: dict[str, ActiveTask] = {}
-        self._creating: dict[str, asyncio.Future[task_pb2.Task]] = {}
-        self._groups: dict[GroupKey, _Group] = {}
+        self._keys = IdempotencyKeys(store)
+        self._groups: dict[GroupKey, Group] = {}
         self._held: dict[str, set[str]] = {}  # agent id -> task ids placed on it
         self._placed = 0  # tasks placed on some agent (the sum of the sets above)
         self._sequence = 0
@@ -146,6 +154,14 @@ class TaskScheduler:
     def restore(self, tasks: Iterable[task_pb2.Task]) -> None:
         now = time.time()
         for task in tasks:
+            if not task.attempt_count and task.attempts:
+                # Recorded before attempts were counted: every attempt was still listed then.
+                task.attempt_count = len(task.attempts)
+                task.failure_count = sum(
+                    1
+                    for attempt in task.attempts
+                    if attempt.status in (task_pb2.ATTEMPT_STATUS_FAILED, task_pb2.ATTEMPT_STATUS_TIMED_OUT)
+                )
             entry = self._track(task)
             if task.status == PENDING:
                 self._enqueue(entry, now)
@@ -174,7 +190,7 @@ class TaskScheduler:
             raise InvalidArgument.field("task_id", "is required")
         entry = self._active.get(task_id)
         if entry is not None:
-            return entry.task
+            return self._explained(entry)
         task = await self._store.get_task(task_id)
         if task is None:
             raise NotFound(f"task {task_id} not found")
@@ -188,12 +204,7 @@ class TaskScheduler:
         violations.name("agent_id", request.agent_id, required=False)
         size = violations.page_size("page_size", request.page_size)
         violations.raise_if_any()
-        after: int | None = None
-        if request.page_token:
-            position = decode_page_token(request.page_token)
-            if not position.isdigit():
-                raise InvalidArgument.field("page_token", "is not a token returned by this server")
-            after = int(position)
+        after = decode_position_token(request.page_token)
         tasks, next_position = await self._store.list_tasks(
             TaskQuery(
                 status=request.status,
@@ -204,8 +215,37 @@ class TaskScheduler:
             )
         )
         # Prefer the in-memory copy of unfinished tasks: it may be a commit ahead of the page.
-        fresh = [self._active[task.task_id].task if task.task_id in self._active else task for task in tasks]
+        fresh = [
+            self._explained(self._active[task.task_id]) if task.task_id in self._active else task
+            for task in tasks
+        ]
         return fresh, encode_page_token(str(next_position)) if next_position is not None else ""
+
+    def _explained(self, entry: ActiveTask) -> task_pb2.Task:
+        """The live task, with a fresh pending reason while it waits. The reason is soft state: it
+        rides along with the task's next commit, and a read refreshes it when older than a second."""
+        task = entry.task
+        if task.status != PENDING:
+            return task
+        if entry.backoff_timer is not None and task.HasField("not_before"):
+            last = task.attempts[-1] if task.attempts else None
+            waited = f" after attempt {last.number}: {last.error.message}" if last is not None else ""
+            task.pending_reason.Clear()
+            task.pending_reason.message = (
+                f"waiting for its retry backoff until {task.not_before.ToJsonString()}{waited}"
+            )[:1024]
+            task.pending_reason.evaluated_at.GetCurrentTime()
+        else:
+            task.pending_reason.CopyFrom(self._explain(self._group_for(entry)))
+        return task
+
+    def _explain(self, group: Group) -> task_pb2.PendingReason:
+        return group.explain(
+            self._registry.agents(),
+            lambda agent_id: self._registry.session_of(agent_id) is not None,
+            self._free_capacity,
+            asyncio.get_running_loop().time(),
+        )
 
     def workload(self) -> WorkloadSummary:
         # Unfinished tasks are either placed (held by an agent) or pending; the heaps may also hold
@@ -227,16 +267,16 @@ class TaskScheduler:
 
     # -- creation ------------------------------------------------------------------------------
 
-    async def create(self, spec: task_pb2.TaskSpec) -> tuple[task_pb2.Task, bool]:
+    async def create(self, spec: task_pb2.TaskSpec, scope: str = "") -> tuple[task_pb2.Task, bool]:
+        """Creates a task; `scope` names the caller, to which an idempotency key belongs."""
         self._validate_spec(spec)
-        key = spec.idempotency_key
-        if key:
-            existing = await self._existing_for_key(key)
+        key = (scope, spec.idempotency_key) if spec.idempotency_key else None
+        if key is not None:
+            existing = await self._keys.existing(key, self._live_task)
             if existing is not None:
+                check_same_spec(existing, spec)
                 return existing, False
-            # Nobody else may create this key while we do: later callers wait for our result.
-            creating = asyncio.get_running_loop().create_future()
-            self._creating[key] = creating
+            self._keys.begin(key)
         try:
             task = task_pb2.Task(task_id=new_id("tsk_"), status=PENDING)
             task.spec.CopyFrom(spec)
@@ -245,38 +285,29 @@ class TaskScheduler:
             now = now_timestamp()
             task.created_at.CopyFrom(now)
             task.updated_at.CopyFrom(now)
-            entry = self._track(task)
+            entry = self._track(task, key)
             await self._commit(entry, event_pb2.EVENT_TYPE_TASK_CREATED)
             self._enqueue(entry, time.time())
             self._arm_queue_timer(entry)
         except BaseException as error:
-            if key:
-                self._creating.pop(key).set_exception(error)
+            if key is not None:
+                self._keys.failed(key, error)
             raise
-        if key:
-            self._creating.pop(key).set_result(task)
+        if key is not None:
+            self._keys.created(key, task)
         return task, True
 
-    async def _existing_for_key(self, key: str) -> task_pb2.Task | None:
-        if key in self._by_key:
-            return self._by_key[key].task
-        if key in self._creating:
-            return await asyncio.shield(self._creating[key])
-        stored = await self._store.find_task_by_idempotency_key(key)
-        if stored is not None:
-            return stored
-        # Re-check: another create of the same key may have started while we read the store.
-        if key in self._by_key:
-            return self._by_key[key].task
-        if key in self._creating:
-            return await asyncio.shield(self._creating[key])
-        return None
+    def _live_task(self, task_id: str) -> task_pb2.Task | None:
+        entry = self._active.get(task_id)
+        return entry.task if entry is not None else None
 
     def _validate_spec(self, spec: task_pb2.TaskSpec) -> None:
         violations = Violations()
         violations.name("spec.type", spec.type)
         if spec.payload.ByteSize() > MAX_PAYLOAD_BYTES:
             violations.add("spec.payload", f"larger than {MAX_PAYLOAD_BYTES} bytes")
+        else:
+            violations.value("spec.payload", spec.payload)
         violations.names("spec.required_capabilities", spec.required_capabilities, MAX_CAPABILITIES)
         try:
             parse_selector(spec.label_selector, "spec.label_selector")
@@ -286,9 +317,7 @@ class TaskScheduler:
         if not -1000 <= spec.priority <= 1000:
             violations.add("spec.priority", "must be between -1000 and 1000")
         for name in ("queue_timeout", "run_timeout"):
-            duration = getattr(spec, name)
-            if spec.HasField(name) and (duration.seconds < 0 or duration.nanos < 0):
-                violations.add(f"spec.{name}", "must not be negative")
+            violations.duration(f"spec.{name}", spec.HasField(name), getattr(spec, name))
         if not 0 <= spec.max_attempts <= MAX_ATTEMPTS_LIMIT:
             violations.add("spec.max_attempts", f"must be between 0 and {MAX_ATTEMPTS_LIMIT}")
         violations.text("spec.idempotency_key", spec.idempotency_key, 256)
@@ -302,11 +331,16 @@ class TaskScheduler:
         self, task_id: str, attempt_id: str, result: struct_pb2.Struct, agent_id: str | None = None
     ) -> task_pb2.Task:
         self._validate_report(task_id, attempt_id)
+        violations = Violations()
         if result.ByteSize() > MAX_PAYLOAD_BYTES:
-            raise InvalidArgument.field("result", f"larger than {MAX_PAYLOAD_BYTES} bytes")
+            violations.add("result", f"larger than {MAX_PAYLOAD_BYTES} bytes")
+        else:
+            violations.value("result", result)
+        violations.raise_if_any()
         entry = self._active.get(task_id)
         if entry is None:
             task = await self.get(task_id)
+            self._check_holder(task, attempt_id, agent_id)
             if task.status == SUCCEEDED and task.attempts and task.attempts[-1].attempt_id == attempt_id:
                 return task  # a retried report of the completion that already landed
             raise FailedPrecondition(
@@ -333,6 +367,7 @@ class TaskScheduler:
         entry = self._active.get(task_id)
         if entry is None:
             task = await self.get(task_id)
+            self._check_holder(task, attempt_id, agent_id)
             raise FailedPrecondition(
                 f"task {task_id} is {task_pb2.TaskStatus.Name(task.status)}, not running"
             )
@@ -341,6 +376,7 @@ class TaskScheduler:
         attempt.status = task_pb2.ATTEMPT_STATUS_FAILED
         attempt.finished_at.CopyFrom(now)
         attempt.error.CopyFrom(error)
+        attempt.error.message = error.message[:MAX_ATTEMPT_ERROR]
         self._end_attempt(entry, error, exhausted_status=FAILED, now=now)
         await self._commit(entry)
         return entry.task
@@ -356,8 +392,11 @@ class TaskScheduler:
         self, task_id: str, attempt_id: str, progress: task_pb2.TaskProgress, agent_id: str | None
     ) -> ActiveTask:
         self._validate_report(task_id, attempt_id)
+        violations = Violations()
         if not 0.0 <= progress.fraction <= 1.0:
-            raise InvalidArgument.field("progress.fraction", "must be between 0.0 and 1.0")
+            violations.add("progress.fraction", "must be between 0.0 and 1.0")
+        violations.text("progress.message", progress.message, MAX_ATTEMPT_ERROR)
+        violations.raise_if_any()
         entry = self._active.get(task_id)
         if entry is None:
             raise FailedPrecondition(f"task {task_id} is not running")
@@ -384,13 +423,27 @@ class TaskScheduler:
             if update.kind == registry_pb2.TASK_UPDATE_KIND_STARTED:
                 self._mark_running(entry, attempt)
             elif update.kind == registry_pb2.TASK_UPDATE_KIND_REJECTED:
-                # The agent cannot take it (no handler, full): place it elsewhere without using an attempt.
-                self._lose_attempt(
-                    entry, f"rejected by agent: {update.reason}"[:512], task_pb2.ATTEMPT_STATUS_LOST
-                )
+                self._reject(entry, attempt, update.reason)
             else:
                 raise InvalidArgument.field("task_update.kind", "is required")
         self._spawn(self._commit(entry))
+
+    def _reject(self, entry: ActiveTask, attempt: task_pb2.Attempt, why: str) -> None:
+        """The agent refused the attempt (no handler, shutting down, full): a failed attempt that
+        backs off, and a retry prefers another agent; past the rejection budget the task fails."""
+        task = entry.task
+        task.rejection_count += 1
+        now = now_timestamp()
+        error = task_pb2.TaskError(
+            message=f"rejected by agent {attempt.agent_id}: {why}"[:MAX_ATTEMPT_ERROR], reason="REJECTED"
+        )
+        attempt.status = task_pb2.ATTEMPT_STATUS_REJECTED
+        attempt.finished_at.CopyFrom(now)
+        attempt.error.CopyFrom(error)
+        if task.rejection_count >= MAX_REJECTIONS:
+            error.message = f"rejected {task.rejection_count} times; last: {error.message}"
+            error.non_retryable = True
+        self._end_attempt(entry, error, exhausted_status=FAILED, now=now)
 
     def _validate_report(self, task_id: str, attempt_id: str) -> None:
         violations = Violations()
@@ -409,6 +462,16 @@ class TaskScheduler:
         if agent_id is not None and attempt.agent_id != agent_id:
             raise PermissionDenied(f"attempt {attempt_id} belongs to another agent")
         return attempt
+
+    @staticmethod
+    def _check_holder(task: task_pb2.Task, attempt_id: str, agent_id: str | None) -> None:
+        """A report on a finished task: an agent credential may only hear about its own attempts
+        (what any other agent's task looks like is none of its business, finished or not)."""
+        if agent_id is None:
+            return
+        attempt = next((old for old in task.attempts if old.attempt_id == attempt_id), None)
+        if attempt is None or attempt.agent_id != agent_id:
+            raise PermissionDenied(f"attempt {attempt_id} belongs to another agent")
 
     def _mark_running(self, entry: ActiveTask, attempt: task_pb2.Attempt) -> None:
         if attempt.status == task_pb2.ATTEMPT_STATUS_ASSIGNED:
@@ -485,8 +548,6 @@ class TaskScheduler:
         if len(self._active) == self._placed:
             return
         agents = [agent for agent in self._registry.agents() if self._placeable(agent)]
-        if not agents:
-            return
         fitting: dict[GroupKey, list[agent_pb2.Agent]] = {}
         for key, group in self._groups.items():
             if group.heap:
@@ -502,10 +563,16 @@ class TaskScheduler:
                 if candidates and (best is None or heap[0] < best[0]):
                     best = (heap[0], key)
             if best is None:
-                return
+                break
             _, _, task_id = heapq.heappop(self._groups[best[1]].heap)
             entry = self._active[task_id]
             self._place(entry, self._choose(entry, fitting[best[1]]))
+        # Groups still waiting get an explanation (reused for a second, so this stays cheap).
+        for key in fitting:
+            if self._groups[key].heap:
+                self._explain(self._groups[key])
+            else:
+                del self._groups[key]  # made again by the next task of its kind
 
     def _drop_stale(self, heap: list[tuple[int, int, str]]) -> None:
         """Heap entries are removed lazily: a task may have been cancelled or placed by hand."""
@@ -544,18 +611,22 @@ class TaskScheduler:
     def _place(self, entry: ActiveTask, agent: agent_pb2.Agent) -> None:
         task = entry.task
         now = now_timestamp()
+        task.attempt_count += 1
         attempt = task_pb2.Attempt(
             attempt_id=new_id("att_"),
-            number=len(task.attempts) + 1,
+            number=task.attempt_count,
             agent_id=agent.agent_id,
             status=task_pb2.ATTEMPT_STATUS_ASSIGNED,
         )
         attempt.assigned_at.CopyFrom(now)
         task.attempts.append(attempt)
+        if len(task.attempts) > MAX_KEPT_ATTEMPTS:
+            del task.attempts[: len(task.attempts) - MAX_KEPT_ATTEMPTS]
         task.current_attempt_id = attempt.attempt_id
         task.status = ASSIGNED
         task.updated_at.CopyFrom(now)
         task.ClearField("progress")
+        task.ClearField("pending_reason")
         entry.pushed_epoch = 0
         self._hold(agent.agent_id, task.task_id)
         self._arm_run_timer(entry, time.time())
@@ -598,8 +669,8 @@ class TaskScheduler:
     ) -> None:
         """After a failed or timed-out attempt: retry with backoff, or finish the task."""
         task = entry.task
-        counted = sum(1 for attempt in task.attempts if attempt.status != task_pb2.ATTEMPT_STATUS_LOST)
-        if error.non_retryable or counted >= task.spec.max_attempts:
+        task.failure_count += 1
+        if error.non_retryable or task.failure_count >= task.spec.max_attempts:
             task.error.CopyFrom(error)
             self._finish(entry, exhausted_status, now)
             return
@@ -607,7 +678,7 @@ class TaskScheduler:
         task.status = PENDING
         task.current_attempt_id = ""
         task.updated_at.CopyFrom(now)
-        delay = self._backoff(counted)
+        delay = self._backoff(task.failure_count)
         task.not_before.CopyFrom(stamp_at(time.time() + delay))
         self._enqueue(entry, time.time())
 
@@ -639,10 +710,11 @@ class TaskScheduler:
         task.current_attempt_id = ""
         task.updated_at.CopyFrom(now)
         task.finished_at.CopyFrom(now)
+        task.ClearField("pending_reason")
         TASKS_FINISHED.labels(task_pb2.TaskStatus.Name(status).removeprefix("TASK_STATUS_").lower()).inc()  # type: ignore[arg-type]
         del self._active[task.task_id]
-        if task.spec.idempotency_key:
-            self._by_key.pop(task.spec.idempotency_key, None)
+        if entry.key is not None:
+            self._keys.finished(entry.key)
         # The finished record stays retrievable from the store; keys there still deduplicate.
 
     def _release(self, entry: ActiveTask) -> None:
@@ -705,9 +777,10 @@ class TaskScheduler:
             attempt.status = task_pb2.ATTEMPT_STATUS_CANCELLED
             attempt.finished_at.CopyFrom(now)
             self._tell_cancel(attempt.agent_id, task_id, attempt.attempt_id, "queue timeout")
-        entry.task.error.CopyFrom(
-            task_pb2.TaskError(message="waited longer than its queue timeout", reason="QUEUE_TIMEOUT")
-        )
+        message = "waited longer than its queue timeout"
+        if entry.task.status == PENDING:  # say what it waited for
+            message += f"; {self._explained(entry).pending_reason.message}"
+        entry.task.error.CopyFrom(task_pb2.TaskError(message=message[:4096], reason="QUEUE_TIMEOUT"))
         self._finish(entry, TIMED_OUT, now)
         self._spawn(self._commit(entry))
 
@@ -737,19 +810,19 @@ class TaskScheduler:
 
     # -- queue ---------------------------------------------------------------------------------
 
-    def _track(self, task: task_pb2.Task) -> ActiveTask:
+    def _track(self, task: task_pb2.Task, key: ScopedKey | None = None) -> ActiveTask:
+        """Starts keeping `task` in memory; `key` is its scoped idempotency key when just created
+        (a restored task's key is found through the store)."""
         self._sequence += 1
-        entry = ActiveTask(task, self._sequence, parse_selector(task.spec.label_selector))
+        entry = ActiveTask(task, self._sequence, parse_selector(task.spec.label_selector), key)
         self._active[task.task_id] = entry
-        if task.spec.idempotency_key:
-            self._by_key[task.spec.idempotency_key] = entry
         return entry
 
-    def _group_for(self, entry: ActiveTask) -> _Group:
+    def _group_for(self, entry: ActiveTask) -> Group:
         key = entry.group
         group = self._groups.get(key)
         if group is None:
-            group = _Group(key[0], entry.selector, key[2])
+            group = Group(key[0], key[1], entry.selector, key[3])
             self._groups[key] = group
         return group
 
@@ -892,7 +965,8 @@ class TaskScheduler:
     async def _commit(self, entry: ActiveTask, event_type: int = event_pb2.EVENT_TYPE_TASK_UPDATED) -> None:
         event = event_pb2.Event(type=event_type)  # type: ignore[arg-type]
         event.task.CopyFrom(entry.task)
-        entry.task.revision = await self._store.commit(Change(events=[event]))
+        scopes = {entry.task.task_id: entry.key[0]} if entry.key is not None else {}
+        entry.task.revision = await self._store.commit(Change(events=[event], idempotency_scopes=scopes))
 
     def _spawn(self, work: object) -> None:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(work)  # type: ignore[arg-type]

@@ -331,7 +331,7 @@ async def test_rejected_assignment_goes_elsewhere(stubs: Stubs) -> None:
     assert second.task.task_id == task.task_id
     current = await get(stubs, task.task_id)
     assert [a.agent_id for a in current.attempts] == [picky_id, other_id]
-    assert current.attempts[0].status == task_pb2.ATTEMPT_STATUS_LOST
+    assert current.attempts[0].status == task_pb2.ATTEMPT_STATUS_REJECTED
 
 
 async def test_queue_timeout(stubs: Stubs) -> None:

@@ -294,6 +294,7 @@ class Agent(_message.Message):
     TRANSITIONS_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
     ASSIGNED_TASKS_FIELD_NUMBER: _builtins.int
+    TASK_TYPES_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """Server-assigned identifier; stable across re-registrations of the same name and instance."""
     name: _builtins.str
@@ -358,6 +359,12 @@ class Agent(_message.Message):
     def status_changed_at(self) -> _timestamp_pb2.Timestamp:
         """When the current status began."""
 
+    @_builtins.property
+    def task_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Task types the agent handles; placement offers it only these. Empty means every type (agents
+        that do not declare them, e.g. older SDKs and REST agents).
+        """
+
     def __init__(
         self,
         *,
@@ -383,10 +390,11 @@ class Agent(_message.Message):
         transitions: _builtins.int = ...,
         revision: _builtins.int = ...,
         assigned_tasks: _builtins.int = ...,
+        task_types: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_heartbeat_at", b"last_heartbeat_at", "load", b"load", "registered_at", b"registered_at", "session", b"session", "status_changed_at", b"status_changed_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "assigned_tasks", b"assigned_tasks", "capabilities", b"capabilities", "checks", b"checks", "draining", b"draining", "endpoints", b"endpoints", "instance_id", b"instance_id", "labels", b"labels", "last_heartbeat_at", b"last_heartbeat_at", "load", b"load", "max_concurrent_tasks", b"max_concurrent_tasks", "name", b"name", "registered_at", b"registered_at", "revision", b"revision", "session", b"session", "status", b"status", "status_changed_at", b"status_changed_at", "status_reason", b"status_reason", "transitions", b"transitions", "type", b"type", "updated_at", b"updated_at", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "assigned_tasks", b"assigned_tasks", "capabilities", b"capabilities", "checks", b"checks", "draining", b"draining", "endpoints", b"endpoints", "instance_id", b"instance_id", "labels", b"labels", "last_heartbeat_at", b"last_heartbeat_at", "load", b"load", "max_concurrent_tasks", b"max_concurrent_tasks", "name", b"name", "registered_at", b"registered_at", "revision", b"revision", "session", b"session", "status", b"status", "status_changed_at", b"status_changed_at", "status_reason", b"status_reason", "task_types", b"task_types", "transitions", b"transitions", "type", b"type", "updated_at", b"updated_at", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -86,6 +86,7 @@ class RegisterAgentRequest(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     ENDPOINTS_FIELD_NUMBER: _builtins.int
     MAX_CONCURRENT_TASKS_FIELD_NUMBER: _builtins.int
+    TASK_TYPES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Logical agent name; required; [a-zA-Z0-9._-], at most 128 characters."""
     instance_id: _builtins.str
@@ -108,6 +109,10 @@ class RegisterAgentRequest(_message.Message):
     def endpoints(self) -> _containers.RepeatedCompositeFieldContainer[_agent_pb2.Endpoint]:
         """Endpoints peers can reach."""
 
+    @_builtins.property
+    def task_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Task types the agent handles (at most 64 names); empty means every type."""
+
     def __init__(
         self,
         *,
@@ -119,10 +124,11 @@ class RegisterAgentRequest(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         endpoints: _abc.Iterable[_agent_pb2.Endpoint] | None = ...,
         max_concurrent_tasks: _builtins.int = ...,
+        task_types: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "endpoints", b"endpoints", "instance_id", b"instance_id", "labels", b"labels", "max_concurrent_tasks", b"max_concurrent_tasks", "name", b"name", "type", b"type", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "endpoints", b"endpoints", "instance_id", b"instance_id", "labels", b"labels", "max_concurrent_tasks", b"max_concurrent_tasks", "name", b"name", "task_types", b"task_types", "type", b"type", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -351,7 +357,9 @@ class UpdateAgentRequest(_message.Message):
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """Fields of `update` to apply: version, capabilities, labels, endpoints, max_concurrent_tasks."""
+        """Fields of `update` to apply: version, capabilities, labels, endpoints, max_concurrent_tasks,
+        task_types.
+        """
 
     def __init__(
         self,
@@ -399,6 +407,7 @@ class AgentUpdate(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     ENDPOINTS_FIELD_NUMBER: _builtins.int
     MAX_CONCURRENT_TASKS_FIELD_NUMBER: _builtins.int
+    TASK_TYPES_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     """New version."""
     max_concurrent_tasks: _builtins.int
@@ -415,6 +424,10 @@ class AgentUpdate(_message.Message):
     def endpoints(self) -> _containers.RepeatedCompositeFieldContainer[_agent_pb2.Endpoint]:
         """New endpoints (replaces the list)."""
 
+    @_builtins.property
+    def task_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """New task types (replaces the list; empty means every type)."""
+
     def __init__(
         self,
         *,
@@ -423,10 +436,11 @@ class AgentUpdate(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         endpoints: _abc.Iterable[_agent_pb2.Endpoint] | None = ...,
         max_concurrent_tasks: _builtins.int = ...,
+        task_types: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "endpoints", b"endpoints", "labels", b"labels", "max_concurrent_tasks", b"max_concurrent_tasks", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "endpoints", b"endpoints", "labels", b"labels", "max_concurrent_tasks", b"max_concurrent_tasks", "task_types", b"task_types", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

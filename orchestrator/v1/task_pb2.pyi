@@ -88,6 +88,8 @@ class _AttemptStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Attempt
     """Cancelled with its task."""
     ATTEMPT_STATUS_LOST: _AttemptStatus.ValueType  # 7
     """The agent went away (down past the failover grace, said goodbye, or drained); the task moved."""
+    ATTEMPT_STATUS_REJECTED: _AttemptStatus.ValueType  # 8
+    """The agent refused it (no handler, shutting down, full); counts as a failed attempt."""
 
 class AttemptStatus(_AttemptStatus, metaclass=_AttemptStatusEnumTypeWrapper):
     """AttemptStatus is the state of one placement of a task on an agent."""
@@ -108,6 +110,8 @@ ATTEMPT_STATUS_CANCELLED: AttemptStatus.ValueType  # 6
 """Cancelled with its task."""
 ATTEMPT_STATUS_LOST: AttemptStatus.ValueType  # 7
 """The agent went away (down past the failover grace, said goodbye, or drained); the task moved."""
+ATTEMPT_STATUS_REJECTED: AttemptStatus.ValueType  # 8
+"""The agent refused it (no handler, shutting down, full); counts as a failed attempt."""
 Global___AttemptStatus: _TypeAlias = AttemptStatus  # noqa: Y015
 
 @_typing.final
@@ -279,7 +283,9 @@ class TaskSpec(_message.Message):
     max_attempts: _builtins.int
     """Attempts allowed in all; 0 means the server default."""
     idempotency_key: _builtins.str
-    """The same key always returns the same task."""
+    """The same key from the same caller returns the same task; the same key with a different spec
+    is refused with ALREADY_EXISTS. Keys are scoped per principal (API key or agent).
+    """
     routing_key: _builtins.str
     """Key for consistent-hash placement; tasks with the same key go to the same agent while it lives."""
     @_builtins.property
@@ -292,11 +298,11 @@ class TaskSpec(_message.Message):
 
     @_builtins.property
     def queue_timeout(self) -> _duration_pb2.Duration:
-        """Longest time the task may wait in the queue before an attempt starts; unset means forever."""
+        """Longest time the task may wait in the queue before an attempt starts; unset means forever; at most 30 days."""
 
     @_builtins.property
     def run_timeout(self) -> _duration_pb2.Duration:
-        """Longest time one attempt may run; unset means no limit."""
+        """Longest time one attempt may run; unset means no limit; at most 30 days."""
 
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
@@ -345,6 +351,10 @@ class Task(_message.Message):
     NOT_BEFORE_FIELD_NUMBER: _builtins.int
     FINISHED_AT_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
+    ATTEMPT_COUNT_FIELD_NUMBER: _builtins.int
+    FAILURE_COUNT_FIELD_NUMBER: _builtins.int
+    REJECTION_COUNT_FIELD_NUMBER: _builtins.int
+    PENDING_REASON_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """Server-assigned identifier."""
     status: Global___TaskStatus.ValueType
@@ -353,13 +363,19 @@ class Task(_message.Message):
     """Identifier of the current attempt; empty when none is in flight."""
     revision: _builtins.int
     """Event-log revision of the last change to this task."""
+    attempt_count: _builtins.int
+    """Attempts placed in all, including those no longer listed in `attempts`."""
+    failure_count: _builtins.int
+    """Attempts that failed, timed out or were rejected: counted against `spec.max_attempts`."""
+    rejection_count: _builtins.int
+    """Times an agent refused the task; at 10 the task fails with reason "REJECTED"."""
     @_builtins.property
     def spec(self) -> Global___TaskSpec:
         """What the caller asked for."""
 
     @_builtins.property
     def attempts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Attempt]:
-        """Every attempt so far, oldest first."""
+        """The most recent attempts (at most 16), oldest first; `attempt_count` counts them all."""
 
     @_builtins.property
     def result(self) -> _struct_pb2.Struct:
@@ -389,6 +405,10 @@ class Task(_message.Message):
     def finished_at(self) -> _timestamp_pb2.Timestamp:
         """When the task reached a terminal state."""
 
+    @_builtins.property
+    def pending_reason(self) -> Global___PendingReason:
+        """While PENDING: why no agent took the task yet. Cleared once placed."""
+
     def __init__(
         self,
         *,
@@ -405,11 +425,77 @@ class Task(_message.Message):
         not_before: _timestamp_pb2.Timestamp | None = ...,
         finished_at: _timestamp_pb2.Timestamp | None = ...,
         revision: _builtins.int = ...,
+        attempt_count: _builtins.int = ...,
+        failure_count: _builtins.int = ...,
+        rejection_count: _builtins.int = ...,
+        pending_reason: Global___PendingReason | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "not_before", b"not_before", "progress", b"progress", "result", b"result", "spec", b"spec", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "not_before", b"not_before", "pending_reason", b"pending_reason", "progress", b"progress", "result", b"result", "spec", b"spec", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "created_at", b"created_at", "current_attempt_id", b"current_attempt_id", "error", b"error", "finished_at", b"finished_at", "not_before", b"not_before", "progress", b"progress", "result", b"result", "revision", b"revision", "spec", b"spec", "status", b"status", "task_id", b"task_id", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_count", b"attempt_count", "attempts", b"attempts", "created_at", b"created_at", "current_attempt_id", b"current_attempt_id", "error", b"error", "failure_count", b"failure_count", "finished_at", b"finished_at", "not_before", b"not_before", "pending_reason", b"pending_reason", "progress", b"progress", "rejection_count", b"rejection_count", "result", b"result", "revision", b"revision", "spec", b"spec", "status", b"status", "task_id", b"task_id", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Task: _TypeAlias = Task  # noqa: Y015
+
+@_typing.final
+class PendingReason(_message.Message):
+    """PendingReason explains why a pending task is not placed: of the agents evaluated, how many each
+    constraint filtered out (each agent is counted under the first constraint it fails, in this order).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    AGENTS_EVALUATED_FIELD_NUMBER: _builtins.int
+    FILTERED_BY_TARGET_FIELD_NUMBER: _builtins.int
+    FILTERED_BY_TYPE_FIELD_NUMBER: _builtins.int
+    FILTERED_BY_CAPABILITY_FIELD_NUMBER: _builtins.int
+    FILTERED_BY_SELECTOR_FIELD_NUMBER: _builtins.int
+    NOT_READY_FIELD_NUMBER: _builtins.int
+    DRAINING_FIELD_NUMBER: _builtins.int
+    AT_CAPACITY_FIELD_NUMBER: _builtins.int
+    EVALUATED_AT_FIELD_NUMBER: _builtins.int
+    message: _builtins.str
+    """One line for humans, e.g. "no agent handles task type 'estimat' (3 agents evaluated)"."""
+    agents_evaluated: _builtins.int
+    """Registered agents looked at (deregistered ones are not)."""
+    filtered_by_target: _builtins.int
+    """Not the task's target agent."""
+    filtered_by_type: _builtins.int
+    """Do not handle the task's type."""
+    filtered_by_capability: _builtins.int
+    """Lack a required capability."""
+    filtered_by_selector: _builtins.int
+    """Do not match the label selector."""
+    not_ready: _builtins.int
+    """Down, degraded or without an open session."""
+    draining: _builtins.int
+    """Draining."""
+    at_capacity: _builtins.int
+    """No free capacity."""
+    @_builtins.property
+    def evaluated_at(self) -> _timestamp_pb2.Timestamp:
+        """When the explanation was computed."""
+
+    def __init__(
+        self,
+        *,
+        message: _builtins.str = ...,
+        agents_evaluated: _builtins.int = ...,
+        filtered_by_target: _builtins.int = ...,
+        filtered_by_type: _builtins.int = ...,
+        filtered_by_capability: _builtins.int = ...,
+        filtered_by_selector: _builtins.int = ...,
+        not_ready: _builtins.int = ...,
+        draining: _builtins.int = ...,
+        at_capacity: _builtins.int = ...,
+        evaluated_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["evaluated_at", b"evaluated_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents_evaluated", b"agents_evaluated", "at_capacity", b"at_capacity", "draining", b"draining", "evaluated_at", b"evaluated_at", "filtered_by_capability", b"filtered_by_capability", "filtered_by_selector", b"filtered_by_selector", "filtered_by_target", b"filtered_by_target", "filtered_by_type", b"filtered_by_type", "message", b"message", "not_ready", b"not_ready"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PendingReason: _TypeAlias = PendingReason  # noqa: Y015

@@ -87,7 +87,8 @@ class TasksServiceServicer:
     """
 
     def CreateTask(self, request, context):
-        """Creates a task. With an idempotency key already used, returns the existing task instead.
+        """Creates a task. With an idempotency key the same caller already used for the same spec, returns
+        the existing task instead; for a different spec, fails with ALREADY_EXISTS.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -34,7 +34,9 @@ class TasksServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> TasksServiceAsyncStub: ...
     CreateTask: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.CreateTaskRequest, _tasks_pb2.CreateTaskResponse]
-    """Creates a task. With an idempotency key already used, returns the existing task instead."""
+    """Creates a task. With an idempotency key the same caller already used for the same spec, returns
+    the existing task instead; for a different spec, fails with ALREADY_EXISTS.
+    """
     GetTask: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.GetTaskRequest, _tasks_pb2.GetTaskResponse]
     """Returns one task."""
     ListTasks: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.ListTasksRequest, _tasks_pb2.ListTasksResponse]
@@ -60,7 +62,9 @@ class TasksServiceAsyncStub(TasksServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateTask: _aio.UnaryUnaryMultiCallable[_tasks_pb2.CreateTaskRequest, _tasks_pb2.CreateTaskResponse]  # type: ignore[assignment]
-    """Creates a task. With an idempotency key already used, returns the existing task instead."""
+    """Creates a task. With an idempotency key the same caller already used for the same spec, returns
+    the existing task instead; for a different spec, fails with ALREADY_EXISTS.
+    """
     GetTask: _aio.UnaryUnaryMultiCallable[_tasks_pb2.GetTaskRequest, _tasks_pb2.GetTaskResponse]  # type: ignore[assignment]
     """Returns one task."""
     ListTasks: _aio.UnaryUnaryMultiCallable[_tasks_pb2.ListTasksRequest, _tasks_pb2.ListTasksResponse]  # type: ignore[assignment]
@@ -89,7 +93,9 @@ class TasksServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _tasks_pb2.CreateTaskRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_tasks_pb2.CreateTaskResponse, _abc.Awaitable[_tasks_pb2.CreateTaskResponse]]:
-        """Creates a task. With an idempotency key already used, returns the existing task instead."""
+        """Creates a task. With an idempotency key the same caller already used for the same spec, returns
+        the existing task instead; for a different spec, fails with ALREADY_EXISTS.
+        """
 
     @_abc_1.abstractmethod
     def GetTask(

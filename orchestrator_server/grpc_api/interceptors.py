@@ -98,6 +98,15 @@ def acting_agent_id() -> str | None:
     return call.principal.agent_id
 
 
+def caller_scope() -> str:
+    """Whose idempotency keys the current call uses: its API key or agent; "" when anonymous
+    (authentication off), so every caller then shares one scope as before."""
+    call = _current.get()
+    if call is None or call.principal is None or call.principal.kind is Kind.ANONYMOUS:
+        return ""
+    return call.principal.name
+
+
 class _Malformed:
     """What the request deserializer yields for bytes that are not the method's message."""
 
@@ -197,7 +206,12 @@ class AuditInterceptor(AsyncServerInterceptor):
     @staticmethod
     def _record(call: Call, rule: Rule, request: Any, context: Context, code: str, started: float) -> None:
         principal = call.principal
-        if rule.audit is Audit.OVERRIDE and principal is not None and principal.kind is Kind.AGENT:
+        if (
+            rule.audit is Audit.OVERRIDE
+            and principal is not None
+            and principal.kind is Kind.AGENT
+            and code != "PERMISSION_DENIED"  # an agent reaching for another's work is worth a record
+        ):
             return
         who = principal.name if principal is not None else "unauthenticated"
         target = " ".join(

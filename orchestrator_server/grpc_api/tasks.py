@@ -9,7 +9,7 @@ import grpc
 
 from orchestrator.v1 import event_pb2, task_pb2, tasks_pb2, tasks_pb2_grpc
 from orchestrator_server.events import EventBus, ResyncNeeded
-from orchestrator_server.grpc_api.interceptors import acting_agent_id
+from orchestrator_server.grpc_api.interceptors import acting_agent_id, caller_scope
 from orchestrator_server.tasks import TERMINAL, TaskScheduler
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -23,7 +23,7 @@ class TasksServicer(tasks_pb2_grpc.TasksServiceServicer):
     async def CreateTask(
         self, request: tasks_pb2.CreateTaskRequest, context: Context
     ) -> tasks_pb2.CreateTaskResponse:
-        task, created = await self._tasks.create(request.spec)
+        task, created = await self._tasks.create(request.spec, caller_scope())
         return tasks_pb2.CreateTaskResponse(task=task, created=created)
 
     async def GetTask(self, request: tasks_pb2.GetTaskRequest, context: Context) -> tasks_pb2.GetTaskResponse:

@@ -49,6 +49,8 @@ class Change:
 
     events: list[event_pb2.Event] = field(default_factory=list)
     agent_token_hashes: dict[str, str] = field(default_factory=dict)
+    #: Task id -> the scope of its idempotency key (the creating principal), stored with a new task.
+    idempotency_scopes: dict[str, str] = field(default_factory=dict)
 
 
 class Store(abc.ABC):
@@ -75,8 +77,8 @@ class Store(abc.ABC):
         """One task, finished or not."""
 
     @abc.abstractmethod
-    async def find_task_by_idempotency_key(self, key: str) -> task_pb2.Task | None:
-        """The task created with this idempotency key, if any."""
+    async def find_task_by_idempotency_key(self, key: str, scope: str = "") -> task_pb2.Task | None:
+        """The task created with this idempotency key in this scope (principal), if any."""
 
     @abc.abstractmethod
     async def list_tasks(self, query: TaskQuery) -> tuple[list[task_pb2.Task], int | None]:

@@ -71,6 +71,14 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
     INSERT INTO meta (key, value) VALUES ('revision', 0);
     """,
+    # Idempotency keys belong to the principal that created the task ('' for tasks created while
+    # authentication was off, and for every task created before this version).
+    """
+    ALTER TABLE tasks ADD COLUMN idempotency_scope TEXT NOT NULL DEFAULT '';
+    DROP INDEX tasks_idempotency;
+    CREATE UNIQUE INDEX tasks_idempotency ON tasks (idempotency_scope, idempotency_key)
+        WHERE idempotency_key IS NOT NULL;
+    """,
 )
 
 
@@ -159,9 +167,11 @@ class SqliteStore(Store):
 
         return await self._read(run)
 
-    async def find_task_by_idempotency_key(self, key: str) -> task_pb2.Task | None:
+    async def find_task_by_idempotency_key(self, key: str, scope: str = "") -> task_pb2.Task | None:
         def run(conn: sqlite3.Connection) -> task_pb2.Task | None:
-            row = conn.execute("SELECT data FROM tasks WHERE idempotency_key = ?", (key,)).fetchone()
+            row = conn.execute(
+                "SELECT data FROM tasks WHERE idempotency_scope = ? AND idempotency_key = ?", (scope, key)
+            ).fetchone()
             return task_pb2.Task.FromString(row[0]) if row else None
 
         return await self._read(run)
@@ -286,7 +296,7 @@ class SqliteStore(Store):
                 for event in write.change.events:
                     revision += 1
                     self._stamp(event, revision)
-                    self._upsert_entity(conn, event)
+                    self._upsert_entity(conn, event, write.change.idempotency_scopes)
                     conn.execute(
                         "INSERT INTO events (revision, type, data) VALUES (?, ?, ?)",
                         (revision, event.type, event.SerializeToString()),
@@ -315,7 +325,7 @@ class SqliteStore(Store):
             event.time.GetCurrentTime()
 
     @staticmethod
-    def _upsert_entity(conn: sqlite3.Connection, event: event_pb2.Event) -> None:
+    def _upsert_entity(conn: sqlite3.Connection, event: event_pb2.Event, scopes: dict[str, str]) -> None:
         if event.HasField("agent"):
             agent = event.agent
             conn.execute(
@@ -327,8 +337,8 @@ class SqliteStore(Store):
             task = event.task
             last_agent = task.attempts[-1].agent_id if task.attempts else ""
             conn.execute(
-                "INSERT INTO tasks (task_id, status, type, agent_id, priority, idempotency_key, data) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (task_id) DO UPDATE SET "
+                "INSERT INTO tasks (task_id, status, type, agent_id, priority, idempotency_key, "
+                "idempotency_scope, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (task_id) DO UPDATE SET "
                 "status = excluded.status, agent_id = excluded.agent_id, data = excluded.data",
                 (
                     task.task_id,
@@ -337,6 +347,7 @@ class SqliteStore(Store):
                     last_agent,
                     task.spec.priority,
                     task.spec.idempotency_key or None,
+                    scopes.get(task.task_id, ""),
                     task.SerializeToString(),
                 ),
             )
