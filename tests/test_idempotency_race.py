@@ -6,18 +6,10 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 
-import pytest
-
 from orchestrator.v1 import task_pb2, tasks_pb2
 from tests.conftest import Running, async_wait_for
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="TaskScheduler.create tracks the task (_by_key) before its commit, and _existing_for_key "
-    "looks there before the in-flight future: a racing create is answered with the uncommitted task. "
-    "Fix: look at _creating first (issue 10, item 20).",
-)
 async def test_creates_racing_one_in_flight_get_its_task(running: Running) -> None:
     tasks = running.stubs.tasks
     request = tasks_pb2.CreateTaskRequest(spec=task_pb2.TaskSpec(type="work", idempotency_key="held"))
@@ -28,7 +20,9 @@ async def test_creates_racing_one_in_flight_get_its_task(running: Running) -> No
     try:
         first = asyncio.ensure_future(tasks.CreateTask(request))
         # The first create is in flight: it claimed the key and waits for the disk.
-        await async_wait_for(lambda: "held" in running.server.tasks._creating, what="first create in flight")
+        await async_wait_for(
+            lambda: ("", "held") in running.server.tasks._keys._creating, what="first create in flight"
+        )
         racing = [asyncio.ensure_future(tasks.CreateTask(request)) for _ in range(20)]
         # Every racer has been answered by nothing yet: all are held behind the same commit.
         await asyncio.sleep(1.0)
