@@ -64,8 +64,10 @@ MAX_ATTEMPTS_LIMIT = 100
 MAX_KEPT_ATTEMPTS = 16
 # Characters of an attempt's error message kept in the attempt (the task's own error keeps 4096).
 MAX_ATTEMPT_ERROR = 512
-# Refusals by agents (no handler, shutting down, full) a task survives; each also counts as a failed
-# attempt and backs off like one, so a task nobody will take ends FAILED ("REJECTED"), never loops.
+# Refusals by agents (no handler, shutting down, full) a task survives. A refusal backs off like a
+# failure but has its own budget instead of using `max_attempts`: an agent that is shutting down or
+# briefly full refuses work it would otherwise run, and that must not fail a task. Past the budget
+# the task ends FAILED ("REJECTED"), so nothing cycles between the scheduler and an agent.
 MAX_REJECTIONS = 10
 STRATEGIES = {
     "least_loaded": discovery_pb2.LOAD_BALANCING_STRATEGY_LEAST_LOADED,
@@ -429,8 +431,8 @@ class TaskScheduler:
         self._spawn(self._commit(entry))
 
     def _reject(self, entry: ActiveTask, attempt: task_pb2.Attempt, why: str) -> None:
-        """The agent refused the attempt (no handler, shutting down, full): a failed attempt that
-        backs off, and a retry prefers another agent; past the rejection budget the task fails."""
+        """The agent refused the attempt (no handler, shutting down, full): the task backs off and a
+        retry prefers another agent; past the rejection budget (not `max_attempts`) the task fails."""
         task = entry.task
         task.rejection_count += 1
         now = now_timestamp()
@@ -442,8 +444,10 @@ class TaskScheduler:
         attempt.error.CopyFrom(error)
         if task.rejection_count >= MAX_REJECTIONS:
             error.message = f"rejected {task.rejection_count} times; last: {error.message}"
-            error.non_retryable = True
-        self._end_attempt(entry, error, exhausted_status=FAILED, now=now)
+            task.error.CopyFrom(error)
+            self._finish(entry, FAILED, now)
+            return
+        self._retry_later(entry, task.rejection_count, now)
 
     def _validate_report(self, task_id: str, attempt_id: str) -> None:
         violations = Violations()
@@ -674,12 +678,16 @@ class TaskScheduler:
             task.error.CopyFrom(error)
             self._finish(entry, exhausted_status, now)
             return
+        self._retry_later(entry, task.failure_count, now)
+
+    def _retry_later(self, entry: ActiveTask, setbacks: int, now: timestamp_pb2.Timestamp) -> None:
+        """Back to the queue after the backoff for the `setbacks`-th failure (or refusal) in a row."""
+        task = entry.task
         self._release(entry)
         task.status = PENDING
         task.current_attempt_id = ""
         task.updated_at.CopyFrom(now)
-        delay = self._backoff(task.failure_count)
-        task.not_before.CopyFrom(stamp_at(time.time() + delay))
+        task.not_before.CopyFrom(stamp_at(time.time() + self._backoff(setbacks)))
         self._enqueue(entry, time.time())
 
     def _backoff(self, failures: int) -> float:

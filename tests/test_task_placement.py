@@ -152,15 +152,18 @@ async def test_a_task_rejected_over_and_over_fails_with_small_rows(
     assert max(sizes) < 8192 and row < 8192, (max(sizes), row)
 
 
-async def test_a_targeted_task_with_one_attempt_fails_on_the_first_refusal(
+async def test_a_targeted_task_refused_by_its_target_fails_after_the_rejection_budget(
     running: Running, sdk_agents: Callable[..., subprocess.Popen[bytes]]
 ) -> None:
+    """max_attempts=1 and a target that refuses: bounded refusals with backoff, then FAILED. Refusals
+    do not use max_attempts (a shutting-down agent's refusal must not fail a task)."""
     stubs = running.stubs
     sdk_agents(running.target, "refuser")
     agent = await ready_agent(stubs, "refuser")
     task = await create(stubs, type="estimat", target_agent_id=agent.agent_id, max_attempts=1)
-    final = await wait_status(stubs, task.task_id, TERMINAL, within=30)
-    assert (final.status, final.error.reason, final.attempt_count) == (FAILED, "REJECTED", 1)
+    final = await wait_status(stubs, task.task_id, TERMINAL, within=60)
+    assert (final.status, final.error.reason) == (FAILED, "REJECTED")
+    assert final.attempt_count == final.rejection_count == MAX_REJECTIONS and final.failure_count == 0
     assert "no handler" in final.error.message
 
 

@@ -366,9 +366,11 @@ class Task(_message.Message):
     attempt_count: _builtins.int
     """Attempts placed in all, including those no longer listed in `attempts`."""
     failure_count: _builtins.int
-    """Attempts that failed, timed out or were rejected: counted against `spec.max_attempts`."""
+    """Attempts that failed or timed out: counted against `spec.max_attempts`."""
     rejection_count: _builtins.int
-    """Times an agent refused the task; at 10 the task fails with reason "REJECTED"."""
+    """Times an agent refused the task (not counted against `spec.max_attempts`); at 10 the task fails
+    with reason "REJECTED".
+    """
     @_builtins.property
     def spec(self) -> Global___TaskSpec:
         """What the caller asked for."""
