@@ -190,18 +190,34 @@ async def watch(client: AdminClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def add_common_options(parser: argparse.ArgumentParser, *, with_defaults: bool) -> None:
+    def default(value: object) -> object:
+        return value if with_defaults else argparse.SUPPRESS
+
+    parser.add_argument("--target", default=default(os.environ.get("ORCHESTRATOR_TARGET", "localhost:50051")))
+    parser.add_argument("--api-key", default=default(os.environ.get("ORCHESTRATOR_API_KEY", "")))
+    parser.add_argument("--timeout", type=float, default=default(10.0), help="per-call deadline in seconds")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        default=default(False),
+        help="one JSON object per line instead of a table",
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(
         prog="orchestrator", description="OptiInfra orchestrator: server and admin CLI"
     )
-    root.add_argument("--target", default=os.environ.get("ORCHESTRATOR_TARGET", "localhost:50051"))
-    root.add_argument("--api-key", default=os.environ.get("ORCHESTRATOR_API_KEY", ""))
-    root.add_argument("--timeout", type=float, default=10.0, help="per-call deadline in seconds")
-    root.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    add_common_options(root, with_defaults=True)
+    # The same options after the command (`orchestrator agents list --json`); SUPPRESS keeps a value
+    # given before the command when none is given after it.
+    common = argparse.ArgumentParser(add_help=False)
+    add_common_options(common, with_defaults=False)
     commands = root.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="run the gRPC server and the REST gateway (configured by environment)")
 
-    agents_parser = commands.add_parser("agents", help="list and manage agents")
+    agents_parser = commands.add_parser("agents", parents=[common], help="list and manage agents")
     agents_parser.add_argument("action", choices=["list", "get", "drain", "undrain", "deregister"])
     agents_parser.add_argument("id", nargs="?", default="")
     agents_parser.add_argument("--type", default="")
@@ -209,7 +225,7 @@ def parser() -> argparse.ArgumentParser:
     agents_parser.add_argument("--selector", default="", help="label selector, e.g. 'zone=a,tier!=free'")
     agents_parser.add_argument("--limit", type=int, default=1000)
 
-    tasks_parser = commands.add_parser("tasks", help="list, create and follow tasks")
+    tasks_parser = commands.add_parser("tasks", parents=[common], help="list, create and follow tasks")
     tasks_parser.add_argument("action", choices=["list", "get", "create", "cancel", "wait"])
     tasks_parser.add_argument("id", nargs="?", default="", help="task id (the task type for create)")
     tasks_parser.add_argument("--status", default="", help="PENDING, ASSIGNED, RUNNING, SUCCEEDED, ...")
@@ -227,10 +243,10 @@ def parser() -> argparse.ArgumentParser:
     tasks_parser.add_argument("--reason", default="")
     tasks_parser.add_argument("--limit", type=int, default=1000)
 
-    health_parser = commands.add_parser("health", help="system health, or one agent's")
+    health_parser = commands.add_parser("health", parents=[common], help="system health, or one agent's")
     health_parser.add_argument("agent_id", nargs="?", default="")
 
-    watch_parser = commands.add_parser("watch", help="follow changes as JSON lines")
+    watch_parser = commands.add_parser("watch", parents=[common], help="follow changes as JSON lines")
     watch_parser.add_argument("what", choices=["agents", "health", "task"])
     watch_parser.add_argument("id", nargs="?", default="")
     watch_parser.add_argument("--type", default="")

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from tests.conftest import ServerProcess
 
@@ -23,11 +28,12 @@ def readme_block(heading: str) -> str:
     return found.group(1)
 
 
-def run_block(script: str, workdir: Path) -> str:
+def run_block(script: str, workdir: Path, env: dict[str, str] | None = None) -> str:
     """Runs the block with bash -eu (an interactive shell has no pipefail: `curl | head` is fine)."""
     completed = subprocess.run(
         ["bash", "-eu", "-c", script],
         cwd=workdir,
+        env=env,
         capture_output=True,
         text=True,
         timeout=60,
@@ -75,3 +81,41 @@ def test_the_rest_examples_run_as_pasted(
     assert "# HELP" in output, "the metrics line printed nothing"
     # The watch prints its snapshot (the registered agent) before --max-time ends it.
     assert any("snapshot" in json.dumps(answer).lower() for answer in answers), output
+
+
+def readme_python(heading: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index(f"## {heading}") :]
+    found = re.search(r"```python\n(.*?)```", section, re.S)
+    assert found is not None, f"no python block under {heading!r}"
+    return found.group(1)
+
+
+def test_the_cli_and_grpcurl_examples_run_as_pasted(
+    server_process: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    server = server_process().start()
+    env = {**os.environ, "ORCHESTRATOR_TARGET": server.target}
+    agent_script = tmp_path / "agent.py"
+    agent_script.write_text(readme_python("An agent in twenty lines"))
+    with open(tmp_path / "agent.log", "wb") as log:
+        agent = subprocess.Popen([sys.executable, str(agent_script)], env=env, stdout=log, stderr=log)
+    try:
+        cli = readme_block("The admin CLI")
+        # The watch follows until interrupted: give it a few seconds (timeout's exit code is 124).
+        cli = re.sub(
+            r"^(orchestrator watch agents)(\s+#.*)?$", r"timeout 5 \1 || [ $? = 124 ]", cli, flags=re.M
+        )
+        output = run_block(cli, ROOT, env)
+        finished = json_documents(output)[-1]
+        assert finished["status"] == "TASK_STATUS_SUCCEEDED", output
+        assert finished["result"] == {"usd": pytest.approx(0.36)}, output
+        assert "AGENT" in output and "cost-agent" in output, output
+
+        grpcurl = readme_block("Debugging with grpcurl").replace("localhost:50051", server.target)
+        output = run_block(". .venv/bin/activate\n" + grpcurl, ROOT, env)
+        assert "orchestrator.v1.RegistryService" in output and '"status": "SERVING"' in output, output
+        assert '"agentToken"' in output or '"agent_token"' in output, output
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(30)

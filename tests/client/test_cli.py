@@ -67,3 +67,14 @@ def test_errors_are_one_line_with_the_code(server_process: Callable[..., ServerP
     assert missing.stderr.strip().startswith("orchestrator: NOT_FOUND:")
     no_id = cli(server, "tasks", "get")
     assert no_id.returncode == 2 and "id is required" in no_id.stderr
+
+
+def test_options_work_before_and_after_the_command() -> None:
+    from orchestrator_client.cli import parser
+
+    after = parser().parse_args(["agents", "list", "--json", "--target", "h:1"])
+    before = parser().parse_args(["--json", "--target", "h:2", "agents", "list"])
+    neither = parser().parse_args(["tasks", "list"])
+    assert (after.json, after.target) == (True, "h:1")
+    assert (before.json, before.target) == (True, "h:2")
+    assert neither.json is False and neither.timeout == 10.0
