@@ -8,8 +8,12 @@ import gc
 import logging
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -23,7 +27,7 @@ from grpc_status import rpc_status
 
 from orchestrator.v1 import discovery_pb2, registry_pb2
 from orchestrator_server.grpc_api.reflection import V1_SERVICE_NAME, V1ALPHA_SERVICE_NAME
-from tests.conftest import AgentProcess, Running, ServerProcess, Stubs, async_wait_for, open_session
+from tests.conftest import ROOT, AgentProcess, Running, ServerProcess, Stubs, async_wait_for, open_session
 from tests.support import DOWN, READY, SessionClient
 from tests.test_sessions import next_status
 
@@ -277,3 +281,34 @@ async def test_sigterm_drain_turns_readiness_off_refuses_new_sessions_and_keeps_
         session.call.cancel()
         assert await asyncio.to_thread(server.process.wait, 15) == 0
         assert time.monotonic() - signalled < 9.0  # well within SHUTDOWN_GRACE: nothing stranded
+
+
+@pytest.mark.parametrize("variable", ["GRPC_PORT", "PORT"])
+def test_a_port_in_use_stops_startup_with_one_line(tmp_path: Path, variable: str) -> None:
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        env = {
+            **os.environ,
+            "GRPC_PORT": "0",
+            "PORT": "0",
+            "GATEWAY_ENABLED": "true",
+            "BIND_HOST": "127.0.0.1",
+            "DATABASE_PATH": str(tmp_path / "orchestrator.db"),
+            variable: str(port),
+        }
+        finished = subprocess.run(
+            [sys.executable, "-m", "orchestrator_server", "serve"],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert finished.returncode == 1
+    lines = finished.stderr.strip().splitlines()
+    assert lines == [
+        f"orchestrator: port {port} is in use: stop the process holding it or set {variable} to another port"
+    ]
