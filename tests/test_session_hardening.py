@@ -312,3 +312,66 @@ def test_a_port_in_use_stops_startup_with_one_line(tmp_path: Path, variable: str
     assert lines == [
         f"orchestrator: port {port} is in use: stop the process holding it or set {variable} to another port"
     ]
+
+
+class IncarnatedSession(SessionClient):
+    """A hand-driven session whose hello names the agent process (SessionHello.incarnation)."""
+
+    def __init__(self, stubs: Stubs, agent_id: str, token: str, incarnation: str) -> None:
+        self.outbox = asyncio.Queue()
+        hello = registry_pb2.SessionHello(agent_id=agent_id, agent_token=token, incarnation=incarnation)
+        self.outbox.put_nowait(registry_pb2.HeartbeatRequest(hello=hello))
+        self.call = stubs.registry.Heartbeat(self._requests())
+
+
+def error_reason(error: grpc.aio.AioRpcError) -> str:
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info.reason
+    return ""
+
+
+async def test_a_live_session_of_another_process_keeps_its_identity(servers: Callable[..., Any]) -> None:
+    running: Running = await servers(heartbeat_interval=0.2, heartbeat_timeout=60.0)
+    stubs = running.stubs
+    registered = await stubs.register("shared")
+    agent_id, token = registered.agent.agent_id, registered.agent_token
+    holder = IncarnatedSession(stubs, agent_id, token, "process-a")
+    assert (await holder.receive()).welcome.epoch == 1
+    holder.send(beat=registry_pb2.SessionBeat(sequence=1))
+    await holder.receive_kind("ack")
+    # Another process: refused with a reason the SDK stops on; the holder is untouched.
+    intruder = IncarnatedSession(stubs, agent_id, token, "process-b")
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await intruder.receive()
+    assert refused.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert error_reason(refused.value) == "IDENTITY_IN_USE"
+    assert "instance id" in (refused.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as register_refused:
+        await stubs.register("shared")
+    assert register_refused.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    holder.send(beat=registry_pb2.SessionBeat(sequence=2))
+    assert (await holder.receive_kind("ack")).ack.status == READY
+    # The same process reconnecting (its old stream not yet seen to end) fences its old session.
+    resumed = IncarnatedSession(stubs, agent_id, token, "process-a")
+    assert (await resumed.receive()).welcome.epoch == 2
+    with pytest.raises(grpc.aio.AioRpcError) as fenced:
+        while True:
+            await holder.receive()
+    assert fenced.value.code() == grpc.StatusCode.ABORTED
+    # A session silent for longer than two beat intervals is presumed dead: a newcomer takes over.
+    started = time.monotonic()
+
+    async def takes_over() -> int:
+        newcomer = IncarnatedSession(stubs, agent_id, token, "process-c")
+        try:
+            return (await newcomer.receive()).welcome.epoch
+        except grpc.aio.AioRpcError:
+            return 0
+
+    assert await async_wait_for(takes_over, 15, "a newcomer to take over a silent session") == 3
+    assert time.monotonic() - started >= 0.4
