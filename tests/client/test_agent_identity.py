@@ -160,3 +160,60 @@ async def test_backoff_stays_short_through_a_planned_restart(
         assert max(sleeps.delays) <= 2.0, sleeps.delays
     finally:
         await agent.stop(grace=0)
+
+
+async def test_a_result_the_server_accepted_is_not_called_moved(
+    servers: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The report landed but its answer was lost in a restart; the next welcome no longer lists the
+    attempt. That is not a move: the SDK must not say so, nor cancel the report's retry."""
+    running: Running = await servers(failover_grace=60.0)
+    port = running.server.grpc_port
+    release = asyncio.Event()
+    sleeps = SleepRecorder()
+    agent = Agent(
+        running.target,
+        name="reporter",
+        type="t",
+        instance_id="r-1",
+        handle_signals=False,
+        sleep=sleeps,
+        reconnect_backoff=Backoff(initial=0.05, maximum=0.2),
+    )
+
+    @agent.task("slow")
+    async def slow(ctx: TaskContext) -> dict[str, Any]:
+        await release.wait()
+        return {"done": True}
+
+    await agent.start(connect_timeout=20)
+    created = await running.stubs.tasks.CreateTask(v1.CreateTaskRequest(spec=v1.TaskSpec(type="slow")))
+    await async_wait_for(lambda: len(agent.running_attempt_ids) == 1, 20, "the attempt on the agent")
+    attempt_id = agent.running_attempt_ids[0]
+    await running.server.stop(0.2)
+    accepted = asyncio.Event()
+
+    async def during_report_retry(_count: int) -> None:
+        task = asyncio.current_task()
+        if accepted.is_set() or task is None or not task.get_name().startswith("attempt-"):
+            return
+        # The report failed (server away). Meanwhile the server comes back and the earlier report
+        # "lands": accepted, its answer lost. Then the agent reconnects before retrying.
+        back: Running = await servers(grpc_port=port, failover_grace=60.0)
+        complete = v1.CompleteTaskRequest(task_id=created.task.task_id, attempt_id=attempt_id)
+        complete.result.update({"done": True})
+        await back.stubs.tasks.CompleteTask(complete, metadata=(("authorization", f"Bearer {agent._token}"),))
+        accepted.set()
+        await async_wait_for(lambda: agent.sessions_opened == 2, 30, "the reconnect")
+
+    sleeps.on_sleep = during_report_retry
+    try:
+        with caplog.at_level(logging.INFO, logger="orchestrator_client.agent"):
+            release.set()
+            await async_wait_for(lambda: not agent.running_attempt_ids, 60, "the report to finish")
+        assert accepted.is_set()
+        messages = [record.getMessage() for record in caplog.records]
+        assert not any("was moved" in message for message in messages), messages
+        assert not any(f"attempt {attempt_id} stopped" in message for message in messages), messages
+    finally:
+        await agent.stop(grace=0)
