@@ -337,6 +337,7 @@ COMMENTS: Final[dict[str, str]] = {
     "orchestrator.v1.SessionHello": "First message of a session.",
     "orchestrator.v1.SessionHello.agent_id": "Agent opening the session.",
     "orchestrator.v1.SessionHello.agent_token": "Credential returned by RegisterAgent.",
+    "orchestrator.v1.SessionHello.incarnation": "Random id of the agent process, the same on every session it opens. A hello whose incarnation differs from that of a live session of the same agent comes from a second process holding the same identity and is refused (ALREADY_EXISTS, reason IDENTITY_IN_USE); empty opts out.",
     "orchestrator.v1.SessionHello.running_attempt_ids": "Attempts the agent is still running (after a reconnect); the server keeps those it still assigns to it.",
     "orchestrator.v1.SessionTaskUpdate": "Report about an attempt, sent over the session.",
     "orchestrator.v1.SessionTaskUpdate.attempt_id": "Attempt concerned; must be the task's current attempt on this agent.",
