@@ -81,6 +81,10 @@ class AgentSession:
             except SessionFailed as exc:
                 self.gen.errors["session no welcome"] += 1
                 self._fail(str(exc))
+            except asyncio.InvalidStateError:
+                # The server finished the call before the hello could be written (a storm).
+                self.gen.errors["session finished before hello"] += 1
+                self._fail("session finished before hello")
             if not self.reconnect or self._stop:
                 break
             delay = retry_after if retry_after is not None else 0.0
@@ -151,8 +155,12 @@ class AgentSession:
             if len(self._sent) > 64:  # acks that never came; do not grow without bound
                 self._sent.clear()
             self._sent[self._seq] = now()
-            async with self._lock:
-                await call.write(self._beat_message(self._seq))
+            try:
+                async with self._lock:
+                    await call.write(self._beat_message(self._seq))
+            except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+                # The call ended under this write; the reader sees it end and reconnects.
+                return
             self.gen.beats_sent += 1
             next_at += self.interval
 

@@ -7,7 +7,11 @@ everything the orchestrator does to it without the caller's help:
   hello again with the attempts still held, so the server keeps them (`kept_attempt_ids`);
 * the server forgot the agent or its credential (hello answered NOT_FOUND / UNAUTHENTICATED):
   register again (idempotent on name + instance) and reopen;
-* the server asks to reconnect (its shutdown): wait `retry_after` plus jitter, then reconnect;
+* the server asks to reconnect (its shutdown), or refuses the session while it drains
+  (UNAVAILABLE with a retry hint): wait the hint plus jitter, then reconnect; while a planned
+  restart lasts the pauses stay short instead of growing;
+* another live process holds the same name + instance (IDENTITY_IN_USE): stop with AgentStopped,
+  never fight over the identity;
 * results of attempts that finished while the server was away are retried until they land or
   are refused (a refusal means the attempt moved on; it is dropped quietly).
 
@@ -19,12 +23,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import inspect
 import logging
 import os
 import re
+import secrets
 import signal
 import socket
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -75,16 +82,30 @@ _REPORT_RETRY_CODES = _TRANSIENT_CODES | {grpc.StatusCode.UNAUTHENTICATED}
 # The end-of-stream marker of `call.read()`; grpc-stubs does not declare it.
 _EOF: object = grpc.aio.EOF  # type: ignore[attr-defined]
 
+# The server's reason (google.rpc.ErrorInfo) when another live process holds this agent's identity.
+IDENTITY_IN_USE = "IDENTITY_IN_USE"
+# How long after the server announced a planned restart reconnect pauses stay short (seconds).
+PLANNED_RESTART_WINDOW = 60.0
+
 _NAME_CHARS = re.compile(r"[^a-zA-Z0-9._-]")
 
 
 def default_instance_id() -> str:
-    """`<hostname>-<pid>`: unique per process, so two agents on one host never fence each other.
+    """`<hostname>-<hash of the working directory and program>`: stable across restarts of the
+    same program on the same host, so a restarted agent resumes its registration (and the work
+    the server kept for it) instead of registering anew.
 
-    Pass a stable instance id instead (a StatefulSet pod name) to keep one registration across
-    process restarts.
+    Two processes of one agent on one host (same program, same directory) get the same id, and the
+    second is refused while the first is alive (IDENTITY_IN_USE): give each its own `instance_id`.
     """
-    return _NAME_CHARS.sub("-", f"{socket.gethostname()}-{os.getpid()}")[:128]
+    program = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    digest = hashlib.sha256(f"{os.getcwd()}\0{program}".encode()).hexdigest()[:8]
+    return _NAME_CHARS.sub("-", f"{socket.gethostname()}-{digest}")[:128]
+
+
+def _planned_pause(error: OrchestratorError) -> float | None:
+    """The wait a draining server asked for (UNAVAILABLE with RetryInfo), else None."""
+    return error.retry_after if error.grpc_code == grpc.StatusCode.UNAVAILABLE else None
 
 
 def _host_load() -> tuple[float, float]:
@@ -144,9 +165,12 @@ class _SessionEnd:
     """How a session ended, which decides how long to wait before the next one."""
 
     welcomed: bool
+    # Set when the server planned the break (reconnect request, drain refusal): wait this long.
     reconnect_after: float | None = None
     reregister: bool = False
     reason: str = ""
+    # An error no reconnect can fix (the identity is held by another live process).
+    fatal: OrchestratorError | None = None
 
 
 @dataclass
@@ -199,6 +223,9 @@ class Agent:
         self.name = name
         self.type = type
         self.instance_id = instance_id or default_instance_id()
+        # Tells the server this process's sessions apart from another process's with the same
+        # name + instance (SessionHello.incarnation).
+        self.incarnation = secrets.token_hex(8)
         self.version = version
         self.capabilities = list(capabilities)
         self.labels = dict(labels or {})
@@ -307,7 +334,9 @@ class Agent:
             connected.cancel()
             closed.cancel()
         if self._closed.is_set():
-            raise AgentStopped("the agent stopped before it connected") from self._fatal
+            raise AgentStopped(
+                self._stopped_message("the agent stopped before it connected")
+            ) from self._fatal
         if not done:
             raise TimeoutError(f"no session with {self.target} within {connect_timeout}s")
 
@@ -336,7 +365,10 @@ class Agent:
             for signum in installed:
                 loop.remove_signal_handler(signum)
         if self._fatal is not None:
-            raise AgentStopped("the agent stopped on an error") from self._fatal
+            raise AgentStopped(self._stopped_message("the agent stopped on an error")) from self._fatal
+
+    def _stopped_message(self, what: str) -> str:
+        return f"{what}: {self._fatal}" if self._fatal is not None else what
 
     async def stop(self, grace: float | None = None, *, reason: str = "agent shutting down") -> None:
         """Graceful stop: finish or hand back in-flight work, say goodbye, close. Idempotent."""
@@ -409,7 +441,9 @@ class Agent:
 
     async def _maintain_session(self) -> None:
         """Keep one session open for the agent's whole life; the heart of the resilience story."""
+        loop = asyncio.get_running_loop()
         failures = 0
+        planned_until = 0.0  # loop time until which a planned restart keeps pauses short
         while not self._stopping:
             try:
                 if self._token is None:
@@ -420,9 +454,16 @@ class Agent:
                 if error.grpc_code not in _TRANSIENT_CODES:
                     self._fail(error, err)
                     return
-                end = _SessionEnd(welcomed=False, reason=f"registration failed: {error}")
+                end = _SessionEnd(
+                    welcomed=False,
+                    reason=f"registration failed: {error}",
+                    reconnect_after=_planned_pause(error),
+                )
             except OSError as err:  # e.g. unreadable TLS files: nothing a retry can fix
                 self._fail(err, err)
+                return
+            if end.fatal is not None:
+                self._fail(end.fatal, end.fatal.__cause__ or end.fatal)
                 return
             if self._stopping:
                 return
@@ -431,11 +472,16 @@ class Agent:
             if end.reregister:
                 self._token = None
             if end.reconnect_after is not None:
-                # Asked by the server (its shutdown): every agent is told at once, so spread them
-                # over a window at least as long as the wait the server asked for.
+                # Planned by the server (its shutdown or drain): every agent hears it at once, so
+                # spread them over a window at least as long as the wait the server asked for.
+                planned_until = loop.time() + PLANNED_RESTART_WINDOW
                 pause = end.reconnect_after + self._backoff.random() * max(
                     self._backoff.initial, end.reconnect_after
                 )
+            elif loop.time() < planned_until:
+                # The server said it is restarting: it is away for seconds, not broken, so
+                # neither grow the backoff nor count these refusals as failures.
+                pause = self._backoff.delay(0)
             else:
                 pause = self._backoff.delay(failures)
                 failures += 1
@@ -458,6 +504,7 @@ class Agent:
                     agent_id=self.agent_id,
                     agent_token=self._token or "",
                     running_attempt_ids=sorted(self._attempts),
+                    incarnation=self.incarnation,
                 )
             )
         )
@@ -487,10 +534,15 @@ class Agent:
                     return end
         except grpc.RpcError as err:
             error = from_grpc_error(err)
+            info = error.error_info
+            if info is not None and info.reason == IDENTITY_IN_USE:
+                error.__cause__ = err
+                return _SessionEnd(welcomed=welcomed, fatal=error, reason=str(error))
             return _SessionEnd(
                 welcomed=welcomed,
                 reregister=error.grpc_code in _REREGISTER_CODES,
                 reason=str(error),
+                reconnect_after=_planned_pause(error),
             )
         except TimeoutError:
             return _SessionEnd(
@@ -526,14 +578,29 @@ class Agent:
             self.agent_id = welcome.agent.agent_id or self.agent_id
             self.draining = welcome.agent.draining
         kept = set(welcome.kept_attempt_ids)
-        for attempt_id in list(self._attempts):
-            if attempt_id not in kept:
-                log.info("attempt %s was moved while disconnected; stopping it", attempt_id)
-                self._stop_attempt(attempt_id, "moved")
+        for attempt_id, attempt in list(self._attempts.items()):
+            if attempt_id in kept:
+                continue
+            if not attempt.handler_running:
+                # Its result is being reported: the server no longer holds the attempt because it
+                # accepted that result, or because it moved the attempt; the report's answer says
+                # which (logged there). Cancelling it here would lose an accepted result's ack.
+                log.debug("attempt %s: result reported, awaiting the server's answer", attempt_id)
+                continue
+            log.info("attempt %s was moved while disconnected; stopping it", attempt_id)
+            self._stop_attempt(attempt_id, "moved")
         self.sessions_opened += 1
         self._session = session
         self._connected.set()
-        log.info("session %d open with %s (epoch %d)", self.sessions_opened, self.target, self.epoch)
+        if self.sessions_opened == 1:
+            handled = ", ".join(sorted(self._handlers)) or "no task types"
+            log.info(
+                "connected as %s (%s/%s), handling %s", self.agent_id, self.name, self.instance_id, handled
+            )
+        else:
+            log.info(
+                "reconnected as %s (session %d, epoch %d)", self.agent_id, self.sessions_opened, self.epoch
+            )
 
     def _on_server_message(self, message: v1.HeartbeatResponse, session: _SessionState) -> _SessionEnd | None:
         kind = message.WhichOneof("message")

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from orchestrator_server.config import Config, ConfigError
 from orchestrator_server.grpc_api.telemetry import RequestIdFilter
-from orchestrator_server.server import OrchestratorServer
+from orchestrator_server.server import OrchestratorServer, PortInUse
 
 
 class JsonFormatter(logging.Formatter):
@@ -73,7 +73,11 @@ def serve_from_env() -> int:
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config))
+    except PortInUse as error:
+        print(f"orchestrator: {error.strerror}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -7,10 +7,12 @@ benchmarks; `serve` apart from creation, as in grpcio_health_checking.
 from __future__ import annotations
 
 import asyncio
+import errno
 import importlib
 import json
 import logging
 import os
+import socket
 import tempfile
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
@@ -60,6 +62,34 @@ SERVICE_NAMES = (
     discovery_pb2.DESCRIPTOR.services_by_name["DiscoveryService"].full_name,
     tasks_pb2.DESCRIPTOR.services_by_name["TasksService"].full_name,
 )
+
+
+class PortInUse(OSError):
+    """A port the server must listen on is taken (another orchestrator is probably running)."""
+
+    def __init__(self, port: int, variable: str) -> None:
+        super().__init__(
+            errno.EADDRINUSE,
+            f"port {port} is in use: stop the process holding it or set {variable} to another port",
+        )
+        self.port = port
+        self.variable = variable
+
+
+def check_port_free(host: str, port: int, variable: str) -> None:
+    """Raises PortInUse when `port` cannot be bound on `host`: checked before anything starts, so
+    the answer is one line, not grpc core's bind error and a traceback."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the real listeners do
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise PortInUse(port, variable) from error
+            # Anything else (an address not on this host) is reported by the real bind.
 
 
 class RunningGateway(Protocol):
@@ -114,6 +144,9 @@ class OrchestratorServer:
         self._draining = False
 
     async def start(self) -> None:
+        check_port_free(self.config.bind_host, self.config.grpc_port, "GRPC_PORT")
+        if self.config.gateway_enabled:
+            check_port_free(self.config.bind_host, self.config.http_port, "PORT")
         loaded = await self.store.open(self._publish)
         # The in-memory window never reaches further back than the store's log does.
         self.bus = EventBus(

@@ -8,8 +8,12 @@ import gc
 import logging
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -23,7 +27,7 @@ from grpc_status import rpc_status
 
 from orchestrator.v1 import discovery_pb2, registry_pb2
 from orchestrator_server.grpc_api.reflection import V1_SERVICE_NAME, V1ALPHA_SERVICE_NAME
-from tests.conftest import AgentProcess, Running, ServerProcess, Stubs, async_wait_for, open_session
+from tests.conftest import ROOT, AgentProcess, Running, ServerProcess, Stubs, async_wait_for, open_session
 from tests.support import DOWN, READY, SessionClient
 from tests.test_sessions import next_status
 
@@ -277,3 +281,97 @@ async def test_sigterm_drain_turns_readiness_off_refuses_new_sessions_and_keeps_
         session.call.cancel()
         assert await asyncio.to_thread(server.process.wait, 15) == 0
         assert time.monotonic() - signalled < 9.0  # well within SHUTDOWN_GRACE: nothing stranded
+
+
+@pytest.mark.parametrize("variable", ["GRPC_PORT", "PORT"])
+def test_a_port_in_use_stops_startup_with_one_line(tmp_path: Path, variable: str) -> None:
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        env = {
+            **os.environ,
+            "GRPC_PORT": "0",
+            "PORT": "0",
+            "GATEWAY_ENABLED": "true",
+            "BIND_HOST": "127.0.0.1",
+            "DATABASE_PATH": str(tmp_path / "orchestrator.db"),
+            variable: str(port),
+        }
+        finished = subprocess.run(
+            [sys.executable, "-m", "orchestrator_server", "serve"],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert finished.returncode == 1
+    lines = finished.stderr.strip().splitlines()
+    assert lines == [
+        f"orchestrator: port {port} is in use: stop the process holding it or set {variable} to another port"
+    ]
+
+
+class IncarnatedSession(SessionClient):
+    """A hand-driven session whose hello names the agent process (SessionHello.incarnation)."""
+
+    def __init__(self, stubs: Stubs, agent_id: str, token: str, incarnation: str) -> None:
+        self.outbox = asyncio.Queue()
+        hello = registry_pb2.SessionHello(agent_id=agent_id, agent_token=token, incarnation=incarnation)
+        self.outbox.put_nowait(registry_pb2.HeartbeatRequest(hello=hello))
+        self.call = stubs.registry.Heartbeat(self._requests())
+
+
+def error_reason(error: grpc.aio.AioRpcError) -> str:
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info.reason
+    return ""
+
+
+async def test_a_live_session_of_another_process_keeps_its_identity(servers: Callable[..., Any]) -> None:
+    running: Running = await servers(heartbeat_interval=0.2, heartbeat_timeout=60.0)
+    stubs = running.stubs
+    registered = await stubs.register("shared")
+    agent_id, token = registered.agent.agent_id, registered.agent_token
+    holder = IncarnatedSession(stubs, agent_id, token, "process-a")
+    assert (await holder.receive()).welcome.epoch == 1
+    holder.send(beat=registry_pb2.SessionBeat(sequence=1))
+    await holder.receive_kind("ack")
+    # Another process: refused with a reason the SDK stops on; the holder is untouched.
+    intruder = IncarnatedSession(stubs, agent_id, token, "process-b")
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await intruder.receive()
+    assert refused.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert error_reason(refused.value) == "IDENTITY_IN_USE"
+    assert "instance id" in (refused.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as register_refused:
+        await stubs.register("shared")
+    assert register_refused.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    holder.send(beat=registry_pb2.SessionBeat(sequence=2))
+    assert (await holder.receive_kind("ack")).ack.status == READY
+    # The same process reconnecting (its old stream not yet seen to end) fences its old session.
+    resumed = IncarnatedSession(stubs, agent_id, token, "process-a")
+    assert (await resumed.receive()).welcome.epoch == 2
+    with pytest.raises(grpc.aio.AioRpcError) as fenced:
+        while True:
+            await holder.receive()
+    assert fenced.value.code() == grpc.StatusCode.ABORTED
+    # A session silent for longer than two beat intervals is presumed dead: a newcomer takes over.
+    started = time.monotonic()
+
+    async def takes_over() -> int:
+        newcomer = IncarnatedSession(stubs, agent_id, token, "process-c")
+        try:
+            return (await newcomer.receive()).welcome.epoch
+        except grpc.aio.AioRpcError:
+            return 0
+
+    assert await async_wait_for(takes_over, 15, "a newcomer to take over a silent session") == 3
+    assert time.monotonic() - started >= 0.4

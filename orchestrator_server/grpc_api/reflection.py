@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf.descriptor import ServiceDescriptor
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha.reflection import aio as reflection_aio  # type: ignore[attr-defined]
 
@@ -56,6 +57,13 @@ def add_v1_descriptor(pool: descriptor_pool.DescriptorPool) -> None:
             method.input_type = _renamed(method.input_type)
             method.output_type = _renamed(method.output_type)
     pool.Add(file)
+
+
+def v1_service() -> ServiceDescriptor:
+    """The descriptor of grpc.reflection.v1.ServerReflection (added to the default pool)."""
+    pool = descriptor_pool.Default()
+    add_v1_descriptor(pool)
+    return pool.FindServiceByName(V1_SERVICE_NAME)
 
 
 def enable_server_reflection(service_names: Iterable[str], server: grpc.aio.Server) -> None:

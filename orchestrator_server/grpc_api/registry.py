@@ -164,7 +164,12 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         finally:
             await self._end(session, reason, writer)
         if session.ended is not None:
-            await context.abort(grpc.StatusCode[session.ended.code], session.ended.reason)
+            try:
+                await context.abort(grpc.StatusCode[session.ended.code], session.ended.reason)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as error:  # the peer left as the server ended it: nobody to tell
+                log.debug("session %s: could not send its end: %s", session.agent_id, error)
 
     async def _end(self, session: Session, reason: str, writer: asyncio.Task[None]) -> None:
         """Marks the agent DOWN (unless fenced) and stops the writer, even if the call is cancelled

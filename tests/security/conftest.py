@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2
 
 import orchestrator.v1
 from orchestrator.v1 import registry_pb2
+from orchestrator_server.grpc_api.reflection import v1_service as v1_reflection_service
 from tests.conftest import Running
 from tests.support import SessionClient
 
@@ -49,6 +50,7 @@ def served_methods() -> list[MethodDescriptor]:
     standard = [
         *health_pb2.DESCRIPTOR.services_by_name["Health"].methods,
         *reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"].methods,
+        *v1_reflection_service().methods,
     ]
     return [*orchestrator_methods(), *standard]
 

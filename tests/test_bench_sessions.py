@@ -1,0 +1,38 @@
+"""The bench's own session client survives a reconnect storm (issue 10, item 5)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+from bench.loadgen import LoadGen
+from tests.conftest import Running
+
+
+async def test_bench_sessions_survive_a_refusing_server(servers: Callable[..., Any]) -> None:
+    running: Running = await servers(rate_limit_enabled=False)
+    gen = LoadGen({"name": "w0", "target": running.target, "max_lifetime": 120})
+    try:
+        await gen.op_register(count=150, prefix="storm")
+        opened = await gen.op_open_sessions(interval=0.002, reconnect=True, within=60)
+        assert opened["opened"] == 150, opened
+        # A reconnect storm: the server ends every session with a status again and again, while
+        # the clients' beats are being written into calls that have just finished.
+        storm_until = time.monotonic() + 4.0
+        while time.monotonic() < storm_until:
+            for cred in gen.creds:
+                session = running.server.registry.session_of(cred.agent_id)
+                if session is not None:
+                    session.end("UNAVAILABLE", "storm")
+            await asyncio.sleep(0.05)
+        crashed = [
+            session.task.exception()
+            for session in gen.sessions
+            if session.task is not None and session.task.done() and not session.task.cancelled()
+        ]
+        assert not crashed, crashed[:3]
+        assert gen.errors["session UNAVAILABLE"] > 150, gen.errors
+    finally:
+        await gen.close()
