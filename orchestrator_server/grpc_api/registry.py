@@ -12,6 +12,7 @@ from orchestrator.v1 import registry_pb2, registry_pb2_grpc
 from orchestrator_server.config import Config
 from orchestrator_server.errors import FailedPrecondition, InvalidArgument, OrchestratorError
 from orchestrator_server.grpc_api.errors import abort_with
+from orchestrator_server.grpc_api.interceptors import authenticated_caller
 from orchestrator_server.metrics import HEARTBEATS
 from orchestrator_server.registry import Registry, Session
 from orchestrator_server.tasks import TaskScheduler
@@ -42,7 +43,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def RegisterAgent(
         self, request: registry_pb2.RegisterAgentRequest, context: Context
     ) -> registry_pb2.RegisterAgentResponse:
-        agent, token, created = await self._registry.register(request)
+        agent, token, created = await self._registry.register(request, authenticated=authenticated_caller())
         return registry_pb2.RegisterAgentResponse(
             agent=agent,
             agent_token=token,
