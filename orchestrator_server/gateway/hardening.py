@@ -16,7 +16,9 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-_BUSY_BODY = b'{"error":{"code":503,"status":"UNAVAILABLE","message":"too many open connections","details":[]}}'
+_BUSY_BODY = (
+    b'{"error":{"code":503,"status":"UNAVAILABLE","message":"too many open connections","details":[]}}'
+)
 #: The answer to a connection over the cap, written before it is closed.
 _BUSY = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"

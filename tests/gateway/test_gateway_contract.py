@@ -1,0 +1,75 @@
+"""The published contract tells the truth (issue 10, item 19): /openapi.json marks the fields the
+server requires and the bounds and patterns it enforces, from one table built on the domain's own
+validation constants, so requests the document allows are not refused with 400."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+from google.protobuf import descriptor_pool
+
+from orchestrator_server import validation
+from orchestrator_server.gateway import DEFAULT_SERVICES
+from orchestrator_server.gateway.constraints import FIELD_RULES
+from orchestrator_server.gateway.http_rules import build_route_table
+from orchestrator_server.gateway.openapi import build_openapi
+
+DOCUMENT = build_openapi(build_route_table(DEFAULT_SERVICES), list(DEFAULT_SERVICES))
+
+
+def _parameters(path: str, method: str) -> dict[str, Any]:
+    return {parameter["name"]: parameter for parameter in DOCUMENT["paths"][path][method]["parameters"]}
+
+
+def test_every_rule_names_a_field_of_the_protos() -> None:
+    pool = descriptor_pool.Default()
+    for full_name in FIELD_RULES:
+        message_name, _, field_name = full_name.rpartition(".")
+        assert field_name in pool.FindMessageTypeByName(message_name).fields_by_name, full_name
+
+
+@pytest.mark.parametrize(
+    ("path", "method"),
+    [
+        ("/agents/list", "get"),
+        ("/tasks/list", "get"),
+        ("/health/agents", "get"),
+        ("/discovery/endpoints", "get"),
+    ],
+)
+def test_page_sizes_are_bounded_as_the_server_bounds_them(path: str, method: str) -> None:
+    schema = _parameters(path, method)["page_size"]["schema"]
+    assert schema["minimum"] == 0 and schema["maximum"] == validation.MAX_PAGE_SIZE
+    assert not schema["minimum"] <= -2147483648  # the value schemathesis sent
+
+
+def test_required_fields_are_marked_in_bodies_and_queries() -> None:
+    register = DOCUMENT["paths"]["/agents/register"]["post"]["requestBody"]["content"]["application/json"][
+        "schema"
+    ]
+    assert set(register["required"]) == {"name", "instance_id", "type"}
+    name = register["properties"]["name"]
+    assert name["minLength"] == 1 and name["pattern"] == validation.NAME_PATTERN.pattern
+    assert _parameters("/tasks/status", "get")["task_id"]["required"] is True
+    create = DOCUMENT["paths"]["/tasks/create"]["post"]["requestBody"]["content"]["application/json"][
+        "schema"
+    ]
+    assert create["required"] == ["spec"]
+    assert DOCUMENT["components"]["schemas"]["orchestrator.v1.TaskSpec"]["required"] == ["type"]
+    complete = DOCUMENT["paths"]["/tasks/{task_id}/complete"]["post"]["requestBody"]["content"][
+        "application/json"
+    ]
+    assert complete["schema"]["required"] == ["attempt_id"]
+    heartbeat = DOCUMENT["paths"]["/agents/heartbeat"]["post"]["requestBody"]["content"]["application/json"]
+    assert heartbeat["schema"]["required"] == ["agent_id"]
+
+
+def test_documented_patterns_are_the_servers_and_valid_ecmascript() -> None:
+    pattern = DOCUMENT["components"]["schemas"]["orchestrator.v1.TaskSpec"]["properties"]["type"]["pattern"]
+    compiled = re.compile(pattern)
+    for value in ("estimate", "a.b-c_d", "x" * 128):
+        assert compiled.match(value) and validation.NAME_PATTERN.match(value)
+    for value in ("", "-x", "x" * 129, "a b"):
+        assert not compiled.match(value) and not validation.NAME_PATTERN.match(value)
