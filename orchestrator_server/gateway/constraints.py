@@ -1,15 +1,19 @@
 """What the server enforces on request fields, for the OpenAPI document to say it.
 
-One table, built from `orchestrator_server.validation`'s own patterns and limits (the values the
-domain checks), so the document and the checks cannot drift apart: `required` fields, and the
-bounds, lengths and patterns of values. schemathesis generates requests from the document; before
-this table it found 18 requests the document allowed and the server refused (`page_size=-2147483648`,
-empty required names, ...).
+Two sources, each the one place for what it says: whether a field is required comes from its
+`google.api.field_behavior = REQUIRED` annotation in the protos; the bounds, lengths and patterns of
+values come from the table below, built on `orchestrator_server.validation`'s own patterns and
+limits (the values the domain checks), so document and checks cannot drift apart. schemathesis
+generates requests from the document; before this it found 18 requests the document allowed and
+the server refused (`page_size=-2147483648`, empty required names, ...).
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from google.api import field_behavior_pb2
+from google.protobuf.descriptor import FieldDescriptor
 
 from orchestrator_server import validation
 
@@ -23,56 +27,57 @@ _NAME: Schema = {
     "pattern": validation.NAME_PATTERN.pattern,
 }
 _PAGE_SIZE: Schema = {"minimum": 0, "maximum": validation.MAX_PAGE_SIZE}
+_NAMED = (
+    "RegisterAgentRequest.name",
+    "RegisterAgentRequest.instance_id",
+    "RegisterAgentRequest.type",
+    "RegisterAgentRequest.capabilities",
+    "SendHeartbeatRequest.agent_id",
+    "UpdateAgentRequest.agent_id",
+    "ListAgentsRequest.type",
+    "ListAgentsRequest.capability",
+    "AgentQuery.type",
+    "AgentQuery.capabilities",
+    "TaskSpec.type",
+    "TaskSpec.required_capabilities",
+    "GetTaskRequest.task_id",
+    "ListTasksRequest.type",
+    "ListTasksRequest.agent_id",
+    "AssignTaskRequest.task_id",
+    "AssignTaskRequest.agent_id",
+    "CancelTaskRequest.task_id",
+    "CompleteTaskRequest.task_id",
+    "CompleteTaskRequest.attempt_id",
+    "FailTaskRequest.task_id",
+    "FailTaskRequest.attempt_id",
+    "ReportTaskProgressRequest.task_id",
+    "ReportTaskProgressRequest.attempt_id",
+)
+_PAGED = (
+    "ListAgentsRequest",
+    "ListAgentHealthRequest",
+    "DiscoverAgentsRequest",
+    "ListEndpointsRequest",
+    "ListTasksRequest",
+)
 
-
-class Rule:
-    """The keywords of one field's values, and whether a request must set it."""
-
-    def __init__(self, keywords: Schema, *, required: bool = False) -> None:
-        self.keywords = keywords
-        self.required = required
-
-
-_REQUIRED_NAME = Rule(_NAME, required=True)
-_OPTIONAL_NAME = Rule(_NAME)
-_REQUIRED = Rule({}, required=True)
-
-#: By full field name. Response messages that share a component (Task.spec) are always valid by
-#: these rules: the server stored them after the same checks.
-FIELD_RULES: dict[str, Rule] = {
-    _P + "RegisterAgentRequest.name": _REQUIRED_NAME,
-    _P + "RegisterAgentRequest.instance_id": _REQUIRED_NAME,
-    _P + "RegisterAgentRequest.type": _REQUIRED_NAME,
-    _P + "RegisterAgentRequest.capabilities": _OPTIONAL_NAME,
-    _P + "SendHeartbeatRequest.agent_id": _REQUIRED_NAME,
-    _P + "UpdateAgentRequest.agent_id": _REQUIRED_NAME,
-    _P + "UpdateAgentRequest.update_mask": Rule({"minLength": 1}, required=True),
-    _P + "ListAgentsRequest.type": _OPTIONAL_NAME,
-    _P + "ListAgentsRequest.capability": _OPTIONAL_NAME,
-    _P + "ListAgentsRequest.page_size": Rule(_PAGE_SIZE),
-    _P + "ListAgentHealthRequest.page_size": Rule(_PAGE_SIZE),
-    _P + "DiscoverAgentsRequest.page_size": Rule(_PAGE_SIZE),
-    _P + "ListEndpointsRequest.page_size": Rule(_PAGE_SIZE),
-    _P + "AgentQuery.type": _OPTIONAL_NAME,
-    _P + "AgentQuery.capabilities": _OPTIONAL_NAME,
-    _P + "CreateTaskRequest.spec": _REQUIRED,
-    _P + "TaskSpec.type": _REQUIRED_NAME,
-    _P + "TaskSpec.required_capabilities": _OPTIONAL_NAME,
-    _P + "GetTaskRequest.task_id": _REQUIRED_NAME,
-    _P + "ListTasksRequest.type": _OPTIONAL_NAME,
-    _P + "ListTasksRequest.agent_id": _OPTIONAL_NAME,
-    _P + "ListTasksRequest.page_size": Rule(_PAGE_SIZE),
-    _P + "AssignTaskRequest.task_id": _REQUIRED_NAME,
-    _P + "AssignTaskRequest.agent_id": _REQUIRED_NAME,
-    _P + "CancelTaskRequest.task_id": _REQUIRED_NAME,
-    _P + "CompleteTaskRequest.task_id": _REQUIRED_NAME,
-    _P + "CompleteTaskRequest.attempt_id": _REQUIRED_NAME,
-    _P + "FailTaskRequest.task_id": _REQUIRED_NAME,
-    _P + "FailTaskRequest.attempt_id": _REQUIRED_NAME,
-    _P + "ReportTaskProgressRequest.task_id": _REQUIRED_NAME,
-    _P + "ReportTaskProgressRequest.attempt_id": _REQUIRED_NAME,
+#: Schema keywords of each value of a field (an element, for repeated fields), by full field name.
+#: Response messages that share a component (Task.spec) satisfy them: the server stored them after
+#: the same checks.
+FIELD_KEYWORDS: dict[str, Schema] = {
+    **{_P + name: _NAME for name in _NAMED},
+    **{f"{_P}{message}.page_size": _PAGE_SIZE for message in _PAGED},
+    _P + "UpdateAgentRequest.update_mask": {"minLength": 1},
 }
 
 
-def rule_of(full_name: str) -> Rule | None:
-    return FIELD_RULES.get(full_name)
+def keywords_of(field: FieldDescriptor) -> Schema:
+    return dict(FIELD_KEYWORDS.get(field.full_name, {}))
+
+
+def is_required(field: FieldDescriptor) -> bool:
+    """Whether the protos mark the field `(google.api.field_behavior) = REQUIRED`."""
+    # The stubs of googleapis-common-protos type the extension as a plain FieldDescriptor.
+    extension: Any = field_behavior_pb2.field_behavior
+    behaviors: list[int] = list(field.GetOptions().Extensions[extension])
+    return field_behavior_pb2.REQUIRED in behaviors

@@ -15,7 +15,7 @@ from typing import Any
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, ServiceDescriptor
 
 from orchestrator_server.gateway._proto_comments import COMMENTS
-from orchestrator_server.gateway.constraints import rule_of
+from orchestrator_server.gateway.constraints import is_required, keywords_of
 from orchestrator_server.gateway.descriptors import (
     enum_type_of,
     is_map,
@@ -122,11 +122,6 @@ through (generated when absent) and echoed; `grpc-timeout` (gRPC syntax, e.g. `5
 `x-request-timeout` (seconds) set the call deadline."""
 
 
-def _required(field: FieldDescriptor) -> bool:
-    rule = rule_of(field.full_name)
-    return rule is not None and rule.required
-
-
 def _ref(message: Descriptor) -> Schema:
     return {"$ref": f"#/components/schemas/{message.full_name}"}
 
@@ -153,7 +148,7 @@ class _SchemaBuilder:
             field.name: self.field_schema(field) for field in message.fields if field.name not in omitted
         }
         schema: Schema = {"type": "object", "properties": properties, "additionalProperties": False}
-        required = [name for name in properties if _required(message.fields_by_name[name])]
+        required = [name for name in properties if is_required(message.fields_by_name[name])]
         if required:
             schema["required"] = required
         description = self.comments.get(message.full_name)
@@ -182,10 +177,10 @@ class _SchemaBuilder:
             schema = {"type": "array", "items": self.value_schema(field)}
         else:
             schema = self.value_schema(field)
-        rule = rule_of(field.full_name)
-        if rule is not None and "$ref" not in schema:
+        keywords = keywords_of(field)
+        if keywords and "$ref" not in schema:
             # What the server checks on each value (an element, for repeated fields).
-            (schema["items"] if is_repeated(field) and not is_map(field) else schema).update(rule.keywords)
+            (schema["items"] if is_repeated(field) and not is_map(field) else schema).update(keywords)
         return self._describe(schema, self._field_description(field))
 
     def _field_description(self, field: FieldDescriptor) -> str | None:
@@ -234,7 +229,7 @@ def _query_parameters(
                 continue
         schema = builder.field_schema(field)
         description = schema.pop("description", None)
-        parameter: Schema = {"name": name, "in": "query", "required": _required(field), "schema": schema}
+        parameter: Schema = {"name": name, "in": "query", "required": is_required(field), "schema": schema}
         if is_repeated(field):
             parameter.update({"style": "form", "explode": True})
         if description:
