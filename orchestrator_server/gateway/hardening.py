@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -26,13 +26,64 @@ _BUSY = (
 )
 
 
+#: How long a refused connection is kept half-closed for its client to read the 503 and close.
+_REFUSED_LINGER = 0.5
+
+
 class _Refused(asyncio.Protocol):
-    """A connection over the cap: told 503 and closed at once, without reading its request."""
+    """A connection over the cap: told 503 and closed, without reading its request.
+
+    Closing a socket with unread input makes the kernel answer RST, which can discard the 503 at
+    the client; so the answer is followed by a FIN, and the socket closes when the client does or
+    after `_REFUSED_LINGER`."""
+
+    def __init__(self) -> None:
+        self._linger: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.WriteTransport)
-        transport.write(_BUSY)
-        transport.close()
+        # uvloop's transports are not asyncio.Transport instances, only alike (aiohttp casts too).
+        stream = cast(asyncio.Transport, transport)
+        stream.write(_BUSY)
+        if stream.can_write_eof():
+            stream.write_eof()
+        self._linger = asyncio.get_running_loop().call_later(_REFUSED_LINGER, stream.close)
+
+    def data_received(self, data: bytes) -> None:
+        pass  # the request of a refused connection is not read
+
+    def eof_received(self) -> bool:
+        return False  # the transport closes itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
+
+
+class _Admission(asyncio.Protocol):
+    """Hands the connection to the protocol `CappedTCPSite.admit` picks when it is made."""
+
+    def __init__(self, site: CappedTCPSite) -> None:
+        self._site = site
+        self._inner: asyncio.Protocol = _Refused()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._inner = self._site.admit()
+        self._inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
 
 
 class CappedTCPSite(web.BaseSite):
@@ -54,6 +105,12 @@ class CappedTCPSite(web.BaseSite):
         return f"http://{self._host}:{self._port}"
 
     def _protocol(self) -> asyncio.BaseProtocol:
+        return _Admission(self)
+
+    def admit(self) -> asyncio.Protocol:
+        """The protocol of a connection just made: aiohttp's, or a refusal over the cap. Decided
+        when the connection is made, not when its protocol is created: the loop may create several
+        protocols before the first is connected (and counted by aiohttp)."""
         server = self._runner.server
         assert server is not None, "runner not set up"
         if len(server.connections) >= self.max_connections:
