@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
+import grpc
 import pytest
 
 from orchestrator_server.gateway.app import MAX_DEADLINE_SECONDS
-from tests.conftest import Running, ServerProcess, async_wait_for
+from tests.conftest import Running, ServerProcess, Stubs, async_wait_for
 from tests.gateway.conftest import ScriptedBackend
 from tests.security.conftest import ADMIN_KEY, API_KEYS
 
@@ -41,27 +42,30 @@ HALF_SENT = b"GET /livez HTTP/1.1\r\nHost: orchestrator\r\nX-Slow: "
 
 
 async def _eof_within(reader: asyncio.StreamReader, within: float) -> bytes:
-    """What the server sent before closing the connection (fails after `within` seconds)."""
-    return await asyncio.wait_for(reader.read(), within)
+    """What the server sent before closing the connection (fails after `within` seconds); a reset
+    (closed with our request unread) counts as closed without an answer."""
+    try:
+        return await asyncio.wait_for(reader.read(), within)
+    except ConnectionResetError:
+        return b""
 
 
-async def test_half_sent_requests_are_capped_and_closed_while_grpc_keeps_working(
-    servers: Callable[..., Any],
-) -> None:
-    cap, held, header_timeout = 64, 300, 1.5
-    running: Running = await servers(
-        gateway_enabled=True, gateway_max_connections=cap, gateway_header_timeout=header_timeout
-    )
-    port = running.server.http_port
+CAP, HELD, HEADER_TIMEOUT = 64, 300, 1.5
+LIMITS = {"gateway_max_connections": CAP, "gateway_header_timeout": HEADER_TIMEOUT}
+
+
+async def _hold_half_sent_requests(port: int, register: Callable[[str], Awaitable[Any]]) -> None:
+    """HELD half-sent requests against a cap of CAP: the gateway answers, closes them all, and gRPC
+    (`register`) works throughout."""
     connections: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     try:
-        for _ in range(held):
+        for _ in range(HELD):
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(HALF_SENT)
-            connections.append((reader, writer))
+            connections.append((reader, writer))  # the writer too: collecting it closes the socket
         opened = time.monotonic()
         # gRPC is untouched by the HTTP abuse.
-        await running.stubs.register("while-held", "1")
+        await register("while-held")
         # A normal request is answered: refused quickly over the cap, or served.
         async with aiohttp.ClientSession() as session:
             started = time.monotonic()
@@ -74,23 +78,42 @@ async def test_half_sent_requests_are_capped_and_closed_while_grpc_keeps_working
         # Every held connection ends: those over the cap at once with a 503, the others after the
         # header timeout without an answer.
         answers = await asyncio.gather(
-            *(_eof_within(reader, header_timeout + 30) for reader, _ in connections)
+            *(_eof_within(reader, HEADER_TIMEOUT + 30) for reader, _ in connections)
         )
         closed_after = time.monotonic() - opened
         refused = [answer for answer in answers if answer.startswith(b"HTTP/1.1 503")]
-        assert len(refused) >= held - cap - 5, f"{len(refused)} of {held} refused at a cap of {cap}"
+        assert len(refused) >= HELD - CAP - 5, f"{len(refused)} of {HELD} refused at a cap of {CAP}"
         assert all(answer == b"" for answer in answers if not answer.startswith(b"HTTP/1.1 503"))
-        assert closed_after < header_timeout + 30
+        assert closed_after < HEADER_TIMEOUT + 30
         # Once they are gone, requests are served again, and gRPC still works.
         async with (
             aiohttp.ClientSession() as session,
             session.get(f"http://127.0.0.1:{port}/livez") as response,
         ):
             assert response.status == 200
-        await running.stubs.register("after-held", "1")
+        await register("after-held")
     finally:
         for _, writer in connections:
             writer.close()
+
+
+async def test_half_sent_requests_are_capped_and_closed_while_grpc_keeps_working(
+    servers: Callable[..., Any],
+) -> None:
+    running: Running = await servers(gateway_enabled=True, **LIMITS)
+    await _hold_half_sent_requests(running.server.http_port, lambda name: running.stubs.register(name, "1"))
+
+
+async def test_half_sent_requests_against_the_served_process(
+    server_process: Callable[..., ServerProcess],
+) -> None:
+    """The same against `orchestrator serve` (uvloop, whose transports differ from asyncio's)."""
+    process = server_process(
+        GATEWAY_ENABLED="true", **{name.upper(): str(value) for name, value in LIMITS.items()}
+    ).start()
+    async with grpc.aio.insecure_channel(process.target) as channel:
+        stubs = Stubs(channel)
+        await _hold_half_sent_requests(process.http_port, lambda name: stubs.register(name, "1"))
 
 
 async def test_a_slow_body_is_cut_after_the_body_timeout(servers: Callable[..., Any]) -> None:
