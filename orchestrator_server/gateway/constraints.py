@@ -10,12 +10,15 @@ the server refused (`page_size=-2147483648`, empty required names, ...).
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from google.api import field_behavior_pb2
 from google.protobuf.descriptor import FieldDescriptor
 
 from orchestrator_server import validation
+from orchestrator_server.registry import UPDATABLE_FIELDS
+from orchestrator_server.tasks import MAX_ATTEMPTS_LIMIT
 
 Schema = dict[str, Any]
 
@@ -27,6 +30,14 @@ _NAME: Schema = {
     "pattern": validation.NAME_PATTERN.pattern,
 }
 _PAGE_SIZE: Schema = {"minimum": 0, "maximum": validation.MAX_PAGE_SIZE}
+# A FieldMask is written in proto3 JSON as lowerCamelCase paths joined by commas.
+_UPDATABLE = "|".join(
+    re.sub(r"_([a-z])", lambda match: match.group(1).upper(), name) for name in UPDATABLE_FIELDS
+)
+_CAPACITY: Schema = {"minimum": 0, "maximum": 100_000}
+_SHARE: Schema = {"minimum": 0.0, "maximum": 1.0}
+#: A label value (of a map: keys cannot be described in OpenAPI 3.0, their pattern is in the text).
+_LABEL_VALUE: Schema = {"pattern": validation.LABEL_VALUE_PATTERN.pattern}
 _NAMED = (
     "RegisterAgentRequest.name",
     "RegisterAgentRequest.instance_id",
@@ -52,6 +63,8 @@ _NAMED = (
     "FailTaskRequest.attempt_id",
     "ReportTaskProgressRequest.task_id",
     "ReportTaskProgressRequest.attempt_id",
+    "Endpoint.name",
+    "Check.name",
 )
 _PAGED = (
     "ListAgentsRequest",
@@ -61,13 +74,30 @@ _PAGED = (
     "ListTasksRequest",
 )
 
-#: Schema keywords of each value of a field (an element, for repeated fields), by full field name.
+#: Schema keywords of each value of a field (an element of a list, a value of a map), by full name.
 #: Response messages that share a component (Task.spec) satisfy them: the server stored them after
 #: the same checks.
 FIELD_KEYWORDS: dict[str, Schema] = {
     **{_P + name: _NAME for name in _NAMED},
     **{f"{_P}{message}.page_size": _PAGE_SIZE for message in _PAGED},
-    _P + "UpdateAgentRequest.update_mask": {"minLength": 1},
+    _P + "UpdateAgentRequest.update_mask": {"pattern": f"^({_UPDATABLE})(,({_UPDATABLE}))*$"},
+    _P + "RegisterAgentRequest.labels": _LABEL_VALUE,
+    _P + "AgentUpdate.labels": _LABEL_VALUE,
+    _P + "TaskSpec.labels": _LABEL_VALUE,
+    _P + "Endpoint.address": {"minLength": 1, "maxLength": validation.MAX_ADDRESS_LENGTH},
+    _P + "Check.message": {"maxLength": 512},
+    _P + "RegisterAgentRequest.version": {"maxLength": 128},
+    _P + "AgentUpdate.version": {"maxLength": 128},
+    _P + "TaskSpec.max_attempts": {"minimum": 0, "maximum": MAX_ATTEMPTS_LIMIT},
+    _P + "TaskSpec.idempotency_key": {"maxLength": 256},
+    _P + "TaskSpec.routing_key": {"maxLength": 256},
+    # Literal in the domain's checks (registry.py, tasks.py); test_gateway_contract.py probes them.
+    _P + "RegisterAgentRequest.max_concurrent_tasks": _CAPACITY,
+    _P + "AgentUpdate.max_concurrent_tasks": _CAPACITY,
+    _P + "TaskSpec.priority": {"minimum": -1000, "maximum": 1000},
+    _P + "Load.active_tasks": {"minimum": 0},
+    _P + "Load.cpu": _SHARE,
+    _P + "Load.memory": _SHARE,
 }
 
 

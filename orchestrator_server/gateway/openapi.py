@@ -179,8 +179,13 @@ class _SchemaBuilder:
             schema = self.value_schema(field)
         keywords = keywords_of(field)
         if keywords and "$ref" not in schema:
-            # What the server checks on each value (an element, for repeated fields).
-            (schema["items"] if is_repeated(field) and not is_map(field) else schema).update(keywords)
+            # What the server checks on each value (an element of a list, a value of a map).
+            if is_map(field):
+                schema["additionalProperties"].update(keywords)
+            elif is_repeated(field):
+                schema["items"].update(keywords)
+            else:
+                schema.update(keywords)
         return self._describe(schema, self._field_description(field))
 
     def _field_description(self, field: FieldDescriptor) -> str | None:

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from google.protobuf import descriptor_pool, message_factory
 
+from orchestrator.v1 import registry_pb2, task_pb2, tasks_pb2
 from orchestrator_server import validation
 from orchestrator_server.gateway import DEFAULT_SERVICES
 from orchestrator_server.gateway.constraints import FIELD_KEYWORDS, is_required
@@ -116,3 +117,33 @@ def _call(running: Running, method: Any) -> Any:
         request_serializer=request_class.SerializeToString,
         response_deserializer=response_class.FromString,
     )(request_class(), timeout=10)
+
+
+@pytest.mark.parametrize(
+    ("field", "make"),
+    [
+        (
+            "RegisterAgentRequest.max_concurrent_tasks",
+            lambda value: registry_pb2.RegisterAgentRequest(
+                name="bounds", instance_id="1", type="worker", max_concurrent_tasks=value
+            ),
+        ),
+        (
+            "TaskSpec.priority",
+            lambda value: tasks_pb2.CreateTaskRequest(spec=task_pb2.TaskSpec(type="t", priority=value)),
+        ),
+        (
+            "TaskSpec.max_attempts",
+            lambda value: tasks_pb2.CreateTaskRequest(spec=task_pb2.TaskSpec(type="t", max_attempts=value)),
+        ),
+    ],
+)
+async def test_documented_bounds_are_the_servers(running: Running, field: str, make: Any) -> None:
+    """The bounds the document gives are exactly where the server starts refusing."""
+    keywords = FIELD_KEYWORDS["orchestrator.v1." + field]
+    call = running.stubs.registry.RegisterAgent if "Register" in field else running.stubs.tasks.CreateTask
+    for value in (keywords["minimum"], keywords["maximum"]):
+        await call(make(value))
+    for value in (keywords["minimum"] - 1, keywords["maximum"] + 1):
+        violations = await invalid_fields(call(make(value)))
+        assert any(name.endswith(field.rsplit(".", 1)[1]) for name in violations), violations
