@@ -38,7 +38,7 @@ from orchestrator_server.gateway import metrics
 from orchestrator_server.gateway.errors import GatewayError, from_rpc_error, invalid_argument
 from orchestrator_server.gateway.hardening import CappedTCPSite, install_log_redaction
 from orchestrator_server.gateway.http_rules import Route, RouteTable, build_route_table
-from orchestrator_server.gateway.openapi import build_openapi
+from orchestrator_server.gateway.openapi import MAX_FIELD_SIZE, build_openapi
 from orchestrator_server.gateway.proto_json import ProtoJsonWriter
 from orchestrator_server.gateway.transcode import build_request, render_message
 
@@ -96,7 +96,7 @@ class GatewayOptions:
     #: Open connections at most; each one over is answered 503 and closed at once.
     max_connections: int = 4096
     #: Longest request line and header (bytes); longer ones answer 400 (never logged).
-    max_field_size: int = 8190
+    max_field_size: int = MAX_FIELD_SIZE
     #: Per-process secret signing the client's address forwarded to the in-process gRPC server
     #: (`auth.forwarded_peer`); empty: not forwarded (a remote gateway).
     client_address_secret: str = field(default="", repr=False)

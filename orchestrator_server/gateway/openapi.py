@@ -25,6 +25,9 @@ from orchestrator_server.gateway.descriptors import (
 )
 from orchestrator_server.gateway.http_rules import Route, RouteTable
 
+#: aiohttp's limit on the request line and each header, which the gateway keeps (app.GatewayOptions).
+MAX_FIELD_SIZE = 8190
+
 Schema = dict[str, Any]
 
 _ERROR_SCHEMA_NAME = "Error"
@@ -308,9 +311,12 @@ def _operation(builder: _SchemaBuilder, route: Route) -> Schema:
     operation["responses"] = {
         "200": success,
         "default": {
-            "description": "An error (gRPC status mapped to HTTP).",
+            "description": "An error (gRPC status mapped to HTTP). A request the HTTP layer cannot "
+            f"parse (a request line or header over {MAX_FIELD_SIZE} bytes, broken framing) is "
+            "answered 400 in plain text before it reaches the gateway.",
             "content": {
-                "application/json": {"schema": {"$ref": f"#/components/schemas/{_ERROR_SCHEMA_NAME}"}}
+                "application/json": {"schema": {"$ref": f"#/components/schemas/{_ERROR_SCHEMA_NAME}"}},
+                "text/plain": {"schema": {"type": "string"}},
             },
         },
     }
