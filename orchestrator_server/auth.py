@@ -30,6 +30,7 @@ import grpc
 from orchestrator.v1 import agent_pb2
 from orchestrator_server.config import Config, ConfigError
 from orchestrator_server.errors import NotFound, PermissionDenied, Unauthenticated
+from orchestrator_server.registry import OpenCredential
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +163,43 @@ def peer_host(peer: str) -> str:
     return scheme or "unknown"
 
 
+# -- the client address of REST calls -------------------------------------------------------------
+
+#: Metadata the in-process gateway adds to each call: the HTTP client's address in `context.peer()`
+#: form, and an HMAC of it under a per-process secret. Without a valid signature both are ignored,
+#: so a direct gRPC caller cannot pose as another address (and escape its per-peer limits).
+CLIENT_ADDRESS_HEADER = "x-orchestrator-client-address"
+CLIENT_SIGNATURE_HEADER = "x-orchestrator-client-signature"
+_MAX_ADDRESS_LENGTH = 128
+
+
+def grpc_peer(peername: Any) -> str:
+    """A socket's peer name (`transport.get_extra_info("peername")`) as grpc writes `peer()`."""
+    if isinstance(peername, tuple) and len(peername) >= 2:
+        host, port = peername[0], peername[1]
+        return f"ipv6:[{host}]:{port}" if ":" in str(host) else f"ipv4:{host}:{port}"
+    return f"unix:{peername}" if peername else "unknown"
+
+
+def sign_client_address(secret: str, address: str) -> str:
+    return hmac.new(secret.encode(), address.encode(), hashlib.sha256).hexdigest()
+
+
+def forwarded_peer(metadata: Iterable[tuple[str, str | bytes]], secret: str, peer: str) -> str:
+    """The client address the gateway signed, else `peer` (the connection's own address)."""
+    if not secret:
+        return peer
+    values = {
+        name: value for name, value in metadata if name in (CLIENT_ADDRESS_HEADER, CLIENT_SIGNATURE_HEADER)
+    }
+    address, signature = values.get(CLIENT_ADDRESS_HEADER), values.get(CLIENT_SIGNATURE_HEADER)
+    if not isinstance(address, str) or not isinstance(signature, str) or len(address) > _MAX_ADDRESS_LENGTH:
+        return peer
+    if not hmac.compare_digest(signature, sign_client_address(secret, address)):
+        return peer
+    return address
+
+
 @dataclass(frozen=True)
 class ApiKey:
     role: Role
@@ -174,9 +212,12 @@ class ApiKey:
 
 
 class AgentVerifier(Protocol):
-    """The registry's check of an agent credential (NotFound / Unauthenticated when it fails)."""
+    """The registry's check of an agent credential (NotFound / Unauthenticated when it fails;
+    `registry.OpenCredential` when `authenticated_only` and it was issued without authentication)."""
 
-    def verify_token(self, agent_id: str, token: str) -> agent_pb2.Agent: ...
+    def verify_token(
+        self, agent_id: str, token: str, *, authenticated_only: bool = False
+    ) -> agent_pb2.Agent: ...
 
 
 AGENT_TOKEN_SEPARATOR = "."
@@ -423,6 +464,9 @@ def credential(metadata: Iterable[tuple[str, str | bytes]]) -> str | None:
     return api_key
 
 
+_BAD_HELLO = "invalid credential: unknown agent or agent token"
+
+
 class Authenticator:
     """Turns a call's metadata into a principal, and decides whether it may make the call."""
 
@@ -448,17 +492,29 @@ class Authenticator:
         parts = split_agent_token(secret)
         if parts is not None:
             try:
-                self._agents.verify_token(parts[0], secret)
+                self._agents.verify_token(parts[0], secret, authenticated_only=True)
+            except OpenCredential:
+                raise  # the holder of the right secret is told why it no longer works
             except (NotFound, Unauthenticated):
                 pass  # one answer for every bad credential: which part was wrong is not told
             else:
                 return Principal.agent(parts[0])
         raise Unauthenticated("invalid credential: unknown API key or agent token")
 
-    def verify_hello(self, agent_id: str, token: str) -> Principal:
-        """A session's hello as its credential. Errors pass through unchanged: an unknown agent is
-        NOT_FOUND so that the SDK re-registers (the session protocol)."""
-        self._agents.verify_token(agent_id, token)
+    def verify_hello(self, agent_id: str, token: str, *, keyed: bool) -> Principal:
+        """A session's hello as its credential. For a caller that presented an API key (`keyed`),
+        an unknown agent is NOT_FOUND so that the SDK re-registers (the session protocol); without
+        one, it is UNAUTHENTICATED like a wrong token, so the answer tells no agent id apart."""
+        try:
+            self._agents.verify_token(agent_id, token, authenticated_only=True)
+        except OpenCredential:
+            raise
+        except NotFound:
+            if keyed:
+                raise
+            raise Unauthenticated(_BAD_HELLO) from None
+        except Unauthenticated:
+            raise Unauthenticated(_BAD_HELLO) from None
         return Principal.agent(agent_id)
 
     def authorize(self, rule: Rule, principal: Principal, request: Any) -> None:

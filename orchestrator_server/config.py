@@ -76,6 +76,13 @@ class Config:
     rate_limit_session_rate: float = 50.0
     rate_limit_session_burst: int = 100
     max_sessions_per_principal: int = 1000
+    # Failed authentications per peer host (interceptors.AuthInterceptor), and the REST gateway's
+    # defences against held connections (gateway/hardening.py).
+    auth_failure_rate: float = 20.0
+    auth_failure_burst: int = 200
+    gateway_header_timeout: float = 10.0
+    gateway_body_timeout: float = 30.0
+    gateway_max_connections: int = 4096
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -146,6 +153,15 @@ class Config:
             ),
             max_sessions_per_principal=reader.integer(
                 "MAX_SESSIONS_PER_PRINCIPAL", cls.max_sessions_per_principal, minimum=1
+            ),
+            auth_failure_rate=reader.number("AUTH_FAILURE_RATE", cls.auth_failure_rate, minimum=0.0),
+            auth_failure_burst=reader.integer("AUTH_FAILURE_BURST", cls.auth_failure_burst, minimum=1),
+            gateway_header_timeout=reader.number(
+                "GATEWAY_HEADER_TIMEOUT", cls.gateway_header_timeout, minimum=0.1
+            ),
+            gateway_body_timeout=reader.number("GATEWAY_BODY_TIMEOUT", cls.gateway_body_timeout, minimum=0.1),
+            gateway_max_connections=reader.integer(
+                "GATEWAY_MAX_CONNECTIONS", cls.gateway_max_connections, minimum=1
             ),
         )
         # Production without keys, unreadable key or certificate files: refused here, before startup.

@@ -1,10 +1,13 @@
-"""Token buckets per principal, and counts of open streams per principal.
+"""Token buckets per principal, counts of open streams per principal, log sampling, and the
+process's file-descriptor limit.
 
 Pure bookkeeping on the event loop's clock; nothing here blocks or knows about gRPC.
 """
 
 from __future__ import annotations
 
+import logging
+import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -113,3 +116,50 @@ class StreamSlots:
 
     def count(self, key: str) -> int:
         return self._open.get(key, 0)
+
+
+class LogSampler:
+    """Lets the first line of each key through per `interval` and counts the rest.
+
+    `admit` answers None to suppress a line, else how many lines of that key were suppressed since
+    the last one let through (to be said on it). The table is bounded: past `max_keys`, keys whose
+    interval has ended are forgotten, and if none has, new keys are let through uncounted."""
+
+    def __init__(
+        self, interval: float = 10.0, max_keys: int = 10_000, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.interval = interval
+        self.max_keys = max_keys
+        self._clock = clock
+        # key -> [end of the current interval, lines suppressed in it]
+        self._windows: dict[tuple[str, ...], list[float]] = {}
+
+    def admit(self, key: tuple[str, ...]) -> int | None:
+        now = self._clock()
+        window = self._windows.get(key)
+        if window is not None and now < window[0]:
+            window[1] += 1
+            return None
+        suppressed = int(window[1]) if window is not None else 0
+        if window is None and len(self._windows) >= self.max_keys:
+            self._windows = {k: w for k, w in self._windows.items() if now < w[0]}
+            if len(self._windows) >= self.max_keys:
+                return 0
+        self._windows[key] = [now + self.interval, 0]
+        return suppressed
+
+
+def raise_fd_limit(log: logging.Logger | None = None) -> int:
+    """Raises this process's soft RLIMIT_NOFILE to its hard limit (often 1,024 soft against 500k+
+    hard), so connections held open over HTTP cannot run the whole process out of descriptors and
+    starve gRPC; returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1_048_576)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as error:
+            if log is not None:
+                log.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, error)
+    return soft

@@ -70,6 +70,15 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+#: Marks the stored hash of a credential issued to a caller without a credential (authentication
+#: off), so that it stops working once keys are configured (`verify_token(authenticated_only=True)`).
+OPEN_TOKEN_PREFIX = "open:"
+
+
+class OpenCredential(Unauthenticated):
+    """The credential is right, but was issued while authentication was off."""
+
+
 def new_id(prefix: str) -> str:
     """Identifiers that sort by creation time: prefix, 12 hex digits of milliseconds, 8 random."""
     return f"{prefix}{int(time.time() * 1000):012x}{secrets.token_hex(4)}"
@@ -276,19 +285,29 @@ class Registry:
         )
         return take_page(matching, page_size)
 
-    def verify_token(self, agent_id: str, token: str) -> agent_pb2.Agent:
-        """The agent whose credential `token` is; Unauthenticated otherwise."""
+    def verify_token(self, agent_id: str, token: str, *, authenticated_only: bool = False) -> agent_pb2.Agent:
+        """The agent whose credential `token` is; Unauthenticated otherwise (OpenCredential for one
+        issued without authentication when `authenticated_only`)."""
         state = self._agents.get(agent_id)
         if state is None or state.agent.status == DEREGISTERED:
             raise NotFound(f"agent {agent_id} is not registered")
-        if not token or not hmac.compare_digest(state.token_hash, hash_token(token)):
+        stored = state.token_hash.removeprefix(OPEN_TOKEN_PREFIX)
+        if not token or not hmac.compare_digest(stored, hash_token(token)):
             raise Unauthenticated(f"invalid credential for agent {agent_id}")
+        if authenticated_only and stored != state.token_hash:
+            raise OpenCredential(
+                f"the credential of agent {agent_id} was issued while authentication was off; "
+                "register again with an agent key"
+            )
         return state.agent
 
     # -- registration --------------------------------------------------------------------------
 
-    async def register(self, request: registry_pb2.RegisterAgentRequest) -> tuple[agent_pb2.Agent, str, bool]:
-        """Registers (or re-registers) an agent; returns it, a fresh credential and whether it is new."""
+    async def register(
+        self, request: registry_pb2.RegisterAgentRequest, *, authenticated: bool = True
+    ) -> tuple[agent_pb2.Agent, str, bool]:
+        """Registers (or re-registers) an agent; returns it, a fresh credential and whether it is new.
+        `authenticated`: whether the caller presented a credential (see OPEN_TOKEN_PREFIX)."""
         self._validate_registration(request)
         existing_id = self._by_name.get((request.name, request.instance_id))
         now = now_timestamp()
@@ -320,7 +339,7 @@ class Registry:
         agent.updated_at.CopyFrom(now)
         # `<agent_id>.<secret>`: the interceptor finds the agent from the credential alone (auth.py).
         token = f"{agent.agent_id}.{secrets.token_urlsafe(32)}"
-        state.token_hash = hash_token(token)
+        state.token_hash = ("" if authenticated else OPEN_TOKEN_PREFIX) + hash_token(token)
         if state.session is None:
             # Registering is a sign of life: the agent counts as alive for one heartbeat timeout,
             # as after a unary heartbeat, so REST callers that only register are discoverable.

@@ -12,6 +12,7 @@ import importlib
 import json
 import logging
 import os
+import secrets
 import socket
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -49,6 +50,7 @@ from orchestrator_server.grpc_api.registry import RegistryServicer
 from orchestrator_server.grpc_api.tasks import TasksServicer
 from orchestrator_server.grpc_api.telemetry import TelemetryInterceptor
 from orchestrator_server.health import HealthReporter, WorkloadSummary
+from orchestrator_server.limits import raise_fd_limit
 from orchestrator_server.metrics import TRANSITIONS, status_label
 from orchestrator_server.registry import Registry
 from orchestrator_server.store import Store, open_store
@@ -142,8 +144,13 @@ class OrchestratorServer:
         self._listener: Listener | None = None
         self._stopped = asyncio.Event()
         self._draining = False
+        # Signs the HTTP client's address the in-process gateway forwards (auth.forwarded_peer).
+        self._client_address_secret = secrets.token_hex(32)
+        self._fd_limit = 0
 
     async def start(self) -> None:
+        # Connections held open over HTTP must not run the process out of descriptors for gRPC.
+        self._fd_limit = raise_fd_limit(log)
         check_port_free(self.config.bind_host, self.config.grpc_port, "GRPC_PORT")
         if self.config.gateway_enabled:
             check_port_free(self.config.bind_host, self.config.http_port, "PORT")
@@ -208,7 +215,9 @@ class OrchestratorServer:
         return [
             TelemetryInterceptor(),
             ErrorInterceptor(),
-            *security_interceptors(self.config, self.registry),
+            *security_interceptors(
+                self.config, self.registry, client_address_secret=self._client_address_secret
+            ),
         ]
 
     async def _start_gateway(self) -> RunningGateway | None:
@@ -223,6 +232,13 @@ class OrchestratorServer:
             self.config.http_port,
             self._listener.gateway_target,
             readiness_check=self._store_ready,
+            options=gateway_module.GatewayOptions(
+                header_timeout=self.config.gateway_header_timeout,
+                body_timeout=self.config.gateway_body_timeout,
+                # At most half the descriptors, whatever is configured: the rest stay for gRPC.
+                max_connections=min(self.config.gateway_max_connections, max(1, self._fd_limit // 2)),
+                client_address_secret=self._client_address_secret,
+            ),
         )
         return gateway
 

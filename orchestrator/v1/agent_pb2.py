@@ -22,34 +22,41 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1borchestrator/v1/agent.proto\x12\x0forchestrator.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"^\n\x08\x45ndpoint\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x33\n\x08protocol\x18\x03 \x01(\x0e\x32!.orchestrator.v1.EndpointProtocol\"T\n\x05\x43heck\x12\x0c\n\x04name\x18\x01 \x01(\t\x12,\n\x06status\x18\x02 \x01(\x0e\x32\x1c.orchestrator.v1.CheckStatus\x12\x0f\n\x07message\x18\x03 \x01(\t\"9\n\x04Load\x12\x14\n\x0c\x61\x63tive_tasks\x18\x01 \x01(\x05\x12\x0b\n\x03\x63pu\x18\x02 \x01(\x01\x12\x0e\n\x06memory\x18\x03 \x01(\x01\"z\n\x07Session\x12\r\n\x05\x65poch\x18\x01 \x01(\x03\x12\x30\n\x0c\x63onnected_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04peer\x18\x03 \x01(\t\x12\r\n\x05owner\x18\x04 \x01(\t\x12\x11\n\tstreaming\x18\x05 \x01(\x08\"\x93\x06\n\x05\x41gent\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0binstance_id\x18\x03 \x01(\t\x12\x0c\n\x04type\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x06 \x03(\t\x12\x32\n\x06labels\x18\x07 \x03(\x0b\x32\".orchestrator.v1.Agent.LabelsEntry\x12,\n\tendpoints\x18\x08 \x03(\x0b\x32\x19.orchestrator.v1.Endpoint\x12\x1c\n\x14max_concurrent_tasks\x18\t \x01(\x05\x12,\n\x06status\x18\n \x01(\x0e\x32\x1c.orchestrator.v1.AgentStatus\x12\x15\n\rstatus_reason\x18\x0b \x01(\t\x12\x10\n\x08\x64raining\x18\x0c \x01(\x08\x12#\n\x04load\x18\r \x01(\x0b\x32\x15.orchestrator.v1.Load\x12&\n\x06\x63hecks\x18\x0e \x03(\x0b\x32\x16.orchestrator.v1.Check\x12)\n\x07session\x18\x0f \x01(\x0b\x32\x18.orchestrator.v1.Session\x12\x31\n\rregistered_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11last_heartbeat_at\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11status_changed_at\x18\x13 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0btransitions\x18\x14 \x01(\x03\x12\x10\n\x08revision\x18\x15 \x01(\x03\x12\x16\n\x0e\x61ssigned_tasks\x18\x16 \x01(\x05\x12\x12\n\ntask_types\x18\x17 \x03(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\xaf\x01\n\x0b\x41gentStatus\x12\x1c\n\x18\x41GENT_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41GENT_STATUS_READY\x10\x01\x12\x19\n\x15\x41GENT_STATUS_DEGRADED\x10\x02\x12\x19\n\x15\x41GENT_STATUS_DRAINING\x10\x03\x12\x15\n\x11\x41GENT_STATUS_DOWN\x10\x04\x12\x1d\n\x19\x41GENT_STATUS_DEREGISTERED\x10\x05*\xa5\x01\n\x10\x45ndpointProtocol\x12!\n\x1d\x45NDPOINT_PROTOCOL_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x45NDPOINT_PROTOCOL_GRPC\x10\x01\x12\x1a\n\x16\x45NDPOINT_PROTOCOL_HTTP\x10\x02\x12\x1b\n\x17\x45NDPOINT_PROTOCOL_HTTPS\x10\x03\x12\x19\n\x15\x45NDPOINT_PROTOCOL_TCP\x10\x04*y\n\x0b\x43heckStatus\x12\x1c\n\x18\x43HECK_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43HECK_STATUS_PASSING\x10\x01\x12\x18\n\x14\x43HECK_STATUS_WARNING\x10\x02\x12\x18\n\x14\x43HECK_STATUS_FAILING\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1borchestrator/v1/agent.proto\x12\x0forchestrator.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"j\n\x08\x45ndpoint\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x15\n\x07\x61\x64\x64ress\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x33\n\x08protocol\x18\x03 \x01(\x0e\x32!.orchestrator.v1.EndpointProtocol\"Z\n\x05\x43heck\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12,\n\x06status\x18\x02 \x01(\x0e\x32\x1c.orchestrator.v1.CheckStatus\x12\x0f\n\x07message\x18\x03 \x01(\t\"9\n\x04Load\x12\x14\n\x0c\x61\x63tive_tasks\x18\x01 \x01(\x05\x12\x0b\n\x03\x63pu\x18\x02 \x01(\x01\x12\x0e\n\x06memory\x18\x03 \x01(\x01\"z\n\x07Session\x12\r\n\x05\x65poch\x18\x01 \x01(\x03\x12\x30\n\x0c\x63onnected_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04peer\x18\x03 \x01(\t\x12\r\n\x05owner\x18\x04 \x01(\t\x12\x11\n\tstreaming\x18\x05 \x01(\x08\"\x93\x06\n\x05\x41gent\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0binstance_id\x18\x03 \x01(\t\x12\x0c\n\x04type\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x06 \x03(\t\x12\x32\n\x06labels\x18\x07 \x03(\x0b\x32\".orchestrator.v1.Agent.LabelsEntry\x12,\n\tendpoints\x18\x08 \x03(\x0b\x32\x19.orchestrator.v1.Endpoint\x12\x1c\n\x14max_concurrent_tasks\x18\t \x01(\x05\x12,\n\x06status\x18\n \x01(\x0e\x32\x1c.orchestrator.v1.AgentStatus\x12\x15\n\rstatus_reason\x18\x0b \x01(\t\x12\x10\n\x08\x64raining\x18\x0c \x01(\x08\x12#\n\x04load\x18\r \x01(\x0b\x32\x15.orchestrator.v1.Load\x12&\n\x06\x63hecks\x18\x0e \x03(\x0b\x32\x16.orchestrator.v1.Check\x12)\n\x07session\x18\x0f \x01(\x0b\x32\x18.orchestrator.v1.Session\x12\x31\n\rregistered_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11last_heartbeat_at\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11status_changed_at\x18\x13 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0btransitions\x18\x14 \x01(\x03\x12\x10\n\x08revision\x18\x15 \x01(\x03\x12\x16\n\x0e\x61ssigned_tasks\x18\x16 \x01(\x05\x12\x12\n\ntask_types\x18\x17 \x03(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\xaf\x01\n\x0b\x41gentStatus\x12\x1c\n\x18\x41GENT_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41GENT_STATUS_READY\x10\x01\x12\x19\n\x15\x41GENT_STATUS_DEGRADED\x10\x02\x12\x19\n\x15\x41GENT_STATUS_DRAINING\x10\x03\x12\x15\n\x11\x41GENT_STATUS_DOWN\x10\x04\x12\x1d\n\x19\x41GENT_STATUS_DEREGISTERED\x10\x05*\xa5\x01\n\x10\x45ndpointProtocol\x12!\n\x1d\x45NDPOINT_PROTOCOL_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x45NDPOINT_PROTOCOL_GRPC\x10\x01\x12\x1a\n\x16\x45NDPOINT_PROTOCOL_HTTP\x10\x02\x12\x1b\n\x17\x45NDPOINT_PROTOCOL_HTTPS\x10\x03\x12\x19\n\x15\x45NDPOINT_PROTOCOL_TCP\x10\x04*y\n\x0b\x43heckStatus\x12\x1c\n\x18\x43HECK_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43HECK_STATUS_PASSING\x10\x01\x12\x18\n\x14\x43HECK_STATUS_WARNING\x10\x02\x12\x18\n\x14\x43HECK_STATUS_FAILING\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'orchestrator.v1.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_ENDPOINT'].fields_by_name['name']._loaded_options = None
+  _globals['_ENDPOINT'].fields_by_name['name']._serialized_options = b'\342A\001\002'
+  _globals['_ENDPOINT'].fields_by_name['address']._loaded_options = None
+  _globals['_ENDPOINT'].fields_by_name['address']._serialized_options = b'\342A\001\002'
+  _globals['_CHECK'].fields_by_name['name']._loaded_options = None
+  _globals['_CHECK'].fields_by_name['name']._serialized_options = b'\342A\001\002'
   _globals['_AGENT_LABELSENTRY']._loaded_options = None
   _globals['_AGENT_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_AGENTSTATUS']._serialized_start=1237
-  _globals['_AGENTSTATUS']._serialized_end=1412
-  _globals['_ENDPOINTPROTOCOL']._serialized_start=1415
-  _globals['_ENDPOINTPROTOCOL']._serialized_end=1580
-  _globals['_CHECKSTATUS']._serialized_start=1582
-  _globals['_CHECKSTATUS']._serialized_end=1703
-  _globals['_ENDPOINT']._serialized_start=81
-  _globals['_ENDPOINT']._serialized_end=175
-  _globals['_CHECK']._serialized_start=177
-  _globals['_CHECK']._serialized_end=261
-  _globals['_LOAD']._serialized_start=263
-  _globals['_LOAD']._serialized_end=320
-  _globals['_SESSION']._serialized_start=322
-  _globals['_SESSION']._serialized_end=444
-  _globals['_AGENT']._serialized_start=447
-  _globals['_AGENT']._serialized_end=1234
-  _globals['_AGENT_LABELSENTRY']._serialized_start=1189
-  _globals['_AGENT_LABELSENTRY']._serialized_end=1234
+  _globals['_AGENTSTATUS']._serialized_start=1288
+  _globals['_AGENTSTATUS']._serialized_end=1463
+  _globals['_ENDPOINTPROTOCOL']._serialized_start=1466
+  _globals['_ENDPOINTPROTOCOL']._serialized_end=1631
+  _globals['_CHECKSTATUS']._serialized_start=1633
+  _globals['_CHECKSTATUS']._serialized_end=1754
+  _globals['_ENDPOINT']._serialized_start=114
+  _globals['_ENDPOINT']._serialized_end=220
+  _globals['_CHECK']._serialized_start=222
+  _globals['_CHECK']._serialized_end=312
+  _globals['_LOAD']._serialized_start=314
+  _globals['_LOAD']._serialized_end=371
+  _globals['_SESSION']._serialized_start=373
+  _globals['_SESSION']._serialized_end=495
+  _globals['_AGENT']._serialized_start=498
+  _globals['_AGENT']._serialized_end=1285
+  _globals['_AGENT_LABELSENTRY']._serialized_start=1240
+  _globals['_AGENT_LABELSENTRY']._serialized_end=1285
 # @@protoc_insertion_point(module_scope)

@@ -23,18 +23,21 @@ _sym_db = _symbol_database.Default()
 
 
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from orchestrator.v1 import agent_pb2 as orchestrator_dot_v1_dot_agent__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1corchestrator/v1/health.proto\x12\x0forchestrator.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1borchestrator/v1/agent.proto\"\xe3\x02\n\x0b\x41gentHealth\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04type\x18\x03 \x01(\t\x12,\n\x06status\x18\x04 \x01(\x0e\x32\x1c.orchestrator.v1.AgentStatus\x12\x15\n\rstatus_reason\x18\x05 \x01(\t\x12&\n\x06\x63hecks\x18\x06 \x03(\x0b\x32\x16.orchestrator.v1.Check\x12#\n\x04load\x18\x07 \x01(\x0b\x32\x15.orchestrator.v1.Load\x12\x35\n\x11last_heartbeat_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11status_changed_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0btransitions\x18\n \x01(\x03\x12\x11\n\tstreaming\x18\x0b \x01(\x08\")\n\x15GetAgentHealthRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\"F\n\x16GetAgentHealthResponse\x12,\n\x06health\x18\x01 \x01(\x0b\x32\x1c.orchestrator.v1.AgentHealth\"{\n\x16ListAgentHealthRequest\x12,\n\x06status\x18\x01 \x01(\x0e\x32\x1c.orchestrator.v1.AgentStatus\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"`\n\x17ListAgentHealthResponse\x12,\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x1c.orchestrator.v1.AgentHealth\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x18\n\x16GetSystemHealthRequest\"J\n\x0bStatusCount\x12,\n\x06status\x18\x01 \x01(\x0e\x32\x1c.orchestrator.v1.AgentStatus\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\"\xc2\x02\n\x17GetSystemHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x36\n\x10\x61gents_by_status\x18\x02 \x03(\x0b\x32\x1c.orchestrator.v1.StatusCount\x12\x14\n\x0ctotal_agents\x18\x03 \x01(\x03\x12\x15\n\rpending_tasks\x18\x04 \x01(\x03\x12\x15\n\rrunning_tasks\x18\x05 \x01(\x03\x12\x14\n\x0cstore_status\x18\x06 \x01(\t\x12)\n\x06uptime\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0f\n\x07version\x18\x08 \x01(\t\x12\x17\n\x0f\x66\x61ilover_paused\x18\t \x01(\x08\x12\x1e\n\x16\x66\x61ilover_paused_reason\x18\n \x01(\t\x12\x10\n\x08revision\x18\x0b \x01(\x03\"?\n\x17WatchAgentHealthRequest\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x16\n\x0estart_revision\x18\x02 \x01(\x03\"\xc5\x01\n\x18WatchAgentHealthResponse\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12,\n\x06health\x18\x02 \x01(\x0b\x32\x1c.orchestrator.v1.AgentHealth\x12\x35\n\x0fprevious_status\x18\x03 \x01(\x0e\x32\x1c.orchestrator.v1.AgentStatus\x12\x0f\n\x07initial\x18\x04 \x01(\x08\x12\x0e\n\x06resync\x18\x05 \x01(\x08\x12\x11\n\tcaught_up\x18\x06 \x01(\x08\x32\x8d\x04\n\rHealthService\x12}\n\x0eGetAgentHealth\x12&.orchestrator.v1.GetAgentHealthRequest\x1a\'.orchestrator.v1.GetAgentHealthResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\x12\x12/health/{agent_id}\x12|\n\x0fListAgentHealth\x12\'.orchestrator.v1.ListAgentHealthRequest\x1a(.orchestrator.v1.ListAgentHealthResponse\"\x16\x82\xd3\xe4\x93\x02\x10\x12\x0e/health/agents\x12|\n\x0fGetSystemHealth\x12\'.orchestrator.v1.GetSystemHealthRequest\x1a(.orchestrator.v1.GetSystemHealthResponse\"\x16\x82\xd3\xe4\x93\x02\x10\x12\x0e/health/system\x12\x80\x01\n\x10WatchAgentHealth\x12(.orchestrator.v1.WatchAgentHealthRequest\x1a).orchestrator.v1.WatchAgentHealthResponse\"\x15\x82\xd3\xe4\x93\x02\x0f\x12\r/health/watch0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1corchestrator/v1/health.proto\x12\x0forchestrator.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1borchestrator/v1/agent.proto\"\xe3\x02\n\x0b\x41gentHealth\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04type\x18\x03 \x01(\t\x12,\n\x06status\x18\x04 \x01(\x0e\x32\x1c.orchestrator.v1.AgentStatus\x12\x15\n\rstatus_reason\x18\x05 \x01(\t\x12&\n\x06\x63hecks\x18\x06 \x03(\x0b\x32\x16.orchestrator.v1.Check\x12#\n\x04load\x18\x07 \x01(\x0b\x32\x15.orchestrator.v1.Load\x12\x35\n\x11last_heartbeat_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11status_changed_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0btransitions\x18\n \x01(\x03\x12\x11\n\tstreaming\x18\x0b \x01(\x08\"/\n\x15GetAgentHealthRequest\x12\x16\n\x08\x61gent_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"F\n\x16GetAgentHealthResponse\x12,\n\x06health\x18\x01 \x01(\x0b\x32\x1c.orchestrator.v1.AgentHealth\"{\n\x16ListAgentHealthRequest\x12,\n\x06status\x18\x01 \x01(\x0e\x32\x1c.orchestrator.v1.AgentStatus\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"`\n\x17ListAgentHealthResponse\x12,\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x1c.orchestrator.v1.AgentHealth\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x18\n\x16GetSystemHealthRequest\"J\n\x0bStatusCount\x12,\n\x06status\x18\x01 \x01(\x0e\x32\x1c.orchestrator.v1.AgentStatus\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\"\xc2\x02\n\x17GetSystemHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x36\n\x10\x61gents_by_status\x18\x02 \x03(\x0b\x32\x1c.orchestrator.v1.StatusCount\x12\x14\n\x0ctotal_agents\x18\x03 \x01(\x03\x12\x15\n\rpending_tasks\x18\x04 \x01(\x03\x12\x15\n\rrunning_tasks\x18\x05 \x01(\x03\x12\x14\n\x0cstore_status\x18\x06 \x01(\t\x12)\n\x06uptime\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0f\n\x07version\x18\x08 \x01(\t\x12\x17\n\x0f\x66\x61ilover_paused\x18\t \x01(\x08\x12\x1e\n\x16\x66\x61ilover_paused_reason\x18\n \x01(\t\x12\x10\n\x08revision\x18\x0b \x01(\x03\"?\n\x17WatchAgentHealthRequest\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x16\n\x0estart_revision\x18\x02 \x01(\x03\"\xc5\x01\n\x18WatchAgentHealthResponse\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12,\n\x06health\x18\x02 \x01(\x0b\x32\x1c.orchestrator.v1.AgentHealth\x12\x35\n\x0fprevious_status\x18\x03 \x01(\x0e\x32\x1c.orchestrator.v1.AgentStatus\x12\x0f\n\x07initial\x18\x04 \x01(\x08\x12\x0e\n\x06resync\x18\x05 \x01(\x08\x12\x11\n\tcaught_up\x18\x06 \x01(\x08\x32\x8d\x04\n\rHealthService\x12}\n\x0eGetAgentHealth\x12&.orchestrator.v1.GetAgentHealthRequest\x1a\'.orchestrator.v1.GetAgentHealthResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\x12\x12/health/{agent_id}\x12|\n\x0fListAgentHealth\x12\'.orchestrator.v1.ListAgentHealthRequest\x1a(.orchestrator.v1.ListAgentHealthResponse\"\x16\x82\xd3\xe4\x93\x02\x10\x12\x0e/health/agents\x12|\n\x0fGetSystemHealth\x12\'.orchestrator.v1.GetSystemHealthRequest\x1a(.orchestrator.v1.GetSystemHealthResponse\"\x16\x82\xd3\xe4\x93\x02\x10\x12\x0e/health/system\x12\x80\x01\n\x10WatchAgentHealth\x12(.orchestrator.v1.WatchAgentHealthRequest\x1a).orchestrator.v1.WatchAgentHealthResponse\"\x15\x82\xd3\xe4\x93\x02\x0f\x12\r/health/watch0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'orchestrator.v1.health_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_GETAGENTHEALTHREQUEST'].fields_by_name['agent_id']._loaded_options = None
+  _globals['_GETAGENTHEALTHREQUEST'].fields_by_name['agent_id']._serialized_options = b'\342A\001\002'
   _globals['_HEALTHSERVICE'].methods_by_name['GetAgentHealth']._loaded_options = None
   _globals['_HEALTHSERVICE'].methods_by_name['GetAgentHealth']._serialized_options = b'\202\323\344\223\002\024\022\022/health/{agent_id}'
   _globals['_HEALTHSERVICE'].methods_by_name['ListAgentHealth']._loaded_options = None
@@ -43,26 +46,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HEALTHSERVICE'].methods_by_name['GetSystemHealth']._serialized_options = b'\202\323\344\223\002\020\022\016/health/system'
   _globals['_HEALTHSERVICE'].methods_by_name['WatchAgentHealth']._loaded_options = None
   _globals['_HEALTHSERVICE'].methods_by_name['WatchAgentHealth']._serialized_options = b'\202\323\344\223\002\017\022\r/health/watch'
-  _globals['_AGENTHEALTH']._serialized_start=174
-  _globals['_AGENTHEALTH']._serialized_end=529
-  _globals['_GETAGENTHEALTHREQUEST']._serialized_start=531
-  _globals['_GETAGENTHEALTHREQUEST']._serialized_end=572
-  _globals['_GETAGENTHEALTHRESPONSE']._serialized_start=574
-  _globals['_GETAGENTHEALTHRESPONSE']._serialized_end=644
-  _globals['_LISTAGENTHEALTHREQUEST']._serialized_start=646
-  _globals['_LISTAGENTHEALTHREQUEST']._serialized_end=769
-  _globals['_LISTAGENTHEALTHRESPONSE']._serialized_start=771
-  _globals['_LISTAGENTHEALTHRESPONSE']._serialized_end=867
-  _globals['_GETSYSTEMHEALTHREQUEST']._serialized_start=869
-  _globals['_GETSYSTEMHEALTHREQUEST']._serialized_end=893
-  _globals['_STATUSCOUNT']._serialized_start=895
-  _globals['_STATUSCOUNT']._serialized_end=969
-  _globals['_GETSYSTEMHEALTHRESPONSE']._serialized_start=972
-  _globals['_GETSYSTEMHEALTHRESPONSE']._serialized_end=1294
-  _globals['_WATCHAGENTHEALTHREQUEST']._serialized_start=1296
-  _globals['_WATCHAGENTHEALTHREQUEST']._serialized_end=1359
-  _globals['_WATCHAGENTHEALTHRESPONSE']._serialized_start=1362
-  _globals['_WATCHAGENTHEALTHRESPONSE']._serialized_end=1559
-  _globals['_HEALTHSERVICE']._serialized_start=1562
-  _globals['_HEALTHSERVICE']._serialized_end=2087
+  _globals['_AGENTHEALTH']._serialized_start=207
+  _globals['_AGENTHEALTH']._serialized_end=562
+  _globals['_GETAGENTHEALTHREQUEST']._serialized_start=564
+  _globals['_GETAGENTHEALTHREQUEST']._serialized_end=611
+  _globals['_GETAGENTHEALTHRESPONSE']._serialized_start=613
+  _globals['_GETAGENTHEALTHRESPONSE']._serialized_end=683
+  _globals['_LISTAGENTHEALTHREQUEST']._serialized_start=685
+  _globals['_LISTAGENTHEALTHREQUEST']._serialized_end=808
+  _globals['_LISTAGENTHEALTHRESPONSE']._serialized_start=810
+  _globals['_LISTAGENTHEALTHRESPONSE']._serialized_end=906
+  _globals['_GETSYSTEMHEALTHREQUEST']._serialized_start=908
+  _globals['_GETSYSTEMHEALTHREQUEST']._serialized_end=932
+  _globals['_STATUSCOUNT']._serialized_start=934
+  _globals['_STATUSCOUNT']._serialized_end=1008
+  _globals['_GETSYSTEMHEALTHRESPONSE']._serialized_start=1011
+  _globals['_GETSYSTEMHEALTHRESPONSE']._serialized_end=1333
+  _globals['_WATCHAGENTHEALTHREQUEST']._serialized_start=1335
+  _globals['_WATCHAGENTHEALTHREQUEST']._serialized_end=1398
+  _globals['_WATCHAGENTHEALTHRESPONSE']._serialized_start=1401
+  _globals['_WATCHAGENTHEALTHRESPONSE']._serialized_end=1598
+  _globals['_HEALTHSERVICE']._serialized_start=1601
+  _globals['_HEALTHSERVICE']._serialized_end=2126
 # @@protoc_insertion_point(module_scope)

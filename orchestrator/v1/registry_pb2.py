@@ -23,6 +23,7 @@ _sym_db = _symbol_database.Default()
 
 
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
@@ -30,7 +31,7 @@ from orchestrator.v1 import agent_pb2 as orchestrator_dot_v1_dot_agent__pb2
 from orchestrator.v1 import task_pb2 as orchestrator_dot_v1_dot_task__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eorchestrator/v1/registry.proto\x12\x0forchestrator.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1borchestrator/v1/agent.proto\x1a\x1aorchestrator/v1/task.proto\"\xc0\x02\n\x14RegisterAgentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x05 \x03(\t\x12\x41\n\x06labels\x18\x06 \x03(\x0b\x32\x31.orchestrator.v1.RegisterAgentRequest.LabelsEntry\x12,\n\tendpoints\x18\x07 \x03(\x0b\x32\x19.orchestrator.v1.Endpoint\x12\x1c\n\x14max_concurrent_tasks\x18\x08 \x01(\x05\x12\x12\n\ntask_types\x18\t \x03(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd1\x01\n\x15RegisterAgentResponse\x12%\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x16.orchestrator.v1.Agent\x12\x13\n\x0b\x61gent_token\x18\x02 \x01(\t\x12\x35\n\x12heartbeat_interval\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x34\n\x11heartbeat_timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0f\n\x07\x63reated\x18\x05 \x01(\x08\"*\n\x16\x44\x65registerAgentRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\"@\n\x17\x44\x65registerAgentResponse\x12%\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x16.orchestrator.v1.Agent\"#\n\x0fGetAgentRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\"9\n\x10GetAgentResponse\x12%\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x16.orchestrator.v1.Agent\"\xa2\x01\n\x11ListAgentsRequest\x12\x0c\n\x04type\x18\x01 \x01(\t\x12,\n\x06status\x18\x02 \x01(\x0e\x32\x1c.orchestrator.v1.AgentStatus\x12\x12\n\ncapability\x18\x03 \x01(\t\x12\x16\n\x0elabel_selector\x18\x04 \x01(\t\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\"U\n\x12ListAgentsResponse\x12&\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x16.orchestrator.v1.Agent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x85\x01\n\x12UpdateAgentRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12,\n\x06update\x18\x02 \x01(\x0b\x32\x1c.orchestrator.v1.AgentUpdate\x12/\n\x0bupdate_mask\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"\xfd\x01\n\x0b\x41gentUpdate\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x02 \x03(\t\x12\x38\n\x06labels\x18\x03 \x03(\x0b\x32(.orchestrator.v1.AgentUpdate.LabelsEntry\x12,\n\tendpoints\x18\x04 \x03(\x0b\x32\x19.orchestrator.v1.Endpoint\x12\x1c\n\x14max_concurrent_tasks\x18\x05 \x01(\x05\x12\x12\n\ntask_types\x18\x06 \x03(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"<\n\x13UpdateAgentResponse\x12%\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x16.orchestrator.v1.Agent\"5\n\x11\x44rainAgentRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\";\n\x12\x44rainAgentResponse\x12%\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x16.orchestrator.v1.Agent\"\'\n\x13UndrainAgentRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\"=\n\x14UndrainAgentResponse\x12%\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x16.orchestrator.v1.Agent\"u\n\x14SendHeartbeatRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12#\n\x04load\x18\x02 \x01(\x0b\x32\x15.orchestrator.v1.Load\x12&\n\x06\x63hecks\x18\x03 \x03(\x0b\x32\x16.orchestrator.v1.Check\"\xb2\x01\n\x15SendHeartbeatResponse\x12,\n\x06status\x18\x01 \x01(\x0e\x32\x1c.orchestrator.v1.AgentStatus\x12\x34\n\x10lease_expires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x12heartbeat_interval\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"g\n\x0cSessionHello\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x13\n\x0b\x61gent_token\x18\x02 \x01(\t\x12\x1b\n\x13running_attempt_ids\x18\x03 \x03(\t\x12\x13\n\x0bincarnation\x18\x04 \x01(\t\"l\n\x0bSessionBeat\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12#\n\x04load\x18\x02 \x01(\x0b\x32\x15.orchestrator.v1.Load\x12&\n\x06\x63hecks\x18\x03 \x03(\x0b\x32\x16.orchestrator.v1.Check\"\xa8\x01\n\x11SessionTaskUpdate\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x12\n\nattempt_id\x18\x02 \x01(\t\x12-\n\x04kind\x18\x03 \x01(\x0e\x32\x1f.orchestrator.v1.TaskUpdateKind\x12/\n\x08progress\x18\x04 \x01(\x0b\x32\x1d.orchestrator.v1.TaskProgress\x12\x0e\n\x06reason\x18\x05 \x01(\t\" \n\x0eSessionGoodbye\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xea\x01\n\x10HeartbeatRequest\x12.\n\x05hello\x18\x01 \x01(\x0b\x32\x1d.orchestrator.v1.SessionHelloH\x00\x12,\n\x04\x62\x65\x61t\x18\x02 \x01(\x0b\x32\x1c.orchestrator.v1.SessionBeatH\x00\x12\x39\n\x0btask_update\x18\x03 \x01(\x0b\x32\".orchestrator.v1.SessionTaskUpdateH\x00\x12\x32\n\x07goodbye\x18\x04 \x01(\x0b\x32\x1f.orchestrator.v1.SessionGoodbyeH\x00\x42\t\n\x07message\"\xcd\x01\n\x0eSessionWelcome\x12\r\n\x05\x65poch\x18\x01 \x01(\x03\x12\x35\n\x12heartbeat_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x34\n\x11heartbeat_timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x18\n\x10kept_attempt_ids\x18\x04 \x03(\t\x12%\n\x05\x61gent\x18\x05 \x01(\x0b\x32\x16.orchestrator.v1.Agent\"}\n\nSessionAck\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12/\n\x0bserver_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x06status\x18\x03 \x01(\x0e\x32\x1c.orchestrator.v1.AgentStatus\"I\n\x0eTaskAssignment\x12#\n\x04task\x18\x01 \x01(\x0b\x32\x15.orchestrator.v1.Task\x12\x12\n\nattempt_id\x18\x02 \x01(\t\"G\n\x10TaskCancellation\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x12\n\nattempt_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"/\n\x0b\x44rainNotice\x12\x10\n\x08\x64raining\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"c\n\x10ReconnectRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12.\n\x0bretry_after\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xd7\x02\n\x11HeartbeatResponse\x12\x32\n\x07welcome\x18\x01 \x01(\x0b\x32\x1f.orchestrator.v1.SessionWelcomeH\x00\x12*\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x1b.orchestrator.v1.SessionAckH\x00\x12\x35\n\nassignment\x18\x03 \x01(\x0b\x32\x1f.orchestrator.v1.TaskAssignmentH\x00\x12\x39\n\x0c\x63\x61ncellation\x18\x04 \x01(\x0b\x32!.orchestrator.v1.TaskCancellationH\x00\x12-\n\x05\x64rain\x18\x05 \x01(\x0b\x32\x1c.orchestrator.v1.DrainNoticeH\x00\x12\x36\n\treconnect\x18\x06 \x01(\x0b\x32!.orchestrator.v1.ReconnectRequestH\x00\x42\t\n\x07message*\x8e\x01\n\x0eTaskUpdateKind\x12 \n\x1cTASK_UPDATE_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18TASK_UPDATE_KIND_STARTED\x10\x01\x12\x1d\n\x19TASK_UPDATE_KIND_PROGRESS\x10\x02\x12\x1d\n\x19TASK_UPDATE_KIND_REJECTED\x10\x03\x32\xbb\x08\n\x0fRegistryService\x12{\n\rRegisterAgent\x12%.orchestrator.v1.RegisterAgentRequest\x1a&.orchestrator.v1.RegisterAgentResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\"\x10/agents/register:\x01*\x12\x80\x01\n\x0f\x44\x65registerAgent\x12\'.orchestrator.v1.DeregisterAgentRequest\x1a(.orchestrator.v1.DeregisterAgentResponse\"\x1a\x82\xd3\xe4\x93\x02\x14*\x12/agents/{agent_id}\x12k\n\x08GetAgent\x12 .orchestrator.v1.GetAgentRequest\x1a!.orchestrator.v1.GetAgentResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\x12\x12/agents/{agent_id}\x12k\n\nListAgents\x12\".orchestrator.v1.ListAgentsRequest\x1a#.orchestrator.v1.ListAgentsResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\x12\x0c/agents/list\x12w\n\x0bUpdateAgent\x12#.orchestrator.v1.UpdateAgentRequest\x1a$.orchestrator.v1.UpdateAgentResponse\"\x1d\x82\xd3\xe4\x93\x02\x17\x32\x12/agents/{agent_id}:\x01*\x12z\n\nDrainAgent\x12\".orchestrator.v1.DrainAgentRequest\x1a#.orchestrator.v1.DrainAgentResponse\"#\x82\xd3\xe4\x93\x02\x1d\"\x18/agents/{agent_id}/drain:\x01*\x12\x82\x01\n\x0cUndrainAgent\x12$.orchestrator.v1.UndrainAgentRequest\x1a%.orchestrator.v1.UndrainAgentResponse\"%\x82\xd3\xe4\x93\x02\x1f\"\x1a/agents/{agent_id}/undrain:\x01*\x12|\n\rSendHeartbeat\x12%.orchestrator.v1.SendHeartbeatRequest\x1a&.orchestrator.v1.SendHeartbeatResponse\"\x1c\x82\xd3\xe4\x93\x02\x16\"\x11/agents/heartbeat:\x01*\x12V\n\tHeartbeat\x12!.orchestrator.v1.HeartbeatRequest\x1a\".orchestrator.v1.HeartbeatResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eorchestrator/v1/registry.proto\x12\x0forchestrator.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1borchestrator/v1/agent.proto\x1a\x1aorchestrator/v1/task.proto\"\xd2\x02\n\x14RegisterAgentRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x19\n\x0binstance_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\x04type\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x05 \x03(\t\x12\x41\n\x06labels\x18\x06 \x03(\x0b\x32\x31.orchestrator.v1.RegisterAgentRequest.LabelsEntry\x12,\n\tendpoints\x18\x07 \x03(\x0b\x32\x19.orchestrator.v1.Endpoint\x12\x1c\n\x14max_concurrent_tasks\x18\x08 \x01(\x05\x12\x12\n\ntask_types\x18\t \x03(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd1\x01\n\x15RegisterAgentResponse\x12%\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x16.orchestrator.v1.Agent\x12\x13\n\x0b\x61gent_token\x18\x02 \x01(\t\x12\x35\n\x12heartbeat_interval\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x34\n\x11heartbeat_timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0f\n\x07\x63reated\x18\x05 \x01(\x08\"0\n\x16\x44\x65registerAgentRequest\x12\x16\n\x08\x61gent_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"@\n\x17\x44\x65registerAgentResponse\x12%\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x16.orchestrator.v1.Agent\")\n\x0fGetAgentRequest\x12\x16\n\x08\x61gent_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"9\n\x10GetAgentResponse\x12%\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x16.orchestrator.v1.Agent\"\xa2\x01\n\x11ListAgentsRequest\x12\x0c\n\x04type\x18\x01 \x01(\t\x12,\n\x06status\x18\x02 \x01(\x0e\x32\x1c.orchestrator.v1.AgentStatus\x12\x12\n\ncapability\x18\x03 \x01(\t\x12\x16\n\x0elabel_selector\x18\x04 \x01(\t\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\"U\n\x12ListAgentsResponse\x12&\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x16.orchestrator.v1.Agent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x91\x01\n\x12UpdateAgentRequest\x12\x16\n\x08\x61gent_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12,\n\x06update\x18\x02 \x01(\x0b\x32\x1c.orchestrator.v1.AgentUpdate\x12\x35\n\x0bupdate_mask\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x04\xe2\x41\x01\x02\"\xfd\x01\n\x0b\x41gentUpdate\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x02 \x03(\t\x12\x38\n\x06labels\x18\x03 \x03(\x0b\x32(.orchestrator.v1.AgentUpdate.LabelsEntry\x12,\n\tendpoints\x18\x04 \x03(\x0b\x32\x19.orchestrator.v1.Endpoint\x12\x1c\n\x14max_concurrent_tasks\x18\x05 \x01(\x05\x12\x12\n\ntask_types\x18\x06 \x03(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"<\n\x13UpdateAgentResponse\x12%\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x16.orchestrator.v1.Agent\";\n\x11\x44rainAgentRequest\x12\x16\n\x08\x61gent_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0e\n\x06reason\x18\x02 \x01(\t\";\n\x12\x44rainAgentResponse\x12%\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x16.orchestrator.v1.Agent\"-\n\x13UndrainAgentRequest\x12\x16\n\x08\x61gent_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"=\n\x14UndrainAgentResponse\x12%\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x16.orchestrator.v1.Agent\"{\n\x14SendHeartbeatRequest\x12\x16\n\x08\x61gent_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12#\n\x04load\x18\x02 \x01(\x0b\x32\x15.orchestrator.v1.Load\x12&\n\x06\x63hecks\x18\x03 \x03(\x0b\x32\x16.orchestrator.v1.Check\"\xb2\x01\n\x15SendHeartbeatResponse\x12,\n\x06status\x18\x01 \x01(\x0e\x32\x1c.orchestrator.v1.AgentStatus\x12\x34\n\x10lease_expires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x12heartbeat_interval\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"g\n\x0cSessionHello\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x13\n\x0b\x61gent_token\x18\x02 \x01(\t\x12\x1b\n\x13running_attempt_ids\x18\x03 \x03(\t\x12\x13\n\x0bincarnation\x18\x04 \x01(\t\"l\n\x0bSessionBeat\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12#\n\x04load\x18\x02 \x01(\x0b\x32\x15.orchestrator.v1.Load\x12&\n\x06\x63hecks\x18\x03 \x03(\x0b\x32\x16.orchestrator.v1.Check\"\xa8\x01\n\x11SessionTaskUpdate\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x12\n\nattempt_id\x18\x02 \x01(\t\x12-\n\x04kind\x18\x03 \x01(\x0e\x32\x1f.orchestrator.v1.TaskUpdateKind\x12/\n\x08progress\x18\x04 \x01(\x0b\x32\x1d.orchestrator.v1.TaskProgress\x12\x0e\n\x06reason\x18\x05 \x01(\t\" \n\x0eSessionGoodbye\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xea\x01\n\x10HeartbeatRequest\x12.\n\x05hello\x18\x01 \x01(\x0b\x32\x1d.orchestrator.v1.SessionHelloH\x00\x12,\n\x04\x62\x65\x61t\x18\x02 \x01(\x0b\x32\x1c.orchestrator.v1.SessionBeatH\x00\x12\x39\n\x0btask_update\x18\x03 \x01(\x0b\x32\".orchestrator.v1.SessionTaskUpdateH\x00\x12\x32\n\x07goodbye\x18\x04 \x01(\x0b\x32\x1f.orchestrator.v1.SessionGoodbyeH\x00\x42\t\n\x07message\"\xcd\x01\n\x0eSessionWelcome\x12\r\n\x05\x65poch\x18\x01 \x01(\x03\x12\x35\n\x12heartbeat_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x34\n\x11heartbeat_timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x18\n\x10kept_attempt_ids\x18\x04 \x03(\t\x12%\n\x05\x61gent\x18\x05 \x01(\x0b\x32\x16.orchestrator.v1.Agent\"}\n\nSessionAck\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12/\n\x0bserver_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x06status\x18\x03 \x01(\x0e\x32\x1c.orchestrator.v1.AgentStatus\"I\n\x0eTaskAssignment\x12#\n\x04task\x18\x01 \x01(\x0b\x32\x15.orchestrator.v1.Task\x12\x12\n\nattempt_id\x18\x02 \x01(\t\"G\n\x10TaskCancellation\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x12\n\nattempt_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"/\n\x0b\x44rainNotice\x12\x10\n\x08\x64raining\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"c\n\x10ReconnectRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12.\n\x0bretry_after\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xd7\x02\n\x11HeartbeatResponse\x12\x32\n\x07welcome\x18\x01 \x01(\x0b\x32\x1f.orchestrator.v1.SessionWelcomeH\x00\x12*\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x1b.orchestrator.v1.SessionAckH\x00\x12\x35\n\nassignment\x18\x03 \x01(\x0b\x32\x1f.orchestrator.v1.TaskAssignmentH\x00\x12\x39\n\x0c\x63\x61ncellation\x18\x04 \x01(\x0b\x32!.orchestrator.v1.TaskCancellationH\x00\x12-\n\x05\x64rain\x18\x05 \x01(\x0b\x32\x1c.orchestrator.v1.DrainNoticeH\x00\x12\x36\n\treconnect\x18\x06 \x01(\x0b\x32!.orchestrator.v1.ReconnectRequestH\x00\x42\t\n\x07message*\x8e\x01\n\x0eTaskUpdateKind\x12 \n\x1cTASK_UPDATE_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18TASK_UPDATE_KIND_STARTED\x10\x01\x12\x1d\n\x19TASK_UPDATE_KIND_PROGRESS\x10\x02\x12\x1d\n\x19TASK_UPDATE_KIND_REJECTED\x10\x03\x32\xbb\x08\n\x0fRegistryService\x12{\n\rRegisterAgent\x12%.orchestrator.v1.RegisterAgentRequest\x1a&.orchestrator.v1.RegisterAgentResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\"\x10/agents/register:\x01*\x12\x80\x01\n\x0f\x44\x65registerAgent\x12\'.orchestrator.v1.DeregisterAgentRequest\x1a(.orchestrator.v1.DeregisterAgentResponse\"\x1a\x82\xd3\xe4\x93\x02\x14*\x12/agents/{agent_id}\x12k\n\x08GetAgent\x12 .orchestrator.v1.GetAgentRequest\x1a!.orchestrator.v1.GetAgentResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\x12\x12/agents/{agent_id}\x12k\n\nListAgents\x12\".orchestrator.v1.ListAgentsRequest\x1a#.orchestrator.v1.ListAgentsResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\x12\x0c/agents/list\x12w\n\x0bUpdateAgent\x12#.orchestrator.v1.UpdateAgentRequest\x1a$.orchestrator.v1.UpdateAgentResponse\"\x1d\x82\xd3\xe4\x93\x02\x17\x32\x12/agents/{agent_id}:\x01*\x12z\n\nDrainAgent\x12\".orchestrator.v1.DrainAgentRequest\x1a#.orchestrator.v1.DrainAgentResponse\"#\x82\xd3\xe4\x93\x02\x1d\"\x18/agents/{agent_id}/drain:\x01*\x12\x82\x01\n\x0cUndrainAgent\x12$.orchestrator.v1.UndrainAgentRequest\x1a%.orchestrator.v1.UndrainAgentResponse\"%\x82\xd3\xe4\x93\x02\x1f\"\x1a/agents/{agent_id}/undrain:\x01*\x12|\n\rSendHeartbeat\x12%.orchestrator.v1.SendHeartbeatRequest\x1a&.orchestrator.v1.SendHeartbeatResponse\"\x1c\x82\xd3\xe4\x93\x02\x16\"\x11/agents/heartbeat:\x01*\x12V\n\tHeartbeat\x12!.orchestrator.v1.HeartbeatRequest\x1a\".orchestrator.v1.HeartbeatResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,8 +40,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_REGISTERAGENTREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_REGISTERAGENTREQUEST_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_REGISTERAGENTREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_REGISTERAGENTREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002'
+  _globals['_REGISTERAGENTREQUEST'].fields_by_name['instance_id']._loaded_options = None
+  _globals['_REGISTERAGENTREQUEST'].fields_by_name['instance_id']._serialized_options = b'\342A\001\002'
+  _globals['_REGISTERAGENTREQUEST'].fields_by_name['type']._loaded_options = None
+  _globals['_REGISTERAGENTREQUEST'].fields_by_name['type']._serialized_options = b'\342A\001\002'
+  _globals['_DEREGISTERAGENTREQUEST'].fields_by_name['agent_id']._loaded_options = None
+  _globals['_DEREGISTERAGENTREQUEST'].fields_by_name['agent_id']._serialized_options = b'\342A\001\002'
+  _globals['_GETAGENTREQUEST'].fields_by_name['agent_id']._loaded_options = None
+  _globals['_GETAGENTREQUEST'].fields_by_name['agent_id']._serialized_options = b'\342A\001\002'
+  _globals['_UPDATEAGENTREQUEST'].fields_by_name['agent_id']._loaded_options = None
+  _globals['_UPDATEAGENTREQUEST'].fields_by_name['agent_id']._serialized_options = b'\342A\001\002'
+  _globals['_UPDATEAGENTREQUEST'].fields_by_name['update_mask']._loaded_options = None
+  _globals['_UPDATEAGENTREQUEST'].fields_by_name['update_mask']._serialized_options = b'\342A\001\002'
   _globals['_AGENTUPDATE_LABELSENTRY']._loaded_options = None
   _globals['_AGENTUPDATE_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_DRAINAGENTREQUEST'].fields_by_name['agent_id']._loaded_options = None
+  _globals['_DRAINAGENTREQUEST'].fields_by_name['agent_id']._serialized_options = b'\342A\001\002'
+  _globals['_UNDRAINAGENTREQUEST'].fields_by_name['agent_id']._loaded_options = None
+  _globals['_UNDRAINAGENTREQUEST'].fields_by_name['agent_id']._serialized_options = b'\342A\001\002'
+  _globals['_SENDHEARTBEATREQUEST'].fields_by_name['agent_id']._loaded_options = None
+  _globals['_SENDHEARTBEATREQUEST'].fields_by_name['agent_id']._serialized_options = b'\342A\001\002'
   _globals['_REGISTRYSERVICE'].methods_by_name['RegisterAgent']._loaded_options = None
   _globals['_REGISTRYSERVICE'].methods_by_name['RegisterAgent']._serialized_options = b'\202\323\344\223\002\025\"\020/agents/register:\001*'
   _globals['_REGISTRYSERVICE'].methods_by_name['DeregisterAgent']._loaded_options = None
@@ -57,70 +78,70 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTRYSERVICE'].methods_by_name['UndrainAgent']._serialized_options = b'\202\323\344\223\002\037\"\032/agents/{agent_id}/undrain:\001*'
   _globals['_REGISTRYSERVICE'].methods_by_name['SendHeartbeat']._loaded_options = None
   _globals['_REGISTRYSERVICE'].methods_by_name['SendHeartbeat']._serialized_options = b'\202\323\344\223\002\026\"\021/agents/heartbeat:\001*'
-  _globals['_TASKUPDATEKIND']._serialized_start=3841
-  _globals['_TASKUPDATEKIND']._serialized_end=3983
-  _globals['_REGISTERAGENTREQUEST']._serialized_start=238
-  _globals['_REGISTERAGENTREQUEST']._serialized_end=558
-  _globals['_REGISTERAGENTREQUEST_LABELSENTRY']._serialized_start=513
-  _globals['_REGISTERAGENTREQUEST_LABELSENTRY']._serialized_end=558
-  _globals['_REGISTERAGENTRESPONSE']._serialized_start=561
-  _globals['_REGISTERAGENTRESPONSE']._serialized_end=770
-  _globals['_DEREGISTERAGENTREQUEST']._serialized_start=772
-  _globals['_DEREGISTERAGENTREQUEST']._serialized_end=814
-  _globals['_DEREGISTERAGENTRESPONSE']._serialized_start=816
-  _globals['_DEREGISTERAGENTRESPONSE']._serialized_end=880
-  _globals['_GETAGENTREQUEST']._serialized_start=882
-  _globals['_GETAGENTREQUEST']._serialized_end=917
-  _globals['_GETAGENTRESPONSE']._serialized_start=919
-  _globals['_GETAGENTRESPONSE']._serialized_end=976
-  _globals['_LISTAGENTSREQUEST']._serialized_start=979
-  _globals['_LISTAGENTSREQUEST']._serialized_end=1141
-  _globals['_LISTAGENTSRESPONSE']._serialized_start=1143
-  _globals['_LISTAGENTSRESPONSE']._serialized_end=1228
-  _globals['_UPDATEAGENTREQUEST']._serialized_start=1231
-  _globals['_UPDATEAGENTREQUEST']._serialized_end=1364
-  _globals['_AGENTUPDATE']._serialized_start=1367
-  _globals['_AGENTUPDATE']._serialized_end=1620
-  _globals['_AGENTUPDATE_LABELSENTRY']._serialized_start=513
-  _globals['_AGENTUPDATE_LABELSENTRY']._serialized_end=558
-  _globals['_UPDATEAGENTRESPONSE']._serialized_start=1622
-  _globals['_UPDATEAGENTRESPONSE']._serialized_end=1682
-  _globals['_DRAINAGENTREQUEST']._serialized_start=1684
-  _globals['_DRAINAGENTREQUEST']._serialized_end=1737
-  _globals['_DRAINAGENTRESPONSE']._serialized_start=1739
-  _globals['_DRAINAGENTRESPONSE']._serialized_end=1798
-  _globals['_UNDRAINAGENTREQUEST']._serialized_start=1800
-  _globals['_UNDRAINAGENTREQUEST']._serialized_end=1839
-  _globals['_UNDRAINAGENTRESPONSE']._serialized_start=1841
-  _globals['_UNDRAINAGENTRESPONSE']._serialized_end=1902
-  _globals['_SENDHEARTBEATREQUEST']._serialized_start=1904
-  _globals['_SENDHEARTBEATREQUEST']._serialized_end=2021
-  _globals['_SENDHEARTBEATRESPONSE']._serialized_start=2024
-  _globals['_SENDHEARTBEATRESPONSE']._serialized_end=2202
-  _globals['_SESSIONHELLO']._serialized_start=2204
-  _globals['_SESSIONHELLO']._serialized_end=2307
-  _globals['_SESSIONBEAT']._serialized_start=2309
-  _globals['_SESSIONBEAT']._serialized_end=2417
-  _globals['_SESSIONTASKUPDATE']._serialized_start=2420
-  _globals['_SESSIONTASKUPDATE']._serialized_end=2588
-  _globals['_SESSIONGOODBYE']._serialized_start=2590
-  _globals['_SESSIONGOODBYE']._serialized_end=2622
-  _globals['_HEARTBEATREQUEST']._serialized_start=2625
-  _globals['_HEARTBEATREQUEST']._serialized_end=2859
-  _globals['_SESSIONWELCOME']._serialized_start=2862
-  _globals['_SESSIONWELCOME']._serialized_end=3067
-  _globals['_SESSIONACK']._serialized_start=3069
-  _globals['_SESSIONACK']._serialized_end=3194
-  _globals['_TASKASSIGNMENT']._serialized_start=3196
-  _globals['_TASKASSIGNMENT']._serialized_end=3269
-  _globals['_TASKCANCELLATION']._serialized_start=3271
-  _globals['_TASKCANCELLATION']._serialized_end=3342
-  _globals['_DRAINNOTICE']._serialized_start=3344
-  _globals['_DRAINNOTICE']._serialized_end=3391
-  _globals['_RECONNECTREQUEST']._serialized_start=3393
-  _globals['_RECONNECTREQUEST']._serialized_end=3492
-  _globals['_HEARTBEATRESPONSE']._serialized_start=3495
-  _globals['_HEARTBEATRESPONSE']._serialized_end=3838
-  _globals['_REGISTRYSERVICE']._serialized_start=3986
-  _globals['_REGISTRYSERVICE']._serialized_end=5069
+  _globals['_TASKUPDATEKIND']._serialized_start=3934
+  _globals['_TASKUPDATEKIND']._serialized_end=4076
+  _globals['_REGISTERAGENTREQUEST']._serialized_start=271
+  _globals['_REGISTERAGENTREQUEST']._serialized_end=609
+  _globals['_REGISTERAGENTREQUEST_LABELSENTRY']._serialized_start=564
+  _globals['_REGISTERAGENTREQUEST_LABELSENTRY']._serialized_end=609
+  _globals['_REGISTERAGENTRESPONSE']._serialized_start=612
+  _globals['_REGISTERAGENTRESPONSE']._serialized_end=821
+  _globals['_DEREGISTERAGENTREQUEST']._serialized_start=823
+  _globals['_DEREGISTERAGENTREQUEST']._serialized_end=871
+  _globals['_DEREGISTERAGENTRESPONSE']._serialized_start=873
+  _globals['_DEREGISTERAGENTRESPONSE']._serialized_end=937
+  _globals['_GETAGENTREQUEST']._serialized_start=939
+  _globals['_GETAGENTREQUEST']._serialized_end=980
+  _globals['_GETAGENTRESPONSE']._serialized_start=982
+  _globals['_GETAGENTRESPONSE']._serialized_end=1039
+  _globals['_LISTAGENTSREQUEST']._serialized_start=1042
+  _globals['_LISTAGENTSREQUEST']._serialized_end=1204
+  _globals['_LISTAGENTSRESPONSE']._serialized_start=1206
+  _globals['_LISTAGENTSRESPONSE']._serialized_end=1291
+  _globals['_UPDATEAGENTREQUEST']._serialized_start=1294
+  _globals['_UPDATEAGENTREQUEST']._serialized_end=1439
+  _globals['_AGENTUPDATE']._serialized_start=1442
+  _globals['_AGENTUPDATE']._serialized_end=1695
+  _globals['_AGENTUPDATE_LABELSENTRY']._serialized_start=564
+  _globals['_AGENTUPDATE_LABELSENTRY']._serialized_end=609
+  _globals['_UPDATEAGENTRESPONSE']._serialized_start=1697
+  _globals['_UPDATEAGENTRESPONSE']._serialized_end=1757
+  _globals['_DRAINAGENTREQUEST']._serialized_start=1759
+  _globals['_DRAINAGENTREQUEST']._serialized_end=1818
+  _globals['_DRAINAGENTRESPONSE']._serialized_start=1820
+  _globals['_DRAINAGENTRESPONSE']._serialized_end=1879
+  _globals['_UNDRAINAGENTREQUEST']._serialized_start=1881
+  _globals['_UNDRAINAGENTREQUEST']._serialized_end=1926
+  _globals['_UNDRAINAGENTRESPONSE']._serialized_start=1928
+  _globals['_UNDRAINAGENTRESPONSE']._serialized_end=1989
+  _globals['_SENDHEARTBEATREQUEST']._serialized_start=1991
+  _globals['_SENDHEARTBEATREQUEST']._serialized_end=2114
+  _globals['_SENDHEARTBEATRESPONSE']._serialized_start=2117
+  _globals['_SENDHEARTBEATRESPONSE']._serialized_end=2295
+  _globals['_SESSIONHELLO']._serialized_start=2297
+  _globals['_SESSIONHELLO']._serialized_end=2400
+  _globals['_SESSIONBEAT']._serialized_start=2402
+  _globals['_SESSIONBEAT']._serialized_end=2510
+  _globals['_SESSIONTASKUPDATE']._serialized_start=2513
+  _globals['_SESSIONTASKUPDATE']._serialized_end=2681
+  _globals['_SESSIONGOODBYE']._serialized_start=2683
+  _globals['_SESSIONGOODBYE']._serialized_end=2715
+  _globals['_HEARTBEATREQUEST']._serialized_start=2718
+  _globals['_HEARTBEATREQUEST']._serialized_end=2952
+  _globals['_SESSIONWELCOME']._serialized_start=2955
+  _globals['_SESSIONWELCOME']._serialized_end=3160
+  _globals['_SESSIONACK']._serialized_start=3162
+  _globals['_SESSIONACK']._serialized_end=3287
+  _globals['_TASKASSIGNMENT']._serialized_start=3289
+  _globals['_TASKASSIGNMENT']._serialized_end=3362
+  _globals['_TASKCANCELLATION']._serialized_start=3364
+  _globals['_TASKCANCELLATION']._serialized_end=3435
+  _globals['_DRAINNOTICE']._serialized_start=3437
+  _globals['_DRAINNOTICE']._serialized_end=3484
+  _globals['_RECONNECTREQUEST']._serialized_start=3486
+  _globals['_RECONNECTREQUEST']._serialized_end=3585
+  _globals['_HEARTBEATRESPONSE']._serialized_start=3588
+  _globals['_HEARTBEATRESPONSE']._serialized_end=3931
+  _globals['_REGISTRYSERVICE']._serialized_start=4079
+  _globals['_REGISTRYSERVICE']._serialized_end=5162
 # @@protoc_insertion_point(module_scope)

@@ -22,12 +22,13 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aorchestrator/v1/task.proto\x12\x0forchestrator.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"C\n\tTaskError\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x15\n\rnon_retryable\x18\x03 \x01(\x08\"b\n\x0cTaskProgress\x12\x10\n\x08\x66raction\x18\x01 \x01(\x01\x12\x0f\n\x07message\x18\x02 \x01(\t\x12/\n\x0breported_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xac\x02\n\x07\x41ttempt\x12\x12\n\nattempt_id\x18\x01 \x01(\t\x12\x0e\n\x06number\x18\x02 \x01(\x05\x12\x10\n\x08\x61gent_id\x18\x03 \x01(\t\x12.\n\x06status\x18\x04 \x01(\x0e\x32\x1e.orchestrator.v1.AttemptStatus\x12/\n\x0b\x61ssigned_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x1a.orchestrator.v1.TaskError\"\xb0\x03\n\x08TaskSpec\x12\x0c\n\x04type\x18\x01 \x01(\t\x12(\n\x07payload\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x1d\n\x15required_capabilities\x18\x03 \x03(\t\x12\x16\n\x0elabel_selector\x18\x04 \x01(\t\x12\x17\n\x0ftarget_agent_id\x18\x05 \x01(\t\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x30\n\rqueue_timeout\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\x0brun_timeout\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x14\n\x0cmax_attempts\x18\t \x01(\x05\x12\x17\n\x0fidempotency_key\x18\n \x01(\t\x12\x13\n\x0brouting_key\x18\x0b \x01(\t\x12\x35\n\x06labels\x18\x0c \x03(\x0b\x32%.orchestrator.v1.TaskSpec.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8c\x05\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\'\n\x04spec\x18\x02 \x01(\x0b\x32\x19.orchestrator.v1.TaskSpec\x12+\n\x06status\x18\x03 \x01(\x0e\x32\x1b.orchestrator.v1.TaskStatus\x12*\n\x08\x61ttempts\x18\x04 \x03(\x0b\x32\x18.orchestrator.v1.Attempt\x12\x1a\n\x12\x63urrent_attempt_id\x18\x05 \x01(\t\x12\'\n\x06result\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12)\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x1a.orchestrator.v1.TaskError\x12/\n\x08progress\x18\x08 \x01(\x0b\x32\x1d.orchestrator.v1.TaskProgress\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nnot_before\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08revision\x18\r \x01(\x03\x12\x15\n\rattempt_count\x18\x0e \x01(\x05\x12\x15\n\rfailure_count\x18\x0f \x01(\x05\x12\x17\n\x0frejection_count\x18\x10 \x01(\x05\x12\x36\n\x0epending_reason\x18\x11 \x01(\x0b\x32\x1e.orchestrator.v1.PendingReason\"\x9a\x02\n\rPendingReason\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x18\n\x10\x61gents_evaluated\x18\x02 \x01(\x05\x12\x1a\n\x12\x66iltered_by_target\x18\x03 \x01(\x05\x12\x18\n\x10\x66iltered_by_type\x18\x04 \x01(\x05\x12\x1e\n\x16\x66iltered_by_capability\x18\x05 \x01(\x05\x12\x1c\n\x14\x66iltered_by_selector\x18\x06 \x01(\x05\x12\x11\n\tnot_ready\x18\x07 \x01(\x05\x12\x10\n\x08\x64raining\x18\x08 \x01(\x05\x12\x13\n\x0b\x61t_capacity\x18\t \x01(\x05\x12\x30\n\x0c\x65valuated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xde\x01\n\nTaskStatus\x12\x1b\n\x17TASK_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13TASK_STATUS_PENDING\x10\x01\x12\x18\n\x14TASK_STATUS_ASSIGNED\x10\x02\x12\x17\n\x13TASK_STATUS_RUNNING\x10\x03\x12\x19\n\x15TASK_STATUS_SUCCEEDED\x10\x04\x12\x16\n\x12TASK_STATUS_FAILED\x10\x05\x12\x19\n\x15TASK_STATUS_CANCELLED\x10\x06\x12\x19\n\x15TASK_STATUS_TIMED_OUT\x10\x07*\x93\x02\n\rAttemptStatus\x12\x1e\n\x1a\x41TTEMPT_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x41TTEMPT_STATUS_ASSIGNED\x10\x01\x12\x1a\n\x16\x41TTEMPT_STATUS_RUNNING\x10\x02\x12\x1c\n\x18\x41TTEMPT_STATUS_SUCCEEDED\x10\x03\x12\x19\n\x15\x41TTEMPT_STATUS_FAILED\x10\x04\x12\x1c\n\x18\x41TTEMPT_STATUS_TIMED_OUT\x10\x05\x12\x1c\n\x18\x41TTEMPT_STATUS_CANCELLED\x10\x06\x12\x17\n\x13\x41TTEMPT_STATUS_LOST\x10\x07\x12\x1b\n\x17\x41TTEMPT_STATUS_REJECTED\x10\x08\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aorchestrator/v1/task.proto\x12\x0forchestrator.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"C\n\tTaskError\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x15\n\rnon_retryable\x18\x03 \x01(\x08\"b\n\x0cTaskProgress\x12\x10\n\x08\x66raction\x18\x01 \x01(\x01\x12\x0f\n\x07message\x18\x02 \x01(\t\x12/\n\x0breported_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xac\x02\n\x07\x41ttempt\x12\x12\n\nattempt_id\x18\x01 \x01(\t\x12\x0e\n\x06number\x18\x02 \x01(\x05\x12\x10\n\x08\x61gent_id\x18\x03 \x01(\t\x12.\n\x06status\x18\x04 \x01(\x0e\x32\x1e.orchestrator.v1.AttemptStatus\x12/\n\x0b\x61ssigned_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x1a.orchestrator.v1.TaskError\"\xb6\x03\n\x08TaskSpec\x12\x12\n\x04type\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12(\n\x07payload\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x1d\n\x15required_capabilities\x18\x03 \x03(\t\x12\x16\n\x0elabel_selector\x18\x04 \x01(\t\x12\x17\n\x0ftarget_agent_id\x18\x05 \x01(\t\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x30\n\rqueue_timeout\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\x0brun_timeout\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x14\n\x0cmax_attempts\x18\t \x01(\x05\x12\x17\n\x0fidempotency_key\x18\n \x01(\t\x12\x13\n\x0brouting_key\x18\x0b \x01(\t\x12\x35\n\x06labels\x18\x0c \x03(\x0b\x32%.orchestrator.v1.TaskSpec.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8c\x05\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\'\n\x04spec\x18\x02 \x01(\x0b\x32\x19.orchestrator.v1.TaskSpec\x12+\n\x06status\x18\x03 \x01(\x0e\x32\x1b.orchestrator.v1.TaskStatus\x12*\n\x08\x61ttempts\x18\x04 \x03(\x0b\x32\x18.orchestrator.v1.Attempt\x12\x1a\n\x12\x63urrent_attempt_id\x18\x05 \x01(\t\x12\'\n\x06result\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12)\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x1a.orchestrator.v1.TaskError\x12/\n\x08progress\x18\x08 \x01(\x0b\x32\x1d.orchestrator.v1.TaskProgress\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nnot_before\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08revision\x18\r \x01(\x03\x12\x15\n\rattempt_count\x18\x0e \x01(\x05\x12\x15\n\rfailure_count\x18\x0f \x01(\x05\x12\x17\n\x0frejection_count\x18\x10 \x01(\x05\x12\x36\n\x0epending_reason\x18\x11 \x01(\x0b\x32\x1e.orchestrator.v1.PendingReason\"\x9a\x02\n\rPendingReason\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x18\n\x10\x61gents_evaluated\x18\x02 \x01(\x05\x12\x1a\n\x12\x66iltered_by_target\x18\x03 \x01(\x05\x12\x18\n\x10\x66iltered_by_type\x18\x04 \x01(\x05\x12\x1e\n\x16\x66iltered_by_capability\x18\x05 \x01(\x05\x12\x1c\n\x14\x66iltered_by_selector\x18\x06 \x01(\x05\x12\x11\n\tnot_ready\x18\x07 \x01(\x05\x12\x10\n\x08\x64raining\x18\x08 \x01(\x05\x12\x13\n\x0b\x61t_capacity\x18\t \x01(\x05\x12\x30\n\x0c\x65valuated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xde\x01\n\nTaskStatus\x12\x1b\n\x17TASK_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13TASK_STATUS_PENDING\x10\x01\x12\x18\n\x14TASK_STATUS_ASSIGNED\x10\x02\x12\x17\n\x13TASK_STATUS_RUNNING\x10\x03\x12\x19\n\x15TASK_STATUS_SUCCEEDED\x10\x04\x12\x16\n\x12TASK_STATUS_FAILED\x10\x05\x12\x19\n\x15TASK_STATUS_CANCELLED\x10\x06\x12\x19\n\x15TASK_STATUS_TIMED_OUT\x10\x07*\x93\x02\n\rAttemptStatus\x12\x1e\n\x1a\x41TTEMPT_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x41TTEMPT_STATUS_ASSIGNED\x10\x01\x12\x1a\n\x16\x41TTEMPT_STATUS_RUNNING\x10\x02\x12\x1c\n\x18\x41TTEMPT_STATUS_SUCCEEDED\x10\x03\x12\x19\n\x15\x41TTEMPT_STATUS_FAILED\x10\x04\x12\x1c\n\x18\x41TTEMPT_STATUS_TIMED_OUT\x10\x05\x12\x1c\n\x18\x41TTEMPT_STATUS_CANCELLED\x10\x06\x12\x17\n\x13\x41TTEMPT_STATUS_LOST\x10\x07\x12\x1b\n\x17\x41TTEMPT_STATUS_REJECTED\x10\x08\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,22 +37,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TASKSPEC_LABELSENTRY']._loaded_options = None
   _globals['_TASKSPEC_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_TASKSTATUS']._serialized_start=1990
-  _globals['_TASKSTATUS']._serialized_end=2212
-  _globals['_ATTEMPTSTATUS']._serialized_start=2215
-  _globals['_ATTEMPTSTATUS']._serialized_end=2490
-  _globals['_TASKERROR']._serialized_start=142
-  _globals['_TASKERROR']._serialized_end=209
-  _globals['_TASKPROGRESS']._serialized_start=211
-  _globals['_TASKPROGRESS']._serialized_end=309
-  _globals['_ATTEMPT']._serialized_start=312
-  _globals['_ATTEMPT']._serialized_end=612
-  _globals['_TASKSPEC']._serialized_start=615
-  _globals['_TASKSPEC']._serialized_end=1047
-  _globals['_TASKSPEC_LABELSENTRY']._serialized_start=1002
-  _globals['_TASKSPEC_LABELSENTRY']._serialized_end=1047
-  _globals['_TASK']._serialized_start=1050
-  _globals['_TASK']._serialized_end=1702
-  _globals['_PENDINGREASON']._serialized_start=1705
-  _globals['_PENDINGREASON']._serialized_end=1987
+  _globals['_TASKSPEC'].fields_by_name['type']._loaded_options = None
+  _globals['_TASKSPEC'].fields_by_name['type']._serialized_options = b'\342A\001\002'
+  _globals['_TASKSTATUS']._serialized_start=2029
+  _globals['_TASKSTATUS']._serialized_end=2251
+  _globals['_ATTEMPTSTATUS']._serialized_start=2254
+  _globals['_ATTEMPTSTATUS']._serialized_end=2529
+  _globals['_TASKERROR']._serialized_start=175
+  _globals['_TASKERROR']._serialized_end=242
+  _globals['_TASKPROGRESS']._serialized_start=244
+  _globals['_TASKPROGRESS']._serialized_end=342
+  _globals['_ATTEMPT']._serialized_start=345
+  _globals['_ATTEMPT']._serialized_end=645
+  _globals['_TASKSPEC']._serialized_start=648
+  _globals['_TASKSPEC']._serialized_end=1086
+  _globals['_TASKSPEC_LABELSENTRY']._serialized_start=1041
+  _globals['_TASKSPEC_LABELSENTRY']._serialized_end=1086
+  _globals['_TASK']._serialized_start=1089
+  _globals['_TASK']._serialized_end=1741
+  _globals['_PENDINGREASON']._serialized_start=1744
+  _globals['_PENDINGREASON']._serialized_end=2026
 # @@protoc_insertion_point(module_scope)

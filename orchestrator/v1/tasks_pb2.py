@@ -23,17 +23,42 @@ _sym_db = _symbol_database.Default()
 
 
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from orchestrator.v1 import task_pb2 as orchestrator_dot_v1_dot_task__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1borchestrator/v1/tasks.proto\x12\x0forchestrator.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1aorchestrator/v1/task.proto\"<\n\x11\x43reateTaskRequest\x12\'\n\x04spec\x18\x01 \x01(\x0b\x32\x19.orchestrator.v1.TaskSpec\"J\n\x12\x43reateTaskResponse\x12#\n\x04task\x18\x01 \x01(\x0b\x32\x15.orchestrator.v1.Task\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"6\n\x0fGetTaskResponse\x12#\n\x04task\x18\x01 \x01(\x0b\x32\x15.orchestrator.v1.Task\"\x86\x01\n\x10ListTasksRequest\x12+\n\x06status\x18\x01 \x01(\x0e\x32\x1b.orchestrator.v1.TaskStatus\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"R\n\x11ListTasksResponse\x12$\n\x05tasks\x18\x01 \x03(\x0b\x32\x15.orchestrator.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"6\n\x11\x41ssignTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\"9\n\x12\x41ssignTaskResponse\x12#\n\x04task\x18\x01 \x01(\x0b\x32\x15.orchestrator.v1.Task\"4\n\x11\x43\x61ncelTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"9\n\x12\x43\x61ncelTaskResponse\x12#\n\x04task\x18\x01 \x01(\x0b\x32\x15.orchestrator.v1.Task\"c\n\x13\x43ompleteTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x12\n\nattempt_id\x18\x02 \x01(\t\x12\'\n\x06result\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\";\n\x14\x43ompleteTaskResponse\x12#\n\x04task\x18\x01 \x01(\x0b\x32\x15.orchestrator.v1.Task\"a\n\x0f\x46\x61ilTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x12\n\nattempt_id\x18\x02 \x01(\t\x12)\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1a.orchestrator.v1.TaskError\"7\n\x10\x46\x61ilTaskResponse\x12#\n\x04task\x18\x01 \x01(\x0b\x32\x15.orchestrator.v1.Task\"q\n\x19ReportTaskProgressRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x12\n\nattempt_id\x18\x02 \x01(\t\x12/\n\x08progress\x18\x03 \x01(\x0b\x32\x1d.orchestrator.v1.TaskProgress\"A\n\x1aReportTaskProgressResponse\x12#\n\x04task\x18\x01 \x01(\x0b\x32\x15.orchestrator.v1.Task\"#\n\x10WatchTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"J\n\x11WatchTaskResponse\x12#\n\x04task\x18\x01 \x01(\x0b\x32\x15.orchestrator.v1.Task\x12\x10\n\x08revision\x18\x02 \x01(\x03\x32\xd0\x08\n\x0cTasksService\x12o\n\nCreateTask\x12\".orchestrator.v1.CreateTaskRequest\x1a#.orchestrator.v1.CreateTaskResponse\"\x18\x82\xd3\xe4\x93\x02\x12\"\r/tasks/create:\x01*\x12w\n\x07GetTask\x12\x1f.orchestrator.v1.GetTaskRequest\x1a .orchestrator.v1.GetTaskResponse\")\x82\xd3\xe4\x93\x02#\x12\x10/tasks/{task_id}Z\x0f\x12\r/tasks/status\x12g\n\tListTasks\x12!.orchestrator.v1.ListTasksRequest\x1a\".orchestrator.v1.ListTasksResponse\"\x13\x82\xd3\xe4\x93\x02\r\x12\x0b/tasks/list\x12o\n\nAssignTask\x12\".orchestrator.v1.AssignTaskRequest\x1a#.orchestrator.v1.AssignTaskResponse\"\x18\x82\xd3\xe4\x93\x02\x12\"\r/tasks/assign:\x01*\x12y\n\nCancelTask\x12\".orchestrator.v1.CancelTaskRequest\x1a#.orchestrator.v1.CancelTaskResponse\"\"\x82\xd3\xe4\x93\x02\x1c\"\x17/tasks/{task_id}/cancel:\x01*\x12\x81\x01\n\x0c\x43ompleteTask\x12$.orchestrator.v1.CompleteTaskRequest\x1a%.orchestrator.v1.CompleteTaskResponse\"$\x82\xd3\xe4\x93\x02\x1e\"\x19/tasks/{task_id}/complete:\x01*\x12q\n\x08\x46\x61ilTask\x12 .orchestrator.v1.FailTaskRequest\x1a!.orchestrator.v1.FailTaskResponse\" \x82\xd3\xe4\x93\x02\x1a\"\x15/tasks/{task_id}/fail:\x01*\x12\x93\x01\n\x12ReportTaskProgress\x12*.orchestrator.v1.ReportTaskProgressRequest\x1a+.orchestrator.v1.ReportTaskProgressResponse\"$\x82\xd3\xe4\x93\x02\x1e\"\x19/tasks/{task_id}/progress:\x01*\x12t\n\tWatchTask\x12!.orchestrator.v1.WatchTaskRequest\x1a\".orchestrator.v1.WatchTaskResponse\"\x1e\x82\xd3\xe4\x93\x02\x18\x12\x16/tasks/{task_id}/watch0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1borchestrator/v1/tasks.proto\x12\x0forchestrator.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1aorchestrator/v1/task.proto\"B\n\x11\x43reateTaskRequest\x12-\n\x04spec\x18\x01 \x01(\x0b\x32\x19.orchestrator.v1.TaskSpecB\x04\xe2\x41\x01\x02\"J\n\x12\x43reateTaskResponse\x12#\n\x04task\x18\x01 \x01(\x0b\x32\x15.orchestrator.v1.Task\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\'\n\x0eGetTaskRequest\x12\x15\n\x07task_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"6\n\x0fGetTaskResponse\x12#\n\x04task\x18\x01 \x01(\x0b\x32\x15.orchestrator.v1.Task\"\x86\x01\n\x10ListTasksRequest\x12+\n\x06status\x18\x01 \x01(\x0e\x32\x1b.orchestrator.v1.TaskStatus\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"R\n\x11ListTasksResponse\x12$\n\x05tasks\x18\x01 \x03(\x0b\x32\x15.orchestrator.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"B\n\x11\x41ssignTaskRequest\x12\x15\n\x07task_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08\x61gent_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\"9\n\x12\x41ssignTaskResponse\x12#\n\x04task\x18\x01 \x01(\x0b\x32\x15.orchestrator.v1.Task\":\n\x11\x43\x61ncelTaskRequest\x12\x15\n\x07task_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0e\n\x06reason\x18\x02 \x01(\t\"9\n\x12\x43\x61ncelTaskResponse\x12#\n\x04task\x18\x01 \x01(\x0b\x32\x15.orchestrator.v1.Task\"o\n\x13\x43ompleteTaskRequest\x12\x15\n\x07task_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\nattempt_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\'\n\x06result\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\";\n\x14\x43ompleteTaskResponse\x12#\n\x04task\x18\x01 \x01(\x0b\x32\x15.orchestrator.v1.Task\"m\n\x0f\x46\x61ilTaskRequest\x12\x15\n\x07task_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\nattempt_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12)\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1a.orchestrator.v1.TaskError\"7\n\x10\x46\x61ilTaskResponse\x12#\n\x04task\x18\x01 \x01(\x0b\x32\x15.orchestrator.v1.Task\"}\n\x19ReportTaskProgressRequest\x12\x15\n\x07task_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\nattempt_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12/\n\x08progress\x18\x03 \x01(\x0b\x32\x1d.orchestrator.v1.TaskProgress\"A\n\x1aReportTaskProgressResponse\x12#\n\x04task\x18\x01 \x01(\x0b\x32\x15.orchestrator.v1.Task\")\n\x10WatchTaskRequest\x12\x15\n\x07task_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"J\n\x11WatchTaskResponse\x12#\n\x04task\x18\x01 \x01(\x0b\x32\x15.orchestrator.v1.Task\x12\x10\n\x08revision\x18\x02 \x01(\x03\x32\xd0\x08\n\x0cTasksService\x12o\n\nCreateTask\x12\".orchestrator.v1.CreateTaskRequest\x1a#.orchestrator.v1.CreateTaskResponse\"\x18\x82\xd3\xe4\x93\x02\x12\"\r/tasks/create:\x01*\x12w\n\x07GetTask\x12\x1f.orchestrator.v1.GetTaskRequest\x1a .orchestrator.v1.GetTaskResponse\")\x82\xd3\xe4\x93\x02#\x12\x10/tasks/{task_id}Z\x0f\x12\r/tasks/status\x12g\n\tListTasks\x12!.orchestrator.v1.ListTasksRequest\x1a\".orchestrator.v1.ListTasksResponse\"\x13\x82\xd3\xe4\x93\x02\r\x12\x0b/tasks/list\x12o\n\nAssignTask\x12\".orchestrator.v1.AssignTaskRequest\x1a#.orchestrator.v1.AssignTaskResponse\"\x18\x82\xd3\xe4\x93\x02\x12\"\r/tasks/assign:\x01*\x12y\n\nCancelTask\x12\".orchestrator.v1.CancelTaskRequest\x1a#.orchestrator.v1.CancelTaskResponse\"\"\x82\xd3\xe4\x93\x02\x1c\"\x17/tasks/{task_id}/cancel:\x01*\x12\x81\x01\n\x0c\x43ompleteTask\x12$.orchestrator.v1.CompleteTaskRequest\x1a%.orchestrator.v1.CompleteTaskResponse\"$\x82\xd3\xe4\x93\x02\x1e\"\x19/tasks/{task_id}/complete:\x01*\x12q\n\x08\x46\x61ilTask\x12 .orchestrator.v1.FailTaskRequest\x1a!.orchestrator.v1.FailTaskResponse\" \x82\xd3\xe4\x93\x02\x1a\"\x15/tasks/{task_id}/fail:\x01*\x12\x93\x01\n\x12ReportTaskProgress\x12*.orchestrator.v1.ReportTaskProgressRequest\x1a+.orchestrator.v1.ReportTaskProgressResponse\"$\x82\xd3\xe4\x93\x02\x1e\"\x19/tasks/{task_id}/progress:\x01*\x12t\n\tWatchTask\x12!.orchestrator.v1.WatchTaskRequest\x1a\".orchestrator.v1.WatchTaskResponse\"\x1e\x82\xd3\xe4\x93\x02\x18\x12\x16/tasks/{task_id}/watch0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'orchestrator.v1.tasks_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_CREATETASKREQUEST'].fields_by_name['spec']._loaded_options = None
+  _globals['_CREATETASKREQUEST'].fields_by_name['spec']._serialized_options = b'\342A\001\002'
+  _globals['_GETTASKREQUEST'].fields_by_name['task_id']._loaded_options = None
+  _globals['_GETTASKREQUEST'].fields_by_name['task_id']._serialized_options = b'\342A\001\002'
+  _globals['_ASSIGNTASKREQUEST'].fields_by_name['task_id']._loaded_options = None
+  _globals['_ASSIGNTASKREQUEST'].fields_by_name['task_id']._serialized_options = b'\342A\001\002'
+  _globals['_ASSIGNTASKREQUEST'].fields_by_name['agent_id']._loaded_options = None
+  _globals['_ASSIGNTASKREQUEST'].fields_by_name['agent_id']._serialized_options = b'\342A\001\002'
+  _globals['_CANCELTASKREQUEST'].fields_by_name['task_id']._loaded_options = None
+  _globals['_CANCELTASKREQUEST'].fields_by_name['task_id']._serialized_options = b'\342A\001\002'
+  _globals['_COMPLETETASKREQUEST'].fields_by_name['task_id']._loaded_options = None
+  _globals['_COMPLETETASKREQUEST'].fields_by_name['task_id']._serialized_options = b'\342A\001\002'
+  _globals['_COMPLETETASKREQUEST'].fields_by_name['attempt_id']._loaded_options = None
+  _globals['_COMPLETETASKREQUEST'].fields_by_name['attempt_id']._serialized_options = b'\342A\001\002'
+  _globals['_FAILTASKREQUEST'].fields_by_name['task_id']._loaded_options = None
+  _globals['_FAILTASKREQUEST'].fields_by_name['task_id']._serialized_options = b'\342A\001\002'
+  _globals['_FAILTASKREQUEST'].fields_by_name['attempt_id']._loaded_options = None
+  _globals['_FAILTASKREQUEST'].fields_by_name['attempt_id']._serialized_options = b'\342A\001\002'
+  _globals['_REPORTTASKPROGRESSREQUEST'].fields_by_name['task_id']._loaded_options = None
+  _globals['_REPORTTASKPROGRESSREQUEST'].fields_by_name['task_id']._serialized_options = b'\342A\001\002'
+  _globals['_REPORTTASKPROGRESSREQUEST'].fields_by_name['attempt_id']._loaded_options = None
+  _globals['_REPORTTASKPROGRESSREQUEST'].fields_by_name['attempt_id']._serialized_options = b'\342A\001\002'
+  _globals['_WATCHTASKREQUEST'].fields_by_name['task_id']._loaded_options = None
+  _globals['_WATCHTASKREQUEST'].fields_by_name['task_id']._serialized_options = b'\342A\001\002'
   _globals['_TASKSSERVICE'].methods_by_name['CreateTask']._loaded_options = None
   _globals['_TASKSSERVICE'].methods_by_name['CreateTask']._serialized_options = b'\202\323\344\223\002\022\"\r/tasks/create:\001*'
   _globals['_TASKSSERVICE'].methods_by_name['GetTask']._loaded_options = None
@@ -52,42 +77,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TASKSSERVICE'].methods_by_name['ReportTaskProgress']._serialized_options = b'\202\323\344\223\002\036\"\031/tasks/{task_id}/progress:\001*'
   _globals['_TASKSSERVICE'].methods_by_name['WatchTask']._loaded_options = None
   _globals['_TASKSSERVICE'].methods_by_name['WatchTask']._serialized_options = b'\202\323\344\223\002\030\022\026/tasks/{task_id}/watch'
-  _globals['_CREATETASKREQUEST']._serialized_start=136
-  _globals['_CREATETASKREQUEST']._serialized_end=196
-  _globals['_CREATETASKRESPONSE']._serialized_start=198
-  _globals['_CREATETASKRESPONSE']._serialized_end=272
-  _globals['_GETTASKREQUEST']._serialized_start=274
-  _globals['_GETTASKREQUEST']._serialized_end=307
-  _globals['_GETTASKRESPONSE']._serialized_start=309
-  _globals['_GETTASKRESPONSE']._serialized_end=363
-  _globals['_LISTTASKSREQUEST']._serialized_start=366
-  _globals['_LISTTASKSREQUEST']._serialized_end=500
-  _globals['_LISTTASKSRESPONSE']._serialized_start=502
-  _globals['_LISTTASKSRESPONSE']._serialized_end=584
-  _globals['_ASSIGNTASKREQUEST']._serialized_start=586
-  _globals['_ASSIGNTASKREQUEST']._serialized_end=640
-  _globals['_ASSIGNTASKRESPONSE']._serialized_start=642
-  _globals['_ASSIGNTASKRESPONSE']._serialized_end=699
-  _globals['_CANCELTASKREQUEST']._serialized_start=701
-  _globals['_CANCELTASKREQUEST']._serialized_end=753
-  _globals['_CANCELTASKRESPONSE']._serialized_start=755
-  _globals['_CANCELTASKRESPONSE']._serialized_end=812
-  _globals['_COMPLETETASKREQUEST']._serialized_start=814
-  _globals['_COMPLETETASKREQUEST']._serialized_end=913
-  _globals['_COMPLETETASKRESPONSE']._serialized_start=915
-  _globals['_COMPLETETASKRESPONSE']._serialized_end=974
-  _globals['_FAILTASKREQUEST']._serialized_start=976
-  _globals['_FAILTASKREQUEST']._serialized_end=1073
-  _globals['_FAILTASKRESPONSE']._serialized_start=1075
-  _globals['_FAILTASKRESPONSE']._serialized_end=1130
-  _globals['_REPORTTASKPROGRESSREQUEST']._serialized_start=1132
-  _globals['_REPORTTASKPROGRESSREQUEST']._serialized_end=1245
-  _globals['_REPORTTASKPROGRESSRESPONSE']._serialized_start=1247
-  _globals['_REPORTTASKPROGRESSRESPONSE']._serialized_end=1312
-  _globals['_WATCHTASKREQUEST']._serialized_start=1314
-  _globals['_WATCHTASKREQUEST']._serialized_end=1349
-  _globals['_WATCHTASKRESPONSE']._serialized_start=1351
-  _globals['_WATCHTASKRESPONSE']._serialized_end=1425
-  _globals['_TASKSSERVICE']._serialized_start=1428
-  _globals['_TASKSSERVICE']._serialized_end=2532
+  _globals['_CREATETASKREQUEST']._serialized_start=169
+  _globals['_CREATETASKREQUEST']._serialized_end=235
+  _globals['_CREATETASKRESPONSE']._serialized_start=237
+  _globals['_CREATETASKRESPONSE']._serialized_end=311
+  _globals['_GETTASKREQUEST']._serialized_start=313
+  _globals['_GETTASKREQUEST']._serialized_end=352
+  _globals['_GETTASKRESPONSE']._serialized_start=354
+  _globals['_GETTASKRESPONSE']._serialized_end=408
+  _globals['_LISTTASKSREQUEST']._serialized_start=411
+  _globals['_LISTTASKSREQUEST']._serialized_end=545
+  _globals['_LISTTASKSRESPONSE']._serialized_start=547
+  _globals['_LISTTASKSRESPONSE']._serialized_end=629
+  _globals['_ASSIGNTASKREQUEST']._serialized_start=631
+  _globals['_ASSIGNTASKREQUEST']._serialized_end=697
+  _globals['_ASSIGNTASKRESPONSE']._serialized_start=699
+  _globals['_ASSIGNTASKRESPONSE']._serialized_end=756
+  _globals['_CANCELTASKREQUEST']._serialized_start=758
+  _globals['_CANCELTASKREQUEST']._serialized_end=816
+  _globals['_CANCELTASKRESPONSE']._serialized_start=818
+  _globals['_CANCELTASKRESPONSE']._serialized_end=875
+  _globals['_COMPLETETASKREQUEST']._serialized_start=877
+  _globals['_COMPLETETASKREQUEST']._serialized_end=988
+  _globals['_COMPLETETASKRESPONSE']._serialized_start=990
+  _globals['_COMPLETETASKRESPONSE']._serialized_end=1049
+  _globals['_FAILTASKREQUEST']._serialized_start=1051
+  _globals['_FAILTASKREQUEST']._serialized_end=1160
+  _globals['_FAILTASKRESPONSE']._serialized_start=1162
+  _globals['_FAILTASKRESPONSE']._serialized_end=1217
+  _globals['_REPORTTASKPROGRESSREQUEST']._serialized_start=1219
+  _globals['_REPORTTASKPROGRESSREQUEST']._serialized_end=1344
+  _globals['_REPORTTASKPROGRESSRESPONSE']._serialized_start=1346
+  _globals['_REPORTTASKPROGRESSRESPONSE']._serialized_end=1411
+  _globals['_WATCHTASKREQUEST']._serialized_start=1413
+  _globals['_WATCHTASKREQUEST']._serialized_end=1454
+  _globals['_WATCHTASKRESPONSE']._serialized_start=1456
+  _globals['_WATCHTASKRESPONSE']._serialized_end=1530
+  _globals['_TASKSSERVICE']._serialized_start=1533
+  _globals['_TASKSSERVICE']._serialized_end=2637
 # @@protoc_insertion_point(module_scope)

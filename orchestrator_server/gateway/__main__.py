@@ -22,6 +22,7 @@ from pathlib import Path
 import grpc
 
 from orchestrator_server.gateway.app import start_gateway
+from orchestrator_server.limits import raise_fd_limit
 
 logger = logging.getLogger("orchestrator_server.gateway")
 
@@ -88,6 +89,7 @@ def _write_ready_file(path: str, port: int) -> None:
 
 
 async def serve(args: argparse.Namespace) -> None:
+    raise_fd_limit(logger)
     gateway = await start_gateway(
         args.host, args.port, args.grpc_target, channel_credentials=channel_credentials(args)
     )

@@ -15,7 +15,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -28,10 +28,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from orchestrator.v1 import discovery_pb2, registry_pb2, tasks_pb2
 from orchestrator.v1 import health_pb2 as orchestrator_health_pb2
+from orchestrator_server.auth import (
+    CLIENT_ADDRESS_HEADER,
+    CLIENT_SIGNATURE_HEADER,
+    grpc_peer,
+    sign_client_address,
+)
 from orchestrator_server.gateway import metrics
 from orchestrator_server.gateway.errors import GatewayError, from_rpc_error, invalid_argument
+from orchestrator_server.gateway.hardening import CappedTCPSite, install_log_redaction
 from orchestrator_server.gateway.http_rules import Route, RouteTable, build_route_table
-from orchestrator_server.gateway.openapi import build_openapi
+from orchestrator_server.gateway.openapi import MAX_FIELD_SIZE, build_openapi
 from orchestrator_server.gateway.proto_json import ProtoJsonWriter
 from orchestrator_server.gateway.transcode import build_request, render_message
 
@@ -52,6 +59,10 @@ NDJSON = "application/x-ndjson"
 
 _GRPC_TIMEOUT = re.compile(r"^(\d{1,8})([HMSmun])$")
 _GRPC_TIMEOUT_UNIT_SECONDS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+#: The longest deadline a REST client may ask for; a longer one is clamped to it. Far larger values
+#: (`x-request-timeout: 1e308`, `grpc-timeout: 99999999H`) overflow grpc's deadline arithmetic and
+#: used to end the call at once with 504.
+MAX_DEADLINE_SECONDS = 86_400.0
 _PRINTABLE_ASCII = re.compile(r"^[\x20-\x7e]*$")
 _MAX_REQUEST_ID_LENGTH = 128
 
@@ -77,6 +88,18 @@ class GatewayOptions:
     readiness_timeout: float = 2.0
     #: Service name asked in that Check ("" is the server as a whole).
     readiness_service: str = ""
+    #: Seconds a connection may go without a complete request head (new, or idle between
+    #: requests) before it is closed: what ends slowloris connections.
+    header_timeout: float = 10.0
+    #: Seconds allowed for reading a request body once its head has arrived.
+    body_timeout: float = 30.0
+    #: Open connections at most; each one over is answered 503 and closed at once.
+    max_connections: int = 4096
+    #: Longest request line and header (bytes); longer ones answer 400 (never logged).
+    max_field_size: int = MAX_FIELD_SIZE
+    #: Per-process secret signing the client's address forwarded to the in-process gRPC server
+    #: (`auth.forwarded_peer`); empty: not forwarded (a remote gateway).
+    client_address_secret: str = field(default="", repr=False)
 
 
 def _json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -103,7 +126,7 @@ def _parse_timeout(request: web.Request) -> float | None:
                 "(H, M, S, m, u, n), e.g. 500m",
                 "grpc-timeout",
             )
-        return int(match.group(1)) * _GRPC_TIMEOUT_UNIT_SECONDS[match.group(2)]
+        return min(MAX_DEADLINE_SECONDS, int(match.group(1)) * _GRPC_TIMEOUT_UNIT_SECONDS[match.group(2)])
     seconds_text = request.headers.get("x-request-timeout")
     if seconds_text is not None:
         try:
@@ -115,7 +138,7 @@ def _parse_timeout(request: web.Request) -> float | None:
                 f"invalid x-request-timeout header {seconds_text!r}: expected a positive number of seconds",
                 "x-request-timeout",
             )
-        return seconds
+        return min(MAX_DEADLINE_SECONDS, seconds)
     return None
 
 
@@ -208,9 +231,17 @@ class Gateway:
         if request.content_length is not None and request.content_length > limit:
             raise too_large
         try:
-            return await request.read()
+            async with asyncio.timeout(self.options.body_timeout):
+                return await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise too_large from None
+        except TimeoutError:
+            raise GatewayError(
+                408,
+                "DEADLINE_EXCEEDED",
+                f"the request body did not arrive within {self.options.body_timeout:g} s",
+                headers={"Connection": "close"},
+            ) from None
 
     def _metadata(self, request: web.Request) -> list[tuple[str, str]]:
         metadata: list[tuple[str, str]] = []
@@ -221,6 +252,13 @@ class Gateway:
             if not _PRINTABLE_ASCII.match(value):
                 raise invalid_argument(f"header {name!r} must be printable ASCII", name)
             metadata.append((name, value))
+        secret = self.options.client_address_secret
+        peer = request.transport.get_extra_info("peername") if request.transport is not None else None
+        if secret and peer is not None:
+            # The gRPC server would otherwise see this gateway's own loopback address.
+            address = grpc_peer(peer)
+            metadata.append((CLIENT_ADDRESS_HEADER, address))
+            metadata.append((CLIENT_SIGNATURE_HEADER, sign_client_address(secret, address)))
         return metadata
 
     async def _call_unary(
@@ -433,17 +471,25 @@ async def start_gateway(
     shutdown_timeout: float = 5.0,
 ) -> RunningGateway:
     """Serves the gateway on host:port (0 picks a free port), calling the gRPC server at grpc_target."""
+    chosen = options or GatewayOptions()
+    install_log_redaction(logger)
     if channel_credentials is None:
         channel = grpc.aio.insecure_channel(grpc_target, options=list(channel_options))
     else:
         channel = grpc.aio.secure_channel(grpc_target, channel_credentials, options=list(channel_options))
     try:
-        app = create_gateway_app(channel, services=services, options=options, readiness_check=readiness_check)
+        app = create_gateway_app(channel, services=services, options=chosen, readiness_check=readiness_check)
         runner = web.AppRunner(
-            app, handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_timeout
+            app,
+            handler_cancellation=True,
+            access_log=None,
+            shutdown_timeout=shutdown_timeout,
+            keepalive_timeout=chosen.header_timeout,
+            max_line_size=chosen.max_field_size,
+            max_field_size=chosen.max_field_size,
         )
         await runner.setup()
-        site = web.TCPSite(runner, host, port)
+        site = CappedTCPSite(runner, host, port, max_connections=chosen.max_connections)
         try:
             await site.start()
         except BaseException:

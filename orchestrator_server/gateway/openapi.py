@@ -15,6 +15,7 @@ from typing import Any
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, ServiceDescriptor
 
 from orchestrator_server.gateway._proto_comments import COMMENTS
+from orchestrator_server.gateway.constraints import is_required, keywords_of
 from orchestrator_server.gateway.descriptors import (
     enum_type_of,
     is_map,
@@ -23,6 +24,9 @@ from orchestrator_server.gateway.descriptors import (
     message_type_of,
 )
 from orchestrator_server.gateway.http_rules import Route, RouteTable
+
+#: aiohttp's limit on the request line and each header, which the gateway keeps (app.GatewayOptions).
+MAX_FIELD_SIZE = 8190
 
 Schema = dict[str, Any]
 
@@ -147,6 +151,9 @@ class _SchemaBuilder:
             field.name: self.field_schema(field) for field in message.fields if field.name not in omitted
         }
         schema: Schema = {"type": "object", "properties": properties, "additionalProperties": False}
+        required = [name for name in properties if is_required(message.fields_by_name[name])]
+        if required:
+            schema["required"] = required
         description = self.comments.get(message.full_name)
         if description:
             schema["description"] = description
@@ -173,6 +180,15 @@ class _SchemaBuilder:
             schema = {"type": "array", "items": self.value_schema(field)}
         else:
             schema = self.value_schema(field)
+        keywords = keywords_of(field)
+        if keywords and "$ref" not in schema:
+            # What the server checks on each value (an element of a list, a value of a map).
+            if is_map(field):
+                schema["additionalProperties"].update(keywords)
+            elif is_repeated(field):
+                schema["items"].update(keywords)
+            else:
+                schema.update(keywords)
         return self._describe(schema, self._field_description(field))
 
     def _field_description(self, field: FieldDescriptor) -> str | None:
@@ -221,7 +237,7 @@ def _query_parameters(
                 continue
         schema = builder.field_schema(field)
         description = schema.pop("description", None)
-        parameter: Schema = {"name": name, "in": "query", "required": False, "schema": schema}
+        parameter: Schema = {"name": name, "in": "query", "required": is_required(field), "schema": schema}
         if is_repeated(field):
             parameter.update({"style": "form", "explode": True})
         if description:
@@ -295,9 +311,12 @@ def _operation(builder: _SchemaBuilder, route: Route) -> Schema:
     operation["responses"] = {
         "200": success,
         "default": {
-            "description": "An error (gRPC status mapped to HTTP).",
+            "description": "An error (gRPC status mapped to HTTP). A request the HTTP layer cannot "
+            f"parse (a request line or header over {MAX_FIELD_SIZE} bytes, broken framing) is "
+            "answered 400 in plain text before it reaches the gateway.",
             "content": {
-                "application/json": {"schema": {"$ref": f"#/components/schemas/{_ERROR_SCHEMA_NAME}"}}
+                "application/json": {"schema": {"$ref": f"#/components/schemas/{_ERROR_SCHEMA_NAME}"}},
+                "text/plain": {"schema": {"type": "string"}},
             },
         },
     }

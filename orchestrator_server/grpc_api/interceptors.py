@@ -44,6 +44,8 @@ from orchestrator_server.auth import (
     Principal,
     Rule,
     check_security_config,
+    forwarded_peer,
+    peer_host,
 )
 from orchestrator_server.config import Config
 from orchestrator_server.errors import (
@@ -54,7 +56,7 @@ from orchestrator_server.errors import (
     Unauthenticated,
 )
 from orchestrator_server.grpc_api import telemetry
-from orchestrator_server.limits import RateLimiter, StreamSlots
+from orchestrator_server.limits import LogSampler, RateLimiter, StreamSlots
 
 log = logging.getLogger(__name__)
 audit_log = logging.getLogger("orchestrator.audit")
@@ -71,6 +73,8 @@ class Call:
 
     method: str
     rule: Rule | None
+    #: The caller's address: the connection's, or for a REST call the HTTP client's (signed by the
+    #: in-process gateway, `auth.forwarded_peer`).
     peer: str
     principal: Principal | None = None
     #: The agent the call acts for: the agent credential's, or a Heartbeat's hello's.
@@ -105,6 +109,13 @@ def caller_scope() -> str:
     if call is None or call.principal is None or call.principal.kind is Kind.ANONYMOUS:
         return ""
     return call.principal.name
+
+
+def authenticated_caller() -> bool:
+    """Whether the current call was made with a credential (False when authentication is off):
+    credentials issued to an unauthenticated caller stop working once keys are configured."""
+    call = _current.get()
+    return call is not None and call.principal is not None and call.principal.kind is not Kind.ANONYMOUS
 
 
 class _Malformed:
@@ -171,18 +182,24 @@ async def _invoke(method: Callable[..., Any], request: Any, context: Any) -> Any
 
 
 class AuditInterceptor(AsyncServerInterceptor):
-    """One structured record per mutating call whose rule says so: who, what, target, when, result."""
+    """One structured record per mutating call whose rule says so: who, what, target, when, result.
+    It also opens the call's record, with the caller's real address."""
+
+    def __init__(self, client_address_secret: str = "") -> None:
+        self._secret = client_address_secret
 
     async def intercept(
         self, method: Callable[..., Any], request: Any, context: Context, method_name: str
     ) -> Any:
-        call = Call(method_name, RULES.get(method_name), context.peer())
+        peer = forwarded_peer(context.invocation_metadata() or (), self._secret, context.peer())
+        call = Call(method_name, RULES.get(method_name), peer)
         _current.set(call)
         rule = call.rule
         if rule is None or rule.audit is Audit.NEVER:
             return await _invoke(method, request, context)
         started = time.monotonic()
         code = "UNKNOWN"
+        response = None
         try:
             response = await _invoke(method, request, context)
             code = "OK"
@@ -201,10 +218,12 @@ class AuditInterceptor(AsyncServerInterceptor):
             code = "INTERNAL"
             raise
         finally:
-            self._record(call, rule, request, context, code, started)
+            self._record(call, rule, request, response, context, code, started)
 
     @staticmethod
-    def _record(call: Call, rule: Rule, request: Any, context: Context, code: str, started: float) -> None:
+    def _record(
+        call: Call, rule: Rule, request: Any, response: Any, context: Context, code: str, started: float
+    ) -> None:
         principal = call.principal
         if (
             rule.audit is Audit.OVERRIDE
@@ -214,11 +233,7 @@ class AuditInterceptor(AsyncServerInterceptor):
         ):
             return
         who = principal.name if principal is not None else "unauthenticated"
-        target = " ".join(
-            f"{name}={value}"
-            for name in ("agent_id", "task_id")
-            if isinstance(value := getattr(request, name, ""), str) and value
-        )
+        target = " ".join(f"{name}={value}" for name, value in _audit_target(request, response).items())
         # The id the telemetry interceptor gave the call (the caller's x-request-id when it sent one).
         rid = telemetry.request_id.get() or next(
             (value for key, value in context.invocation_metadata() or () if key == "x-request-id"), ""
@@ -244,12 +259,46 @@ class AuditInterceptor(AsyncServerInterceptor):
         )
 
 
+def _audit_target(request: Any, response: Any) -> dict[str, str]:
+    """What the call acted on: ids named by the request, and those the server created (a new
+    task's id, a registered agent's id) from the response; with names and types to read by."""
+    target: dict[str, str] = {}
+
+    def put(name: str, value: Any) -> None:
+        if isinstance(value, str) and value and name not in target:
+            # Values of refused requests are unchecked: bounded and without spaces, one token each.
+            target[name] = "".join(
+                char if char.isprintable() and not char.isspace() else "?" for char in value[:128]
+            )
+
+    created = getattr(response, "agent", None) or getattr(response, "task", None)
+    for source in (request, created, getattr(request, "spec", None), getattr(created, "spec", None)):
+        if source is None:
+            continue
+        for name, label in _AUDIT_FIELDS:
+            put(label, getattr(source, name, None))
+    return target
+
+
+#: Fields named in audit records (request or response field, label), in the order written.
+_AUDIT_FIELDS = (
+    ("agent_id", "agent_id"),
+    ("task_id", "task_id"),
+    ("name", "name"),
+    ("instance_id", "instance"),
+    ("type", "type"),
+)
+
+
 class AuthInterceptor(AsyncServerInterceptor):
     """Authenticates every call and applies its rule. Methods without a rule are refused, so a new
     RPC is closed until someone decides who may call it."""
 
-    def __init__(self, authenticator: Authenticator) -> None:
+    def __init__(self, authenticator: Authenticator, failures: RateLimiter) -> None:
         self._auth = authenticator
+        #: Failed authentications per peer host: past its budget a peer's failures answer
+        #: RESOURCE_EXHAUSTED, so a credential flood costs the server (and its log) little.
+        self._failures = failures
 
     async def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
         handler = await super().intercept_service(continuation, handler_call_details)  # type: ignore[no-untyped-call]
@@ -264,13 +313,16 @@ class AuthInterceptor(AsyncServerInterceptor):
         rule = call.rule
         if rule is None:
             raise PermissionDenied(f"{method_name} has no access rule")
-        principal = self._auth.authenticate(context.invocation_metadata() or (), call.peer)
-        call.principal = principal
-        if principal.kind is Kind.AGENT:
-            call.agent_id = principal.agent_id
-        if isinstance(request, _Malformed):
-            raise request.error()
-        self._auth.authorize(rule, principal, request)
+        try:
+            principal = self._auth.authenticate(context.invocation_metadata() or (), call.peer)
+            call.principal = principal
+            if principal.kind is Kind.AGENT:
+                call.agent_id = principal.agent_id
+            if isinstance(request, _Malformed):
+                raise request.error()
+            self._auth.authorize(rule, principal, request)
+        except Unauthenticated as error:
+            raise self._failed(call, error) from None
         if hasattr(request, "__aiter__"):
             # A client stream: servicers read it either by iterating or with context.read().
             request = _parsed(request)
@@ -278,6 +330,19 @@ class AuthInterceptor(AsyncServerInterceptor):
         if rule.access is Access.SESSION:
             context = _with_hook(context, self._session_hook(call))
         return await _invoke(method, request, context)
+
+    def _failed(self, call: Call, error: Unauthenticated) -> OrchestratorError:
+        """The answer to a failed authentication: itself, or once the peer's budget of failures is
+        spent, RESOURCE_EXHAUSTED with the time until it may try again."""
+        host = peer_host(call.peer)
+        retry_after = self._failures.take(host)
+        if retry_after <= 0:
+            return error
+        return ResourceExhausted(
+            f"too many failed authentications from {host}: at most {self._failures.rate:g}/s, "
+            f"bursts of {self._failures.burst:g}",
+            retry_after=retry_after,
+        )
 
     def _session_hook(self, call: Call) -> Hook:
         """Checks the session's first message, the hello: it names the agent, which must be the
@@ -289,12 +354,15 @@ class AuthInterceptor(AsyncServerInterceptor):
             if not first:
                 return
             first = False
+            try:
+                check_hello(message)
+            except Unauthenticated as error:
+                raise self._failed(call, error) from None
+
+        def check_hello(message: Any) -> None:
+            anonymous = call.principal is not None and call.principal.kind is Kind.ANONYMOUS
             if message.WhichOneof("message") != "hello":
-                if (
-                    self._auth.enabled
-                    and call.principal is not None
-                    and call.principal.kind is Kind.ANONYMOUS
-                ):
+                if self._auth.enabled and anonymous:
                     raise Unauthenticated("a session starts with a hello carrying agent_id and agent_token")
                 return  # the servicer refuses it
             hello = message.hello
@@ -309,7 +377,11 @@ class AuthInterceptor(AsyncServerInterceptor):
                         f"{call.principal.name} may open a session only as itself, not as {hello.agent_id[:128]}"
                     )
             else:
-                call.principal = self._auth.verify_hello(hello.agent_id, hello.agent_token)
+                # Only a caller that presented a key learns whether the agent exists (NOT_FOUND makes
+                # the SDK register again); without one, every failure is UNAUTHENTICATED.
+                call.principal = self._auth.verify_hello(
+                    hello.agent_id, hello.agent_token, keyed=not anonymous
+                )
 
         return check
 
@@ -402,10 +474,50 @@ class _Slot:
     held: bool = False
 
 
-def security_interceptors(config: Config, agents: AgentVerifier) -> list[AsyncServerInterceptor]:
+class RefusalSampler(logging.Filter):
+    """Samples the log lines of calls refused for want of a credential or of budget
+    (UNAUTHENTICATED, RESOURCE_EXHAUSTED): per logger, peer host and code, the first line of each
+    interval is written and says how many like it were suppressed before it. A credential flood
+    once wrote one line per call (31k calls: 32 MB of log in 15 s). Refusals of authenticated
+    callers (PERMISSION_DENIED) are always written: they name who tried what."""
+
+    CODES = frozenset({"UNAUTHENTICATED", "RESOURCE_EXHAUSTED"})
+
+    def __init__(self, sampler: LogSampler) -> None:
+        super().__init__()
+        self._sampler = sampler
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        code = getattr(record, "code", None)
+        if code not in self.CODES:
+            return True
+        call = _current.get()
+        peer = getattr(record, "peer", None) or (call.peer if call is not None else "")
+        suppressed = self._sampler.admit((record.name, peer_host(str(peer)), str(code)))
+        if suppressed is None:
+            return False
+        if suppressed:
+            record.msg = f"{record.msg} (and {suppressed} more like it from this peer, not logged)"
+        return True
+
+
+_SAMPLER = RefusalSampler(LogSampler(interval=10.0))
+
+
+def _sample_refusals() -> None:
+    for logger in (telemetry.access_log, audit_log):
+        if _SAMPLER not in logger.filters:
+            logger.addFilter(_SAMPLER)
+
+
+def security_interceptors(
+    config: Config, agents: AgentVerifier, *, client_address_secret: str = ""
+) -> list[AsyncServerInterceptor]:
     """The interceptors of the security layer, outermost first, for `ErrorInterceptor` to wrap.
-    Refuses insecure configurations (ConfigError); warns when the server runs open."""
+    Refuses insecure configurations (ConfigError); warns when the server runs open.
+    `client_address_secret`: the in-process gateway's, which signs the HTTP client's address."""
     check_security_config(config)
+    _sample_refusals()
     keys = KeyRing(config)
     if not keys.enabled:
         log.warning(
@@ -420,7 +532,14 @@ def security_interceptors(config: Config, agents: AgentVerifier) -> list[AsyncSe
             f" from {config.api_keys_file}" if config.api_keys_file else "",
         )
         _reload_on_sighup(keys)
-    return [AuditInterceptor(), AuthInterceptor(Authenticator(keys, agents)), LimitInterceptor(config)]
+    failures = RateLimiter(
+        config.auth_failure_rate if config.rate_limit_enabled else 0.0, config.auth_failure_burst
+    )
+    return [
+        AuditInterceptor(client_address_secret),
+        AuthInterceptor(Authenticator(keys, agents), failures),
+        LimitInterceptor(config),
+    ]
 
 
 def _reload_on_sighup(keys: KeyRing) -> None:

@@ -19,6 +19,7 @@ from orchestrator_server.errors import (
     Unavailable,
 )
 from orchestrator_server.grpc_api.errors import abort_with
+from orchestrator_server.grpc_api.interceptors import authenticated_caller
 from orchestrator_server.metrics import HEARTBEATS
 from orchestrator_server.registry import DRAIN_RETRY_AFTER, Registry, Session
 from orchestrator_server.tasks import TaskScheduler
@@ -66,7 +67,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def RegisterAgent(
         self, request: registry_pb2.RegisterAgentRequest, context: Context
     ) -> registry_pb2.RegisterAgentResponse:
-        agent, token, created = await self._registry.register(request)
+        agent, token, created = await self._registry.register(request, authenticated=authenticated_caller())
         return registry_pb2.RegisterAgentResponse(
             agent=agent,
             agent_token=token,
