@@ -9,7 +9,7 @@ import pytest
 from prometheus_client import REGISTRY, generate_latest
 
 from orchestrator.v1 import registry_pb2
-from tests.conftest import Stubs, open_session
+from tests.conftest import Stubs, async_wait_for, open_session
 
 
 def sample(name: str, labels: dict[str, str] | None = None) -> float:
@@ -49,15 +49,22 @@ async def test_state_gauges_and_heartbeats(stubs: Stubs) -> None:
 async def test_request_id_is_taken_from_metadata_and_logged(
     stubs: Stubs, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.INFO, logger="orchestrator.access"), pytest.raises(grpc.aio.AioRpcError):
-        await stubs.registry.GetAgent(
-            registry_pb2.GetAgentRequest(agent_id="agt_missing"), metadata=(("x-request-id", "req-123"),)
+    with caplog.at_level(logging.INFO, logger="orchestrator.access"):
+        with pytest.raises(grpc.aio.AioRpcError):
+            await stubs.registry.GetAgent(
+                registry_pb2.GetAgentRequest(agent_id="agt_missing"), metadata=(("x-request-id", "req-123"),)
+            )
+        # The server writes its access line after the status left: the client may see it first.
+        await async_wait_for(
+            lambda: any(
+                record.name == "orchestrator.access"
+                and getattr(record, "request_id", "") == "req-123"
+                and "NOT_FOUND" in record.getMessage()
+                for record in caplog.records
+            ),
+            within=10,
+            what="the access line with the caller's request id",
         )
-    records = [record for record in caplog.records if record.name == "orchestrator.access"]
-    assert any(
-        getattr(record, "request_id", "") == "req-123" and "NOT_FOUND" in record.getMessage()
-        for record in records
-    )
 
 
 async def test_an_unimplemented_method_is_unimplemented_not_internal(stubs: Stubs) -> None:
