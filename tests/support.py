@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import pytest
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -28,18 +29,27 @@ async def rpc_error(call: Awaitable[Any], code: grpc.StatusCode) -> grpc.aio.Aio
     return raised.value
 
 
-def field_violations(error: grpc.aio.AioRpcError) -> dict[str, str]:
-    """The google.rpc.BadRequest field violations of an INVALID_ARGUMENT error, by field."""
+DetailT = TypeVar("DetailT", bound=Message)
+
+
+def error_detail(error: grpc.aio.AioRpcError, detail_type: type[DetailT]) -> DetailT | None:
+    """The first google.rpc detail of `detail_type` (RetryInfo, ErrorInfo, ...) on the error."""
     status = rpc_status.from_call(error)  # type: ignore[arg-type]
     assert status is not None, "no google.rpc.Status details on the error"
-    violations: dict[str, str] = {}
     for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad_request = error_details_pb2.BadRequest()
-            detail.Unpack(bad_request)
-            for violation in bad_request.field_violations:
-                violations[violation.field] = violation.description
-    return violations
+        if detail.Is(detail_type.DESCRIPTOR):
+            found = detail_type()
+            detail.Unpack(found)
+            return found
+    return None
+
+
+def field_violations(error: grpc.aio.AioRpcError) -> dict[str, str]:
+    """The google.rpc.BadRequest field violations of an INVALID_ARGUMENT error, by field."""
+    bad_request = error_detail(error, error_details_pb2.BadRequest)
+    if bad_request is None:
+        return {}
+    return {violation.field: violation.description for violation in bad_request.field_violations}
 
 
 async def invalid_fields(call: Awaitable[Any]) -> dict[str, str]:

@@ -23,12 +23,11 @@ from google.protobuf import descriptor_pb2
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
-from grpc_status import rpc_status
 
 from orchestrator.v1 import discovery_pb2, registry_pb2
 from orchestrator_server.grpc_api.reflection import V1_SERVICE_NAME, V1ALPHA_SERVICE_NAME
 from tests.conftest import ROOT, AgentProcess, Running, ServerProcess, Stubs, async_wait_for, open_session
-from tests.support import DOWN, READY, SessionClient
+from tests.support import DOWN, READY, SessionClient, error_detail
 from tests.test_sessions import next_status
 
 
@@ -272,10 +271,7 @@ async def test_sigterm_drain_turns_readiness_off_refuses_new_sessions_and_keeps_
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await newcomer.receive()
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-        status = rpc_status.from_call(refused.value)  # type: ignore[arg-type]
-        assert status is not None and any(
-            detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for detail in status.details
-        )
+        assert error_detail(refused.value, error_details_pb2.RetryInfo) is not None
         # After the delay the held session is asked to reconnect; leaving lets the process exit.
         await session.receive_kind("reconnect", within=15)
         session.call.cancel()
@@ -325,14 +321,8 @@ class IncarnatedSession(SessionClient):
 
 
 def error_reason(error: grpc.aio.AioRpcError) -> str:
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info.reason
-    return ""
+    info = error_detail(error, error_details_pb2.ErrorInfo)
+    return info.reason if info is not None else ""
 
 
 async def test_a_live_session_of_another_process_keeps_its_identity(servers: Callable[..., Any]) -> None:

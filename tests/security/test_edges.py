@@ -13,26 +13,20 @@ import aiohttp
 import grpc
 import pytest
 from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from orchestrator.v1 import registry_pb2, task_pb2, tasks_pb2
 from orchestrator_server.auth import CLIENT_ADDRESS_HEADER, CLIENT_SIGNATURE_HEADER
 from tests.conftest import Running, ServerProcess, Stubs
 from tests.security.conftest import ADMIN_KEY, AGENT_KEY, API_KEYS, bearer, open_stream, register
-from tests.support import SessionClient, rpc_error
+from tests.support import SessionClient, error_detail, rpc_error
 
 BAD_KEY = bearer("not-a-key-0123456789abcdef")
 
 
 def _retry_delay(error: grpc.aio.AioRpcError) -> float:
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None
-    for detail in status.details:
-        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            info = error_details_pb2.RetryInfo()
-            detail.Unpack(info)
-            return info.retry_delay.ToTimedelta().total_seconds()
-    raise AssertionError("no RetryInfo detail")
+    info = error_detail(error, error_details_pb2.RetryInfo)
+    assert info is not None, "no RetryInfo detail"
+    return info.retry_delay.ToTimedelta().total_seconds()
 
 
 # -- item 11: bad-credential floods ---------------------------------------------------------------

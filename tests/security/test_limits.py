@@ -11,12 +11,12 @@ from typing import Any
 import grpc
 import pytest
 from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from orchestrator.v1 import discovery_pb2, health_pb2, health_pb2_grpc, registry_pb2
 from orchestrator_server.limits import RateLimiter, StreamSlots, TokenBucket
 from tests.conftest import Running, async_wait_for
 from tests.security.conftest import ADMIN_KEY, API_KEYS, READER_KEY, bearer, open_stream, register
+from tests.support import error_detail
 
 
 class Clock:
@@ -101,14 +101,8 @@ def test_stream_slots() -> None:
 
 
 def retry_delay(error: grpc.aio.AioRpcError) -> float | None:
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None
-    for detail in status.details:
-        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            info = error_details_pb2.RetryInfo()
-            detail.Unpack(info)
-            return info.retry_delay.ToNanoseconds() / 1e9
-    return None
+    info = error_detail(error, error_details_pb2.RetryInfo)
+    return info.retry_delay.ToNanoseconds() / 1e9 if info is not None else None
 
 
 async def test_api_budget_per_principal_with_retry_info(servers: Callable[..., Any]) -> None:
