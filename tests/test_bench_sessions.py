@@ -33,6 +33,9 @@ async def test_bench_sessions_survive_a_refusing_server(servers: Callable[..., A
             if session.task is not None and session.task.done() and not session.task.cancelled()
         ]
         assert not crashed, crashed[:3]
-        assert gen.errors["session UNAVAILABLE"] > 150, gen.errors
+        # The storm really happened: sessions ended more often than there are clients. Under load
+        # grpc core reports some of those ends as INTERNAL (grpc/grpc#36066), so count every end.
+        ended = sum(count for kind, count in gen.errors.items() if kind.startswith("session "))
+        assert ended > 150 and gen.errors["session UNAVAILABLE"] > 0, gen.errors
     finally:
         await gen.close()
