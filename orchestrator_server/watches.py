@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -88,7 +88,7 @@ async def follow(
     snapshot: Callable[[], Awaitable[Sequence[T]]],
     *,
     latest_by: EventKey | None = None,
-) -> AsyncIterator[WatchItem[T]]:
+) -> AsyncGenerator[WatchItem[T], None]:
     """From `start_revision` 0: a Snapshot, then changes. Else the changes after it, CaughtUp, then
     live changes. A Resync (and a new Snapshot) when that history is not available; returns when
     the bus closes (the process is shutting down; the watcher resumes from its revision).
@@ -134,7 +134,7 @@ class AgentChange:
 
 async def watch_agents(
     bus: EventBus, query: discovery_pb2.AgentQuery, start_revision: int
-) -> AsyncIterator[Snapshot[agent_pb2.Agent] | AgentChange | Resync | CaughtUp]:
+) -> AsyncGenerator[Snapshot[agent_pb2.Agent] | AgentChange | Resync | CaughtUp, None]:
     """The agents matching `query` (any status but deregistered), then every change of them."""
     violations = Violations()
     query_filter = Discovery.query_filter(query, violations)
@@ -163,21 +163,22 @@ async def watch_agents(
         known, replaying = {agent.agent_id for agent in agents}, False
         return agents
 
-    async for item in follow(bus, start_revision, concerns, snapshot):
-        if isinstance(item, Changed):
-            agent_id = item.event.agent.agent_id
-            matching = watch_filter.matches(item.event.agent)
-            if matching:
-                known.add(agent_id)
-            elif agent_id in known or replaying:
-                known.discard(agent_id)
+    async with contextlib.aclosing(follow(bus, start_revision, concerns, snapshot)) as items:
+        async for item in items:
+            if isinstance(item, Changed):
+                agent_id = item.event.agent.agent_id
+                matching = watch_filter.matches(item.event.agent)
+                if matching:
+                    known.add(agent_id)
+                elif agent_id in known or replaying:
+                    known.discard(agent_id)
+                else:
+                    continue  # queued while replaying; the watcher never had it
+                yield AgentChange(item.event, left_query=not matching)
             else:
-                continue  # queued while replaying; the watcher never had it
-            yield AgentChange(item.event, left_query=not matching)
-        else:
-            if isinstance(item, CaughtUp):
-                replaying = False
-            yield item
+                if isinstance(item, CaughtUp):
+                    replaying = False
+                yield item
 
 
 # -- HealthService.WatchAgentHealth ---------------------------------------------------------------
@@ -187,9 +188,9 @@ def _agent_id(event: event_pb2.Event) -> str:
     return event.agent.agent_id
 
 
-async def watch_agent_health(
+def watch_agent_health(
     bus: EventBus, agent_type: str, start_revision: int
-) -> AsyncIterator[WatchItem[agent_pb2.Agent]]:
+) -> AsyncGenerator[WatchItem[agent_pb2.Agent], None]:
     """The agents (of `agent_type`, or all) as they are, then their health transitions.
 
     As grpc.health.v1's Watch, a watcher that reads slower than agents change is not told to
@@ -217,8 +218,7 @@ async def watch_agent_health(
             if agent.status != DEREGISTERED and (not agent_type or agent.type == agent_type)
         ]
 
-    async for item in follow(bus, start_revision, concerns, snapshot, latest_by=_agent_id):
-        yield item
+    return follow(bus, start_revision, concerns, snapshot, latest_by=_agent_id)
 
 
 # -- TasksService.WatchTask -----------------------------------------------------------------------
@@ -234,7 +234,7 @@ class TaskState:
 
 async def watch_task(
     bus: EventBus, task_id: str, get: Callable[[str], Awaitable[task_pb2.Task]]
-) -> AsyncIterator[TaskState]:
+) -> AsyncGenerator[TaskState, None]:
     """The task now, then after every change, until it is finished. Missed changes that are no
     longer retained are summed up by the task's state at the latest revision."""
 
@@ -252,13 +252,14 @@ async def watch_task(
     def concerns(event: event_pb2.Event) -> bool:
         return event.HasField("task") and event.task.task_id == task_id
 
-    async for item in follow(bus, task.revision, concerns, current):
-        if isinstance(item, Changed):
-            state = TaskState(item.event.revision, item.event.task)
-        elif isinstance(item, Snapshot):
-            state = TaskState(item.revision, item.entries[0])
-        else:
-            continue
-        yield state
-        if state.task.status in TERMINAL:
-            return
+    async with contextlib.aclosing(follow(bus, task.revision, concerns, current)) as items:
+        async for item in items:
+            if isinstance(item, Changed):
+                state = TaskState(item.event.revision, item.event.task)
+            elif isinstance(item, Snapshot):
+                state = TaskState(item.revision, item.entries[0])
+            else:
+                continue
+            yield state
+            if state.task.status in TERMINAL:
+                return

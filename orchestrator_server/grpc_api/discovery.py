@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -41,25 +42,28 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
     async def WatchAgents(
         self, request: discovery_pb2.WatchAgentsRequest, context: Context
     ) -> AsyncIterator[discovery_pb2.WatchAgentsResponse]:
-        async for item in watch_agents(self._bus, request.query, request.start_revision):
-            if isinstance(item, AgentChange):
-                yield discovery_pb2.WatchAgentsResponse(
-                    revision=item.event.revision,
-                    delta=discovery_pb2.AgentDelta(
-                        type=item.event.type,
-                        agent=item.event.agent,
-                        previous_status=item.event.previous_status,
-                        left_query=item.left_query,
-                    ),
-                )
-            elif isinstance(item, Snapshot):
-                yield discovery_pb2.WatchAgentsResponse(
-                    revision=item.revision, snapshot=discovery_pb2.AgentSnapshot(agents=item.entries)
-                )
-            elif isinstance(item, Resync):
-                yield discovery_pb2.WatchAgentsResponse(
-                    revision=item.revision,
-                    resync=discovery_pb2.ResyncRequired(
-                        oldest_revision=item.oldest_revision, reason=item.reason
-                    ),
-                )
+        async with contextlib.aclosing(
+            watch_agents(self._bus, request.query, request.start_revision)
+        ) as items:
+            async for item in items:
+                if isinstance(item, AgentChange):
+                    yield discovery_pb2.WatchAgentsResponse(
+                        revision=item.event.revision,
+                        delta=discovery_pb2.AgentDelta(
+                            type=item.event.type,
+                            agent=item.event.agent,
+                            previous_status=item.event.previous_status,
+                            left_query=item.left_query,
+                        ),
+                    )
+                elif isinstance(item, Snapshot):
+                    yield discovery_pb2.WatchAgentsResponse(
+                        revision=item.revision, snapshot=discovery_pb2.AgentSnapshot(agents=item.entries)
+                    )
+                elif isinstance(item, Resync):
+                    yield discovery_pb2.WatchAgentsResponse(
+                        revision=item.revision,
+                        resync=discovery_pb2.ResyncRequired(
+                            oldest_revision=item.oldest_revision, reason=item.reason
+                        ),
+                    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -39,23 +40,26 @@ class HealthServicer(health_pb2_grpc.HealthServiceServicer):
     async def WatchAgentHealth(
         self, request: health_pb2.WatchAgentHealthRequest, context: Context
     ) -> AsyncIterator[health_pb2.WatchAgentHealthResponse]:
-        async for item in watch_agent_health(self._bus, request.type, request.start_revision):
-            if isinstance(item, Changed):
-                yield health_pb2.WatchAgentHealthResponse(
-                    revision=item.event.revision,
-                    health=agent_health(item.event.agent),
-                    previous_status=item.event.previous_status,
-                )
-            elif isinstance(item, Snapshot):
-                for agent in item.entries:
+        async with contextlib.aclosing(
+            watch_agent_health(self._bus, request.type, request.start_revision)
+        ) as items:
+            async for item in items:
+                if isinstance(item, Changed):
                     yield health_pb2.WatchAgentHealthResponse(
-                        revision=item.revision,
-                        health=agent_health(agent),
-                        initial=True,
-                        resync=item.after_resync,
+                        revision=item.event.revision,
+                        health=agent_health(item.event.agent),
+                        previous_status=item.event.previous_status,
                     )
-                yield health_pb2.WatchAgentHealthResponse(revision=item.revision, caught_up=True)
-            elif isinstance(item, CaughtUp):
-                yield health_pb2.WatchAgentHealthResponse(revision=item.revision, caught_up=True)
-            else:
-                yield health_pb2.WatchAgentHealthResponse(revision=item.revision, resync=True)
+                elif isinstance(item, Snapshot):
+                    for agent in item.entries:
+                        yield health_pb2.WatchAgentHealthResponse(
+                            revision=item.revision,
+                            health=agent_health(agent),
+                            initial=True,
+                            resync=item.after_resync,
+                        )
+                    yield health_pb2.WatchAgentHealthResponse(revision=item.revision, caught_up=True)
+                elif isinstance(item, CaughtUp):
+                    yield health_pb2.WatchAgentHealthResponse(revision=item.revision, caught_up=True)
+                else:
+                    yield health_pb2.WatchAgentHealthResponse(revision=item.revision, resync=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -71,5 +72,6 @@ class TasksServicer(tasks_pb2_grpc.TasksServiceServicer):
     async def WatchTask(
         self, request: tasks_pb2.WatchTaskRequest, context: Context
     ) -> AsyncIterator[tasks_pb2.WatchTaskResponse]:
-        async for state in watch_task(self._bus, request.task_id, self._tasks.get):
-            yield tasks_pb2.WatchTaskResponse(task=state.task, revision=state.revision)
+        async with contextlib.aclosing(watch_task(self._bus, request.task_id, self._tasks.get)) as states:
+            async for state in states:
+                yield tasks_pb2.WatchTaskResponse(task=state.task, revision=state.revision)
