@@ -23,7 +23,7 @@ EventFilter = Callable[[event_pb2.Event], bool]
 # The entity an event is about, for watchers that keep only the latest event of each.
 EventKey = Callable[[event_pb2.Event], str]
 
-# Events a watcher may fall behind by before it is told to resync.
+# Events a watcher of every event may fall behind by before it is told to resync.
 SUBSCRIBER_BACKLOG = 10_000
 # Committed events kept in memory for cheap resumes.
 RECENT_EVENTS = 20_000
