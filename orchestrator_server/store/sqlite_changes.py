@@ -1,9 +1,9 @@
 """One change inside the SQLite write transaction: its conditions, then its rows.
 
-Everything here runs on the store thread between `SAVEPOINT` and `RELEASE`: a condition that no
-longer holds or a uniqueness collision raises, the caller rolls back to the savepoint, and only
-this change is undone. The conditions read the stored rows, so they see every change committed
-before, by this process (earlier in the same batch included) or by another one.
+The conditions read the stored rows, so they see every change committed before, by this process
+(earlier in the same batch included) or by another one. They are all checked before the change
+writes anything, so a failed one needs no rollback; a uniqueness collision is found only by
+writing, and then the caller must undo the change's earlier writes (a savepoint).
 """
 
 from __future__ import annotations
@@ -22,11 +22,15 @@ PLACED_STATUSES = (task_pb2.TASK_STATUS_ASSIGNED, task_pb2.TASK_STATUS_RUNNING)
 
 def apply_change(conn: sqlite3.Connection, change: Change, revision: int) -> list[event_pb2.Event]:
     """Checks the change's conditions, then writes it with revisions from `revision` + 1 on;
-    returns its events, stamped. Raises ConditionFailed or AlreadyExists (the caller rolls back)."""
+    returns its events, stamped. Raises ConditionFailed or ValueError before writing anything,
+    AlreadyExists after writing part of the change (which the caller must undo)."""
+    records = {record.task_id: record for record in change.task_records}
+    orphans = records.keys() - {event.task.task_id for event in change.events if event.HasField("task")}
+    if orphans:
+        raise ValueError(f"task records without an event in the change: {sorted(orphans)}")
     for expect in change.expect:
         _check_expect(conn, expect)
     _check_claims(conn, change.claims)
-    records = {record.task_id: record for record in change.task_records}
     # Task id -> its record, once per task, stamped with the revision of its last event.
     stored_tasks: dict[str, task_pb2.Task] = {}
     for event in change.events:
@@ -42,9 +46,6 @@ def apply_change(conn: sqlite3.Connection, change: Change, revision: int) -> lis
             "INSERT INTO events (revision, type, data) VALUES (?, ?, ?)",
             (revision, event.type, event.SerializeToString()),
         )
-    orphans = records.keys() - stored_tasks.keys()
-    if orphans:
-        raise ValueError(f"task records without an event in the change: {sorted(orphans)}")
     for task in stored_tasks.values():
         _upsert_task(conn, task, change.idempotency_scopes.get(task.task_id, ""))
     for agent_id, token_hash in change.agent_token_hashes.items():
