@@ -85,8 +85,9 @@ class SqliteStore(Store):
         self._path = path
         self._synchronous = synchronous
         self._event_retention = event_retention
-        # How long the idle store thread waits for a job before it looks for other processes' commits.
-        self._poll_interval = poll_interval
+        # How long the idle store thread waits for a job before it looks for other processes'
+        # commits; a private in-memory database has no other writers to wait for.
+        self._poll_interval = None if path == ":memory:" else poll_interval
         self._compact_every = compact_every
         self._jobs: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
