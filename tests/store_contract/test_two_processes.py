@@ -4,6 +4,7 @@ leases hold across them (the peer is `python -m tests.store_contract.peer`)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import sys
 from collections.abc import AsyncIterator
@@ -179,3 +180,23 @@ async def test_lease_contention_across_processes(two: tuple[Store, Recorder, Pee
             await peer.request("release", name=name, holder="there")
             lease = await store.acquire_lease(name, "here", 30)
             assert lease is not None and lease.term == 2
+
+
+async def test_processes_opening_a_new_database_at_once_both_work(backend: Backend) -> None:
+    """Whoever migrates a new file first, the other finds it migrated (no 'table already exists')."""
+    backend.require_shared()
+    for attempt in range(5):
+        fresh = dataclasses.replace(backend, location=f"{backend.location}.{attempt}")
+        store, recorder = fresh.make(), Recorder()
+        try:
+            _, peer = await asyncio.gather(store.open(recorder), Peer.start(fresh.location))
+        except BaseException:
+            await store.close()
+            raise
+        try:
+            (answer,) = await peer.commit(Change(events=[agent_event("there")]))
+            assert answer["revision"] == 1
+            assert await store.commit(Change(events=[agent_event("here")])) == 2
+        finally:
+            await peer.stop()
+            await store.close()
