@@ -25,12 +25,14 @@ def apply_change(conn: sqlite3.Connection, change: Change, revision: int) -> lis
     returns its events, stamped. Raises ConditionFailed or ValueError before writing anything,
     AlreadyExists after writing part of the change (which the caller must undo)."""
     records = {record.task_id: record for record in change.task_records}
-    orphans = records.keys() - {event.task.task_id for event in change.events if event.HasField("task")}
-    if orphans:
-        raise ValueError(f"task records without an event in the change: {sorted(orphans)}")
+    if records:
+        orphans = records.keys() - {event.task.task_id for event in change.events if event.HasField("task")}
+        if orphans:
+            raise ValueError(f"task records without an event in the change: {sorted(orphans)}")
     for expect in change.expect:
         _check_expect(conn, expect)
-    _check_claims(conn, change.claims)
+    if change.claims:
+        _check_claims(conn, change.claims)
     # Task id -> its record, once per task, stamped with the revision of its last event.
     stored_tasks: dict[str, task_pb2.Task] = {}
     for event in change.events:
