@@ -5,7 +5,6 @@ The generated protocol types are re-exported, under stable names, in `orchestrat
 
 from orchestrator_client.admin import TERMINAL_TASK_STATUSES, AdminClient
 from orchestrator_client.agent import Agent, AgentStopped
-from orchestrator_client.backoff import Backoff, RetryPolicy
 from orchestrator_client.channel import ConnectionOptions, read_pem
 from orchestrator_client.context import NonRetryableError, SyncTaskContext, TaskContext, TaskFailure
 from orchestrator_client.errors import (
@@ -28,10 +27,13 @@ from orchestrator_client.errors import (
     Unknown,
     from_grpc_error,
 )
+from orchestrator_client.retry import NO_RETRY, TRANSIENT_CODES, Backoff, Retry, RetryPolicy
 from orchestrator_client.sync import SyncAgent
 
 __all__ = [
+    "NO_RETRY",
     "TERMINAL_TASK_STATUSES",
+    "TRANSIENT_CODES",
     "Aborted",
     "AdminClient",
     "Agent",
@@ -51,6 +53,7 @@ __all__ = [
     "OutOfRange",
     "PermissionDenied",
     "ResourceExhausted",
+    "Retry",
     "RetryPolicy",
     "SyncAgent",
     "SyncTaskContext",

@@ -2,11 +2,12 @@
 
 Every unary method takes `timeout` (seconds, the whole call's deadline; the client's default when
 None). Methods whose effect does not depend on how often they run (gets, lists, discovery,
-RegisterAgent, and CreateTask with an idempotency key) are retried on UNAVAILABLE with exponential
-backoff and full jitter, each attempt getting what is left of the deadline, as google-api-core
-does; other calls are tried once, because a retry after a lost answer could act twice.
-Paginated lists are async iterators that fetch pages as they are consumed. Watches are async
-iterators that reconnect on their own and resume from the last revision they delivered.
+RegisterAgent, and CreateTask with an idempotency key) are retried by the client's `Retry` (by
+default on UNAVAILABLE, with exponential backoff and full jitter, each attempt getting what is left
+of the deadline, as google-api-core does); other calls are tried once, because a retry after a lost
+answer could act twice. Paginated lists are async iterators that fetch pages as they are consumed.
+Watches are async iterators that reconnect on their own (on the transient codes of
+`orchestrator_client.retry`) and resume from the last revision they delivered.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ import grpc
 from google.protobuf import duration_pb2, field_mask_pb2
 
 from orchestrator_client import v1
-from orchestrator_client.backoff import NO_RETRY, Backoff, RetryPolicy, Sleep, call_with_retry
 from orchestrator_client.channel import ConnectionOptions
 from orchestrator_client.errors import from_grpc_error
+from orchestrator_client.retry import NO_RETRY, TRANSIENT_CODES, Backoff, Retry, Sleep
 
 if TYPE_CHECKING:
     from orchestrator_client.v1 import (
@@ -47,21 +48,6 @@ TERMINAL_TASK_STATUSES = frozenset(
 
 _DEFAULT_STRATEGY = v1.LoadBalancingStrategy.LOAD_BALANCING_STRATEGY_UNSPECIFIED
 
-# A watch stream that breaks on these is reopened; anything else (NOT_FOUND, PERMISSION_DENIED,
-# INVALID_ARGUMENT, UNKNOWN from a failing handler) would break again the same way and is raised.
-# INTERNAL and CANCELLED are here because grpc core reports overflowing stream bursts that way
-# (grpc/grpc#36066), which is what a server restart with many watchers produces.
-_WATCH_RESUMABLE_CODES = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.ABORTED,
-        grpc.StatusCode.INTERNAL,
-        grpc.StatusCode.CANCELLED,
-    }
-)
-
 
 def _duration(seconds: float | None) -> duration_pb2.Duration | None:
     if seconds is None:
@@ -81,15 +67,22 @@ class AdminClient:
         api_key: str | None = None,
         connection: ConnectionOptions | None = None,
         timeout: float | None = 10.0,
-        retry: RetryPolicy | None = None,
+        retry: Retry | None = None,
         watch_backoff: Backoff | None = None,
         sleep: Sleep = asyncio.sleep,
     ) -> None:
         self.target = target
         self.timeout = timeout
-        self._retry = retry or RetryPolicy()
-        self._watch_backoff = watch_backoff or Backoff()
-        self._sleep = sleep
+        self._retry = retry or Retry()
+        # A watch lives until its caller stops reading: no deadline, and every transient break is
+        # resumed; a code outside TRANSIENT_CODES (NOT_FOUND, PERMISSION_DENIED, ...) would break
+        # the reopened stream the same way and is raised.
+        self._watch_retry = Retry(
+            retryable_codes=TRANSIENT_CODES,
+            backoff=watch_backoff or Backoff(),
+            on_error=self._retry.on_error,
+            sleep=sleep,
+        )
         self._metadata: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {api_key}"),) if api_key else ()
         )
@@ -122,11 +115,8 @@ class AdminClient:
         async def attempt(remaining: float | None) -> Response:
             return await method(request, timeout=remaining, metadata=self._metadata)
 
-        return await call_with_retry(
-            attempt,
-            total_timeout=self.timeout if timeout is None else timeout,
-            policy=self._retry if idempotent else NO_RETRY,
-        )
+        policy = self._retry if idempotent else NO_RETRY
+        return await policy.with_timeout(self.timeout if timeout is None else timeout).run(attempt)
 
     async def _paginate(
         self, fetch: Callable[[str], Awaitable[tuple[Sequence[Item], str]]]
@@ -150,6 +140,7 @@ class AdminClient:
         failures = 0
         while True:
             call = open_stream(revision)
+            error = None
             try:
                 async for message in call:
                     failures = 0
@@ -157,12 +148,12 @@ class AdminClient:
                     yield message
             except grpc.RpcError as err:
                 error = from_grpc_error(err)
-                if error.grpc_code not in _WATCH_RESUMABLE_CODES:
+                if not self._watch_retry.retryable(error):
                     raise error from err
             finally:
                 call.cancel()
             # Ended, cleanly (the server shutting down) or not: resume after a jittered pause.
-            await self._sleep(self._watch_backoff.delay(failures))
+            await self._watch_retry.wait(failures, error)
             failures += 1
 
     # ------------------------------------------------------------------------------------- agents

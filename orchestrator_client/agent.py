@@ -34,17 +34,17 @@ import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import grpc
 from google.protobuf import duration_pb2, struct_pb2
 
 from orchestrator_client import v1
-from orchestrator_client.backoff import Backoff, Sleep
 from orchestrator_client.channel import ConnectionOptions
 from orchestrator_client.context import SyncTaskContext, TaskContext, TaskFailure
 from orchestrator_client.errors import OrchestratorError, from_grpc_error
+from orchestrator_client.retry import TRANSIENT_CODES, Backoff, Retry, Sleep
 
 if TYPE_CHECKING:
     from orchestrator_client.v1 import RegistryServiceAsyncStub, TasksServiceAsyncStub
@@ -57,27 +57,13 @@ SyncHandler = Callable[[SyncTaskContext], TaskResult]
 CheckFunction = Callable[[], bool | Awaitable[bool]]
 F = TypeVar("F", bound=Callable[..., Any])
 
-# Codes on which registration is retried: the server is away, overloaded or restarting. Anything
-# else (a bad name, a refused API key) cannot be fixed by retrying and stops the agent.
-# CANCELLED and INTERNAL are here because grpc core reports overflowing stream bursts that way
-# (grpc/grpc#36066), which is exactly what a reconnect storm produces.
-_TRANSIENT_CODES = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.ABORTED,
-        grpc.StatusCode.CANCELLED,
-        grpc.StatusCode.INTERNAL,
-        grpc.StatusCode.UNKNOWN,
-    }
-)
 # The session answers these when it no longer knows the agent or its credential: register again.
 _REREGISTER_CODES = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAUTHENTICATED})
 # A result report answered with these will never land: the attempt was moved, cancelled or is gone.
 _REPORT_REFUSED_CODES = frozenset({grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND})
-# A report retried on these: the server is away, or the credential is being renewed by the session.
-_REPORT_RETRY_CODES = _TRANSIENT_CODES | {grpc.StatusCode.UNAUTHENTICATED}
+# A report is retried on the transient codes, and on UNAUTHENTICATED: the session is renewing the
+# credential (it registers again on that code), and the next attempt carries the new one.
+_REPORT_RETRY_CODES = TRANSIENT_CODES | {grpc.StatusCode.UNAUTHENTICATED}
 
 # The end-of-stream marker of `call.read()`; grpc-stubs does not declare it.
 _EOF: object = grpc.aio.EOF  # type: ignore[attr-defined]
@@ -171,6 +157,8 @@ class _SessionEnd:
     reason: str = ""
     # An error no reconnect can fix (the identity is held by another live process).
     fatal: OrchestratorError | None = None
+    # The error that ended it, if one did: its RetryInfo, if any, bounds the next pause from below.
+    error: OrchestratorError | None = None
 
 
 @dataclass
@@ -233,11 +221,16 @@ class Agent:
         self.max_concurrent_tasks = max_concurrent_tasks
         self._api_key = api_key
         self._connection = connection or ConnectionOptions()
-        self._backoff = reconnect_backoff or Backoff()
+        # One policy type for both loops that outlive a server outage. The session keeper retries
+        # on the transient codes for ever (an agent never gives up on its orchestrator; anything
+        # else stops it); a result report also waits out a credential renewal.
+        self._reconnect = Retry(
+            retryable_codes=TRANSIENT_CODES, backoff=reconnect_backoff or Backoff(), sleep=sleep
+        )
+        self._report_retry = replace(self._reconnect, retryable_codes=_REPORT_RETRY_CODES)
         self._shutdown_grace = shutdown_grace
         self._call_timeout = call_timeout
         self._handle_signals = handle_signals
-        self._sleep = sleep
 
         self._handlers: dict[str, _Handler] = {}
         self._checks: dict[str, CheckFunction] = {}
@@ -451,13 +444,14 @@ class Agent:
                 end = await self._run_session()
             except grpc.RpcError as err:
                 error = from_grpc_error(err)
-                if error.grpc_code not in _TRANSIENT_CODES:
+                if not self._reconnect.retryable(error):
                     self._fail(error, err)
                     return
                 end = _SessionEnd(
                     welcomed=False,
                     reason=f"registration failed: {error}",
                     reconnect_after=_planned_pause(error),
+                    error=error,
                 )
             except OSError as err:  # e.g. unreadable TLS files: nothing a retry can fix
                 self._fail(err, err)
@@ -471,22 +465,21 @@ class Agent:
                 failures = 0
             if end.reregister:
                 self._token = None
+            backoff = self._reconnect.backoff
             if end.reconnect_after is not None:
                 # Planned by the server (its shutdown or drain): every agent hears it at once, so
                 # spread them over a window at least as long as the wait the server asked for.
                 planned_until = loop.time() + PLANNED_RESTART_WINDOW
-                pause = end.reconnect_after + self._backoff.random() * max(
-                    self._backoff.initial, end.reconnect_after
-                )
+                pause = end.reconnect_after + backoff.random() * max(backoff.initial, end.reconnect_after)
             elif loop.time() < planned_until:
                 # The server said it is restarting: it is away for seconds, not broken, so
                 # neither grow the backoff nor count these refusals as failures.
-                pause = self._backoff.delay(0)
+                pause = self._reconnect.delay(0, end.error)
             else:
-                pause = self._backoff.delay(failures)
+                pause = self._reconnect.delay(failures, end.error)
                 failures += 1
             log.warning("session with %s ended (%s); reconnecting in %.2fs", self.target, end.reason, pause)
-            await self._sleep(pause)
+            await self._reconnect.sleep(pause)
 
     def _fail(self, error: BaseException, cause: BaseException) -> None:
         log.error("agent %s cannot continue: %s", self.name, error)
@@ -543,6 +536,7 @@ class Agent:
                 reregister=error.grpc_code in _REREGISTER_CODES,
                 reason=str(error),
                 reconnect_after=_planned_pause(error),
+                error=error,
             )
         except TimeoutError:
             return _SessionEnd(
@@ -826,24 +820,20 @@ class Agent:
         Refusals (FAILED_PRECONDITION, NOT_FOUND) mean the attempt is no longer ours (moved, handed
         back, cancelled): dropped quietly. Other errors are raised to the caller.
         """
-        failures = 0
-        while True:
-            try:
-                await call(self._call_timeout)
-                return
-            except grpc.RpcError as err:
-                error = from_grpc_error(err)
-                if error.grpc_code in _REPORT_REFUSED_CODES:
-                    log.info("report for attempt %s refused (%s): it moved on", attempt.attempt_id, error)
-                    return
-                if error.grpc_code not in _REPORT_RETRY_CODES:
-                    raise error from err
-                pause = max(self._backoff.delay(failures), error.retry_after or 0.0)
-                failures += 1
-                log.info(
-                    "report for attempt %s failed (%s); retrying in %.2fs", attempt.attempt_id, error, pause
-                )
-                await self._sleep(pause)
+
+        def retrying(error: OrchestratorError) -> None:
+            log.info("report for attempt %s failed (%s); retrying", attempt.attempt_id, error)
+
+        async def deliver(_: float | None) -> object:
+            # No deadline over the retries (the result must land); each attempt has its own.
+            return await call(self._call_timeout)
+
+        try:
+            await replace(self._report_retry, on_error=retrying).run(deliver)
+        except OrchestratorError as error:
+            if error.grpc_code not in _REPORT_REFUSED_CODES:
+                raise
+            log.info("report for attempt %s refused (%s): it moved on", attempt.attempt_id, error)
 
     # ---------------------------------------------------------------------------------- shutdown
 

@@ -1,7 +1,8 @@
 """One exception hierarchy for every failed call, modelled on google-api-core's `GoogleAPICallError`.
 
 Each gRPC status code has its own subclass of `OrchestratorError`, carrying the gRPC code, the HTTP
-status the REST gateway answers with (as `google/rpc/code.proto` maps them), the message, and the
+status the REST gateway answers with (read from the one table in `orchestrator_client.codes`, which
+the gateway uses too), the message, and the
 `google.rpc` detail messages the server attached (`BadRequest`, `RetryInfo`, `ErrorInfo`, ...),
 already unpacked. `from_grpc_error` builds the right subclass; callers `raise ... from err` so the
 original `grpc.aio.AioRpcError` stays reachable as `__cause__`.
@@ -18,6 +19,8 @@ import grpc
 from google.protobuf import any_pb2
 from google.protobuf.message import Message as ProtoMessage
 from grpc_status import rpc_status
+
+from orchestrator_client.codes import http_status_for
 
 # The detail types of google/rpc/error_details.proto, unpacked from `google.protobuf.Any`.
 _DETAIL_TYPES: dict[str, type[ProtoMessage]] = {
@@ -41,7 +44,13 @@ class OrchestratorError(Exception):
     """A call to the orchestrator failed. Subclasses name the gRPC status code."""
 
     grpc_code: ClassVar[grpc.StatusCode] = grpc.StatusCode.UNKNOWN
-    http_status: ClassVar[int] = 500
+    http_status: ClassVar[int] = http_status_for(grpc.StatusCode.UNKNOWN)
+    """What the REST gateway answers for this code; never set by hand, see `__init_subclass__`."""
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        # One table for both transports: a subclass names its gRPC code, the table gives the rest.
+        cls.http_status = http_status_for(cls.grpc_code)
 
     def __init__(self, message: str, *, details: Sequence[ProtoMessage] = ()) -> None:
         super().__init__(message)
@@ -71,17 +80,14 @@ class OrchestratorError(Exception):
 
 class Cancelled(OrchestratorError):
     grpc_code = grpc.StatusCode.CANCELLED
-    http_status = 499
 
 
 class Unknown(OrchestratorError):
     grpc_code = grpc.StatusCode.UNKNOWN
-    http_status = 500
 
 
 class InvalidArgument(OrchestratorError):
     grpc_code = grpc.StatusCode.INVALID_ARGUMENT
-    http_status = 400
 
     @property
     def field_violations(self) -> list[error_details_pb2.BadRequest.FieldViolation]:
@@ -96,67 +102,54 @@ class InvalidArgument(OrchestratorError):
 
 class DeadlineExceeded(OrchestratorError):
     grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
-    http_status = 504
 
 
 class NotFound(OrchestratorError):
     grpc_code = grpc.StatusCode.NOT_FOUND
-    http_status = 404
 
 
 class AlreadyExists(OrchestratorError):
     grpc_code = grpc.StatusCode.ALREADY_EXISTS
-    http_status = 409
 
 
 class PermissionDenied(OrchestratorError):
     grpc_code = grpc.StatusCode.PERMISSION_DENIED
-    http_status = 403
 
 
 class ResourceExhausted(OrchestratorError):
     grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    http_status = 429
 
 
 class FailedPrecondition(OrchestratorError):
     grpc_code = grpc.StatusCode.FAILED_PRECONDITION
-    http_status = 400
 
 
 class Aborted(OrchestratorError):
     grpc_code = grpc.StatusCode.ABORTED
-    http_status = 409
 
 
 class OutOfRange(OrchestratorError):
     grpc_code = grpc.StatusCode.OUT_OF_RANGE
-    http_status = 400
 
 
 class Unimplemented(OrchestratorError):
     grpc_code = grpc.StatusCode.UNIMPLEMENTED
-    http_status = 501
 
 
 class Internal(OrchestratorError):
     grpc_code = grpc.StatusCode.INTERNAL
-    http_status = 500
 
 
 class Unavailable(OrchestratorError):
     grpc_code = grpc.StatusCode.UNAVAILABLE
-    http_status = 503
 
 
 class DataLoss(OrchestratorError):
     grpc_code = grpc.StatusCode.DATA_LOSS
-    http_status = 500
 
 
 class Unauthenticated(OrchestratorError):
     grpc_code = grpc.StatusCode.UNAUTHENTICATED
-    http_status = 401
 
 
 _BY_CODE: dict[grpc.StatusCode, type[OrchestratorError]] = {

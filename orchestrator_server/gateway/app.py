@@ -28,6 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from orchestrator.v1 import discovery_pb2, registry_pb2, tasks_pb2
 from orchestrator.v1 import health_pb2 as orchestrator_health_pb2
+from orchestrator_client.codes import http_status_for
 from orchestrator_server.auth import (
     CLIENT_ADDRESS_HEADER,
     CLIENT_SIGNATURE_HEADER,
@@ -214,7 +215,11 @@ class Gateway:
                     f"{request.method} is not allowed on {request.rel_url.path}; use {', '.join(allowed)}",
                     headers={"Allow": ", ".join(allowed)},
                 )
-            raise GatewayError(404, "NOT_FOUND", f"no endpoint at {request.rel_url.path}")
+            raise GatewayError(
+                http_status_for(grpc.StatusCode.NOT_FOUND),
+                "NOT_FOUND",
+                f"no endpoint at {request.rel_url.path}",
+            )
         request[_ROUTE_KEY] = route.template.text
         raw_body = await self._read_body(request) if route.body else b""
         query = {name: request.rel_url.query.getall(name) for name in request.rel_url.query}
@@ -406,7 +411,9 @@ async def _observe(
         response = error_response(GatewayError(error.status, "INVALID_ARGUMENT", error.reason, headers={}))
     except Exception:
         logger.exception("gateway request failed", extra={"request_id": request[_REQUEST_ID_KEY]})
-        response = error_response(GatewayError(500, "INTERNAL", "internal gateway error"))
+        response = error_response(
+            GatewayError(http_status_for(grpc.StatusCode.INTERNAL), "INTERNAL", "internal gateway error")
+        )
     if not response.prepared:
         response.headers[REQUEST_ID_HEADER] = request[_REQUEST_ID_KEY]
     route = request.get(_ROUTE_KEY, _UNMATCHED_ROUTE)

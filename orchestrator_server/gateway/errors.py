@@ -1,8 +1,7 @@
 """gRPC status → HTTP status and the JSON error body shared by every gateway error.
 
-The mapping follows google/rpc/code.proto, except FAILED_PRECONDITION, which answers 412 (the brief
-allows 400 or 412; 412 keeps "your request is fine but the resource is not in the right state"
-apart from "your request is malformed").
+The HTTP status of a gRPC code comes from `orchestrator_client.codes`, the one table the SDK's
+exceptions read too (google/rpc/code.proto's mapping), so REST and gRPC callers see the same status.
 """
 
 from __future__ import annotations
@@ -16,27 +15,13 @@ import grpc
 from google.protobuf import any_pb2, json_format
 from google.rpc import error_details_pb2, status_pb2
 
+# Re-exported: the gateway's tests and callers read the table from here as well.
+from orchestrator_client.codes import HTTP_STATUS_BY_GRPC_CODE, http_status_for
+
 GRPC_DETAILS_METADATA_KEY = "grpc-status-details-bin"
 
-HTTP_STATUS_BY_GRPC_CODE: dict[grpc.StatusCode, int] = {
-    grpc.StatusCode.OK: 200,
-    grpc.StatusCode.CANCELLED: 499,
-    grpc.StatusCode.UNKNOWN: 500,
-    grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-    grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.ALREADY_EXISTS: 409,
-    grpc.StatusCode.PERMISSION_DENIED: 403,
-    grpc.StatusCode.UNAUTHENTICATED: 401,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-    grpc.StatusCode.FAILED_PRECONDITION: 412,
-    grpc.StatusCode.ABORTED: 409,
-    grpc.StatusCode.OUT_OF_RANGE: 400,
-    grpc.StatusCode.UNIMPLEMENTED: 501,
-    grpc.StatusCode.INTERNAL: 500,
-    grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.DATA_LOSS: 500,
-}
+__all__ = ["HTTP_STATUS_BY_GRPC_CODE", "GatewayError", "from_rpc_error", "invalid_argument"]
+
 
 # Retry-After is sent on 429 even without a RetryInfo detail, so clients always get a hint.
 DEFAULT_RETRY_AFTER_SECONDS = 1
@@ -79,7 +64,8 @@ def invalid_argument(message: str, field: str | None = None) -> GatewayError:
             field_violations=[error_details_pb2.BadRequest.FieldViolation(field=field, description=message)]
         )
         details.append(_render_detail(_pack(bad_request)))
-    return GatewayError(400, "INVALID_ARGUMENT", message, details)
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    return GatewayError(http_status_for(code), code.name, message, details)
 
 
 def _pack(message: error_details_pb2.BadRequest) -> any_pb2.Any:
@@ -131,7 +117,7 @@ def from_rpc_error(error: grpc.aio.AioRpcError) -> GatewayError:
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         headers["Retry-After"] = str(_retry_after_seconds(details))
     return GatewayError(
-        HTTP_STATUS_BY_GRPC_CODE.get(code, 500),
+        http_status_for(code),
         code.name,
         error.details() or code.name,
         [_render_detail(detail) for detail in details],

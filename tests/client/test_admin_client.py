@@ -10,9 +10,21 @@ from typing import Any
 import grpc
 import pytest
 from conftest import FixedRandom, SleepRecorder
+from google.protobuf import duration_pb2
+from google.rpc import error_details_pb2
 from scripted_orchestrator import abort, rich_status
 
-from orchestrator_client import AdminClient, Backoff, InvalidArgument, RetryPolicy, Unavailable, v1
+from orchestrator_client import (
+    AdminClient,
+    Backoff,
+    InvalidArgument,
+    OrchestratorError,
+    Retry,
+    RetryPolicy,
+    Unavailable,
+    Unknown,
+    v1,
+)
 
 UNAVAILABLE = rich_status(grpc.StatusCode.UNAVAILABLE, "try again")
 
@@ -193,6 +205,35 @@ async def test_watch_resumes_from_its_last_revision_and_resnapshots_on_resync(
     # Resumed after revision 6; after the resync, asked for a fresh snapshot (0), not revision 6.
     assert servicer.watch_starts == [0, 6, 0]
     assert len(sleeps.delays) == 2
+
+
+async def test_watch_resumes_on_every_transient_code_and_waits_the_servers_retry_info(
+    scripted: tuple[ScriptedAdmin, str],
+) -> None:
+    servicer, target = scripted
+    retry_info = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(nanos=400_000_000))
+    servicer.watch_scripts = [
+        [_snapshot(5, "a"), rich_status(grpc.StatusCode.UNKNOWN, "connection lost")],
+        [rich_status(grpc.StatusCode.UNAVAILABLE, "draining", retry_info)],
+        [_delta(6, "b")],
+    ]
+    sleeps = SleepRecorder()
+    errors: list[OrchestratorError] = []
+    async with AdminClient(
+        target,
+        retry=Retry(on_error=errors.append),
+        watch_backoff=Backoff(initial=0.01, maximum=0.01, random=FixedRandom(1.0)),
+        sleep=sleeps,
+    ) as admin:
+        watch = admin.watch_agents()
+        revisions = [(await anext(watch)).revision for _ in range(2)]
+        await watch.aclose()
+    assert revisions == [5, 6]
+    assert servicer.watch_starts == [0, 5, 5]
+    # The same policy type and transient codes as the agent's session: UNKNOWN is resumed, and a
+    # draining server's RetryInfo is waited out; the client's on_error hears both breaks.
+    assert sleeps.delays == pytest.approx([0.01, 0.4])
+    assert [type(error) for error in errors] == [Unknown, Unavailable]
 
 
 def _health(revision: int, name: str = "", **flags: bool) -> v1.WatchAgentHealthResponse:

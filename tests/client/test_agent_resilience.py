@@ -48,6 +48,19 @@ async def test_registration_retries_use_full_jitter_and_the_cap(
     assert agent.connected
 
 
+async def test_registration_waits_at_least_the_retry_info_of_a_rate_limit(
+    orchestrator: ScriptedOrchestrator, make_agent: Callable[..., Agent], sleeps: SleepRecorder
+) -> None:
+    hint = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(nanos=300_000_000))
+    orchestrator.register_failures.append(rich_status(grpc.StatusCode.RESOURCE_EXHAUSTED, "slow down", hint))
+    orchestrator.register_failures.append(rich_status(grpc.StatusCode.UNKNOWN, "connection lost"))
+    agent = make_agent(reconnect_backoff=Backoff(initial=0.01, maximum=0.05, random=FixedRandom(1.0)))
+    await agent.start()
+    # The rate limit's hint, not the 0.01 s backoff draw; then UNKNOWN, transient like every loop's.
+    assert sleeps.delays == pytest.approx([0.3, 0.02])
+    assert len(orchestrator.registrations) == 3 and agent.connected
+
+
 async def test_connects_once_the_server_starts_listening(
     make_agent: Callable[..., Agent], sleeps: SleepRecorder
 ) -> None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import re
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -12,7 +15,10 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from orchestrator_client import NO_RETRY, AdminClient, OrchestratorError
+from orchestrator_client.errors import exception_class_for
 from orchestrator_server.gateway.errors import HTTP_STATUS_BY_GRPC_CODE
+from tests.conftest import Running
 from tests.gateway.conftest import ScriptedBackend
 
 
@@ -39,7 +45,7 @@ def _aborting(code: grpc.StatusCode, message: str, *details: Any) -> Any:
         (grpc.StatusCode.NOT_FOUND, 404),
         (grpc.StatusCode.ALREADY_EXISTS, 409),
         (grpc.StatusCode.ABORTED, 409),
-        (grpc.StatusCode.FAILED_PRECONDITION, 412),
+        (grpc.StatusCode.FAILED_PRECONDITION, 400),
         (grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
         (grpc.StatusCode.CANCELLED, 499),
         (grpc.StatusCode.UNKNOWN, 500),
@@ -65,6 +71,75 @@ async def test_grpc_codes_map_to_http_as_code_proto_says(
     assert body == {
         "error": {"code": http_status, "status": code.name, "message": f"it went {code.name}", "details": []}
     }
+
+
+def _documented_http_mappings() -> dict[str, int]:
+    """Each code's "HTTP Mapping" as google/rpc/code.proto (shipped in googleapis-common-protos) says."""
+    text = Path(code_pb2.__file__).with_name("code.proto").read_text()
+    return {
+        name: int(status) for status, name in re.findall(r"HTTP Mapping: (\d+)[^\n]*\n\s*(\w+) = \d+;", text)
+    }
+
+
+def test_the_one_table_maps_every_grpc_code_as_code_proto_documents() -> None:
+    documented = _documented_http_mappings()
+    assert len(documented) == len(grpc.StatusCode)
+    assert set(HTTP_STATUS_BY_GRPC_CODE) == set(grpc.StatusCode)
+    assert {code.name: status for code, status in HTTP_STATUS_BY_GRPC_CODE.items()} == documented
+    for code in grpc.StatusCode:
+        if code is not grpc.StatusCode.OK:
+            exception = exception_class_for(code)
+            assert (exception.grpc_code, exception.http_status) == (code, HTTP_STATUS_BY_GRPC_CODE[code])
+
+
+@pytest.mark.parametrize(
+    "code", [code for code in grpc.StatusCode if code is not grpc.StatusCode.OK], ids=lambda code: code.name
+)
+async def test_rest_status_and_sdk_exception_agree_for_every_code(
+    backend: ScriptedBackend, http: aiohttp.ClientSession, code: grpc.StatusCode
+) -> None:
+    async def fail(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await context.abort(code, f"it went {code.name}")
+
+    backend.unary["RegistryService/GetAgent"] = fail
+    async with http.get("/agents/a-1") as response:
+        rest_status = response.status
+        body = await response.json()
+    async with AdminClient(f"127.0.0.1:{backend.port}", retry=NO_RETRY, timeout=10.0) as admin:
+        with pytest.raises(OrchestratorError) as raised:
+            await admin.get_agent("a-1")
+    assert type(raised.value) is exception_class_for(code)
+    assert raised.value.grpc_code == code and body["error"]["status"] == code.name
+    assert raised.value.http_status == rest_status == body["error"]["code"] == HTTP_STATUS_BY_GRPC_CODE[code]
+
+
+async def test_the_real_server_fails_alike_over_rest_and_through_the_sdk(servers: Callable[..., Any]) -> None:
+    live: Running = await servers(gateway_enabled=True)
+    async with (
+        aiohttp.ClientSession(base_url=f"http://127.0.0.1:{live.server.http_port}") as rest,
+        AdminClient(live.target, retry=NO_RETRY, timeout=10.0) as admin,
+    ):
+        await admin.create_task("analyze", idempotency_key="key-1")
+        cases: list[tuple[grpc.StatusCode, Callable[[], Any], Callable[[], Awaitable[Any]]]] = [
+            (grpc.StatusCode.NOT_FOUND, lambda: rest.get("/agents/agt_missing"),
+             lambda: admin.get_agent("agt_missing")),
+            (grpc.StatusCode.INVALID_ARGUMENT, lambda: rest.post("/agents/register", json={"type": "t"}),
+             lambda: admin.register_agent("", "i-1", "t")),
+            (grpc.StatusCode.FAILED_PRECONDITION, lambda: rest.get("/discovery/resolve", params={"query.type": "none"}),
+             lambda: admin.resolve_agent(type="none")),
+            (grpc.StatusCode.ALREADY_EXISTS,
+             lambda: rest.post("/tasks/create", json={"spec": {"type": "other", "idempotency_key": "key-1"}}),
+             lambda: admin.create_task("other", idempotency_key="key-1")),
+        ]  # fmt: skip
+        for code, rest_call, sdk_call in cases:
+            async with rest_call() as response:
+                rest_status = response.status
+                body = await response.json()
+            with pytest.raises(OrchestratorError) as raised:
+                await sdk_call()
+            assert body["error"]["status"] == raised.value.grpc_code.name == code.name
+            assert type(raised.value) is exception_class_for(code)
+            assert raised.value.http_status == rest_status == HTTP_STATUS_BY_GRPC_CODE[code], code.name
 
 
 async def test_error_details_are_decoded_from_the_status_trailer(

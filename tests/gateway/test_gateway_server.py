@@ -106,9 +106,9 @@ async def test_every_path_of_the_original_document_answers_with_its_method(
         f"/tasks/{task_id}/complete", json={"attempt_id": attempt_id, "result": {"ok": True}}, headers=bearer
     ) as response:
         assert (await _json(response))["task"]["status"] == "TASK_STATUS_SUCCEEDED"
-    # A second assignment of a finished task is refused: FAILED_PRECONDITION maps to 412.
+    # A second assignment of a finished task is refused: FAILED_PRECONDITION maps to 400.
     async with rest.post("/tasks/assign", json={"task_id": task_id, "agent_id": agent_id}) as response:
-        refused = await _json(response, 412)
+        refused = await _json(response, 400)
     assert task_id in refused["error"]["message"]
 
     async with rest.delete(f"/agents/{agent_id}") as response:
