@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from orchestrator.v1 import agent_pb2, event_pb2, task_pb2
 from orchestrator_server.errors import Unavailable
-from orchestrator_server.store import Change, CommitListener, LoadedState, Store, TaskQuery
+from orchestrator_server.store import Change, CommitListener, LoadedState, Lease, Store, TaskQuery
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -201,6 +201,12 @@ class SqliteStore(Store):
 
         return await self._read(run)
 
+    async def acquire_lease(self, name: str, holder: str, ttl: float) -> Lease | None:
+        raise NotImplementedError  # the store branch implements leases
+
+    async def release_lease(self, name: str, holder: str) -> None:
+        raise NotImplementedError
+
     async def ping(self) -> None:
         await self._read(lambda conn: conn.execute("SELECT 1").fetchone())
 
@@ -302,6 +308,16 @@ class SqliteStore(Store):
                         (revision, event.type, event.SerializeToString()),
                     )
                     committed.append(event)
+                for record in write.change.task_records:
+                    record.revision = next(
+                        (
+                            e.revision
+                            for e in reversed(write.change.events)
+                            if e.task.task_id == record.task_id
+                        ),
+                        revision,
+                    )
+                    self._upsert_entity(conn, event_pb2.Event(task=record), write.change.idempotency_scopes)
                 for agent_id, token_hash in write.change.agent_token_hashes.items():
                     conn.execute(
                         "UPDATE agents SET token_hash = ? WHERE agent_id = ?", (token_hash, agent_id)
