@@ -11,6 +11,7 @@ from orchestrator.v1 import event_pb2, task_pb2, tasks_pb2, tasks_pb2_grpc
 from orchestrator_server.events import EventBus, ResyncNeeded
 from orchestrator_server.grpc_api.interceptors import acting_agent_id, caller_scope
 from orchestrator_server.tasks import TERMINAL, TaskScheduler
+from orchestrator_server.tasks.changes import merge
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -84,8 +85,10 @@ class TasksServicer(tasks_pb2_grpc.TasksServiceServicer):
         while True:
             try:
                 async for event in self._bus.watch(after, concerns):
-                    yield tasks_pb2.WatchTaskResponse(task=event.task, revision=event.revision)
-                    if event.task.status in TERMINAL:
+                    # Events carry what changed; the watcher gets the whole task.
+                    task = merge(task, event.task)
+                    yield tasks_pb2.WatchTaskResponse(task=task, revision=event.revision)
+                    if task.status in TERMINAL:
                         return
             except ResyncNeeded:
                 # Missed changes are summed up by the task's current state.
