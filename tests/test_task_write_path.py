@@ -18,11 +18,12 @@ import pytest
 
 from orchestrator.v1 import event_pb2, registry_pb2, task_pb2, tasks_pb2
 from orchestrator_server.server import OrchestratorServer
-from orchestrator_server.store import Change, Expect
+from orchestrator_server.store import Change, Expect, PlacementClaim
 from orchestrator_server.store.sqlite import SqliteStore
 from orchestrator_server.tasks import transitions
 from orchestrator_server.tasks.changes import event_for
 from tests.conftest import Running, Stubs, async_wait_for, make_config, open_session
+from tests.support import rpc_error
 from tests.test_failover_paths import assignment, get, started
 
 PENDING = task_pb2.TASK_STATUS_PENDING
@@ -31,18 +32,30 @@ FAILED = task_pb2.TASK_STATUS_FAILED
 
 
 class GatedStore(SqliteStore):
-    """The real SQLite store, whose commits wait while the gate is closed."""
+    """The real SQLite store, whose commits (or only those `gated` picks) wait while the gate is
+    closed. `elsewhere` commits past the gate, as another process sharing the database would."""
 
     def __init__(self, path: str) -> None:
         super().__init__(path, synchronous="NORMAL")
         self.gate = asyncio.Event()
         self.gate.set()
+        self.gated: Callable[[Change], bool] = lambda change: True
         self.waiting = 0
 
     async def commit(self, change: Change) -> int:
-        if not self.gate.is_set():
+        if not self.gate.is_set() and self.gated(change):
             self.waiting += 1
             await self.gate.wait()
+        return await super().commit(change)
+
+    async def elsewhere(self, task: task_pb2.Task, claims: list[PlacementClaim] | None = None) -> int:
+        """Commits `task` on its revision past the gate, as another process would."""
+        change = Change(
+            events=[event_for(task, event_pb2.EVENT_TYPE_TASK_UPDATED)],
+            task_records=[task],
+            expect=[Expect(task.task_id, task.revision)],
+            claims=claims or [],
+        )
         return await super().commit(change)
 
 
@@ -78,6 +91,59 @@ async def test_a_cancel_shows_only_once_its_commit_lands(gated: tuple[Running, G
     assert (await cancelling).task.status == CANCELLED
     assert (await get(running.stubs, task.task_id)).status == CANCELLED
     assert running.server.tasks.workload().pending_tasks == 0
+
+
+async def test_a_report_decided_on_a_stale_task_is_decided_again(gated: tuple[Running, GatedStore]) -> None:
+    running, store = gated
+    stubs = running.stubs
+    session, _agent_id = await open_session(stubs, "worker")
+    task = await create(stubs)
+    attempt_id = await started(stubs, session, task.task_id)
+    store.gate.clear()
+    completing = asyncio.ensure_future(
+        stubs.tasks.CompleteTask(tasks_pb2.CompleteTaskRequest(task_id=task.task_id, attempt_id=attempt_id))
+    )
+    await async_wait_for(lambda: store.waiting >= 1, what="the completion's commit held at the gate")
+    # Meanwhile another process cancels the task: the completion was decided on a stale revision.
+    draft = await get(stubs, task.task_id)
+    transitions.cancel(draft, "cancelled on another replica", "CANCELLED")
+    await store.elsewhere(draft)
+    # The store answers only once the projection has the cancel.
+    assert (await get(stubs, task.task_id)).status == CANCELLED
+    store.gate.set()
+    refused = await rpc_error(completing, grpc.StatusCode.FAILED_PRECONDITION)
+    assert "CANCELLED" in (refused.details() or "")
+    final = await get(stubs, task.task_id)
+    assert final.status == CANCELLED and not final.HasField("result")
+
+
+async def test_a_slot_taken_elsewhere_is_never_booked_twice(gated: tuple[Running, GatedStore]) -> None:
+    running, store = gated
+    stubs = running.stubs
+    session, agent_id = await open_session(stubs, "worker", max_concurrent_tasks=1, task_types=["job"])
+    other = await create(stubs, type="other")  # this process never places it (the agent lacks the type)
+    store.gated = lambda change: bool(change.claims)
+    store.gate.clear()
+    mine = await create(stubs)
+    await async_wait_for(lambda: store.waiting >= 1, what="this process's placement held at the gate")
+    # Another process books the agent's only slot first.
+    draft = await get(stubs, other.task_id)
+    transitions.place(draft, agent_id, "att_elsewhere0002")
+    await store.elsewhere(draft, [PlacementClaim(other.task_id, agent_id)])
+    assert (await assignment(session)).task.task_id == other.task_id
+    store.gate.set()
+    await async_wait_for(
+        lambda: running.server.tasks.workload().pending_tasks == 1,
+        what="the refused placement back in the queue",
+    )
+    waiting = await get(stubs, mine.task_id)
+    assert waiting.status == PENDING and waiting.attempt_count == 0
+    assert waiting.pending_reason.at_capacity == 1
+    # The slot frees: the queued task takes it.
+    await stubs.tasks.CompleteTask(
+        tasks_pb2.CompleteTaskRequest(task_id=other.task_id, attempt_id="att_elsewhere0002")
+    )
+    assert (await assignment(session)).task.task_id == mine.task_id
 
 
 async def commit_elsewhere(running: Running, task: task_pb2.Task) -> None:
