@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from orchestrator_server.auth import check_security_config
 from orchestrator_server.config import Config, ConfigError
 from orchestrator_server.grpc_api.telemetry import RequestIdFilter
 from orchestrator_server.server import OrchestratorServer, PortInUse
@@ -63,6 +64,9 @@ def serve_from_env() -> int:
     """`orchestrator serve`: configuration from the environment; a bad value exits 2 naming it."""
     try:
         config = Config.from_env()
+        # Production without keys, unreadable key or certificate files: refused before anything
+        # starts (the store is not even created). The server checks again when built in process.
+        check_security_config(config)
     except ConfigError as error:
         print(f"orchestrator: {error}", file=sys.stderr)
         return 2

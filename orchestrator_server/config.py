@@ -86,14 +86,16 @@ class Config:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
-        """Reads the settings from `env` (default: the process environment)."""
+        """Reads the settings from `env` (default: the process environment). Parsing only: whether
+        they are safe to run with (keys in production, readable key and TLS files) is
+        auth.check_security_config's question, asked at startup."""
         source = os.environ if env is None else env
         reader = _Reader(source)
         timeout = reader.number("HEARTBEAT_TIMEOUT", cls.heartbeat_timeout, minimum=0.05)
         interval = reader.number("HEARTBEAT_INTERVAL", min(cls.heartbeat_interval, timeout / 3), minimum=0.01)
         if interval >= timeout:
             raise ConfigError("HEARTBEAT_INTERVAL", f"must be shorter than HEARTBEAT_TIMEOUT ({timeout:g} s)")
-        config = cls(
+        return cls(
             grpc_port=reader.integer("GRPC_PORT", cls.grpc_port, minimum=0, maximum=65535),
             http_port=reader.integer("PORT", cls.http_port, minimum=0, maximum=65535),
             bind_host=reader.text("BIND_HOST", cls.bind_host),
@@ -164,11 +166,6 @@ class Config:
                 "GATEWAY_MAX_CONNECTIONS", cls.gateway_max_connections, minimum=1
             ),
         )
-        # Production without keys, unreadable key or certificate files: refused here, before startup.
-        from orchestrator_server.auth import check_security_config  # auth imports this module
-
-        check_security_config(config)
-        return config
 
 
 class _Reader:

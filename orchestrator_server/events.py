@@ -3,24 +3,27 @@
 The store calls `EventBus.publish` with committed events in revision order. Watchers subscribe
 first and then replay what they missed (from a recent in-memory window, else from the store's log),
 so nothing falls between replay and live delivery. A revision older than the retained log gets an
-explicit resync; a watcher too slow to keep up is told to resync too, instead of growing without
-bound.
+explicit resync. What a watcher has not read yet waits in one of two bounded buffers: a queue of
+every event (past `SUBSCRIBER_BACKLOG` the watcher is told to resync instead of growing without
+bound), or, for watchers that want only the latest state of each entity (as grpc.health.v1's Watch),
+the latest event per key, which never overflows: it holds at most one event per entity.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
 
 from orchestrator.v1 import agent_pb2, event_pb2
 from orchestrator_server.store import Store
 
 EventFilter = Callable[[event_pb2.Event], bool]
+# The entity an event is about, for watchers that keep only the latest event of each.
+EventKey = Callable[[event_pb2.Event], str]
 
-# Events a watcher may fall behind by before it is told to resync.
+# Events a watcher of every event may fall behind by before it is told to resync.
 SUBSCRIBER_BACKLOG = 10_000
 # Committed events kept in memory for cheap resumes.
 RECENT_EVENTS = 20_000
@@ -44,12 +47,74 @@ class CaughtUp:
     revision: int
 
 
+class _Backlog:
+    """Every matching event in order, up to SUBSCRIBER_BACKLOG; past that it overflows."""
+
+    def __init__(self, limit: int) -> None:
+        self._events: collections.deque[event_pb2.Event] = collections.deque()
+        self._limit = limit
+        self.overflowed = False
+
+    def add(self, event: event_pb2.Event) -> None:
+        if len(self._events) >= self._limit:
+            self.overflowed = True
+        else:
+            self._events.append(event)
+
+    def take(self) -> event_pb2.Event | None:
+        return self._events.popleft() if self._events else None
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+
+class _Latest:
+    """The latest matching event of each key, oldest first: a newer event of a key replaces its
+    older one and moves to the end, so events leave in revision order and at most one per key waits."""
+
+    overflowed = False
+
+    def __init__(self, key: EventKey) -> None:
+        self._key = key
+        self._events: collections.OrderedDict[str, event_pb2.Event] = collections.OrderedDict()
+
+    def add(self, event: event_pb2.Event) -> None:
+        key = self._key(event)
+        self._events.pop(key, None)
+        self._events[key] = event
+
+    def take(self) -> event_pb2.Event | None:
+        return self._events.popitem(last=False)[1] if self._events else None
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+
 @dataclass(eq=False)
 class _Subscriber:
     matches: EventFilter
-    queue: asyncio.Queue[event_pb2.Event]
-    overflowed: bool = False
+    buffer: _Backlog | _Latest
     closed: bool = False
+    _ready: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+
+    def offer(self, event: event_pb2.Event) -> None:
+        if not self.buffer.overflowed and self.matches(event):
+            self.buffer.add(event)
+            self._ready.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self._ready.set()
+
+    async def next(self) -> event_pb2.Event | None:
+        """The next buffered event, waiting for one; None once the bus is closed."""
+        while not self.closed:
+            event = self.buffer.take()
+            if event is not None:
+                return event
+            self._ready.clear()
+            await self._ready.wait()
+        return None
 
 
 class EventBus:
@@ -80,10 +145,7 @@ class EventBus:
         """Ends every watch cleanly (the process is shutting down); watchers resume elsewhere."""
         self._closed = True
         for subscriber in self._subscribers:
-            subscriber.closed = True
-            # Wakes a waiting watcher; an empty event (revision 0) is never delivered.
-            with contextlib.suppress(asyncio.QueueFull):
-                subscriber.queue.put_nowait(event_pb2.Event())
+            subscriber.close()
 
     def publish(self, events: Sequence[event_pb2.Event]) -> None:
         for event in events:
@@ -94,12 +156,7 @@ class EventBus:
             for listener in self._listeners:
                 listener(event)
             for subscriber in self._subscribers:
-                if subscriber.overflowed or not subscriber.matches(event):
-                    continue
-                try:
-                    subscriber.queue.put_nowait(event)
-                except asyncio.QueueFull:
-                    subscriber.overflowed = True
+                subscriber.offer(event)
 
     async def watch(self, after_revision: int, matches: EventFilter) -> AsyncIterator[event_pb2.Event]:
         """Matching events with revision > `after_revision`: the missed ones, then live ones.
@@ -112,10 +169,16 @@ class EventBus:
                 yield item
 
     async def watch_marked(
-        self, after_revision: int, matches: EventFilter
-    ) -> AsyncIterator[event_pb2.Event | CaughtUp]:
-        """As `watch`, with one `CaughtUp` between the replayed events and the live ones."""
-        subscriber = _Subscriber(matches, asyncio.Queue(SUBSCRIBER_BACKLOG), closed=self._closed)
+        self, after_revision: int, matches: EventFilter, *, latest_by: EventKey | None = None
+    ) -> AsyncGenerator[event_pb2.Event | CaughtUp, None]:
+        """As `watch`, with one `CaughtUp` between the replayed events and the live ones.
+
+        With `latest_by`, live events the watcher has not read yet are kept only as the latest one
+        of each key: a slow watcher skips intermediate events of an entity but always gets its
+        latest one, and is never told to resync for being slow (the replay is not thinned).
+        """
+        buffer = _Backlog(SUBSCRIBER_BACKLOG) if latest_by is None else _Latest(latest_by)
+        subscriber = _Subscriber(matches, buffer, closed=self._closed)
         self._subscribers.add(subscriber)
         try:
             last = after_revision
@@ -128,13 +191,14 @@ class EventBus:
             # Every event up to replayed_to was considered; matching ones were yielded above.
             last = max(last, replayed_to[0])
             yield CaughtUp(last)
-            while not subscriber.closed:
-                if subscriber.overflowed:
-                    raise ResyncNeeded(last + 1, "watcher fell too far behind")
-                event = await subscriber.queue.get()
-                if event.revision > last:
-                    last = event.revision
-                    yield event
+            while not subscriber.buffer.overflowed:
+                live = await subscriber.next()
+                if live is None:
+                    return  # the bus closed
+                if live.revision > last:
+                    last = live.revision
+                    yield live
+            raise ResyncNeeded(last + 1, "watcher fell too far behind")
         finally:
             self._subscribers.discard(subscriber)
 

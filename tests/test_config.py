@@ -142,6 +142,23 @@ def test_serve_with_a_bad_value_exits_with_one_line_naming_it(command: list[str]
     assert not (tmp_path / "never.db").exists()  # nothing was started
 
 
+def test_config_only_parses_and_never_imports_auth() -> None:
+    """Whether a configuration is safe to run (keys in production, readable key and TLS files) is
+    auth's question at startup (`orchestrator serve` asks it: test_keys.py); config.py parses, and
+    depends on no other module of the server (auth imports config, not the other way round)."""
+    code = (
+        "import sys\n"
+        "from orchestrator_server.config import Config\n"
+        "config = Config.from_env({'ENVIRONMENT': 'production', 'API_KEYS_FILE': '/nonexistent'})\n"
+        "print(config.environment, sorted(m for m in sys.modules if m.startswith('orchestrator_server.')))\n"
+    )
+    finished = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert finished.returncode == 0, finished.stderr
+    assert finished.stdout.split() == ["production", "['orchestrator_server.config']"]
+
+
 def test_json_log_lines() -> None:
     formatter = JsonFormatter()
     record = logging.LogRecord(

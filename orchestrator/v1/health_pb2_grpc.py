@@ -83,7 +83,8 @@ class HealthServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchAgentHealth(self, request, context):
-        """Streams agent status transitions: current statuses first, then every transition.
+        """Streams agent status transitions: current statuses first, then every transition; a watcher that
+        reads slower than they happen skips an agent's intermediate ones but always gets its latest.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -40,7 +40,9 @@ class HealthServiceStub:
     GetSystemHealth: _grpc.UnaryUnaryMultiCallable[_health_pb2.GetSystemHealthRequest, _health_pb2.GetSystemHealthResponse]
     """Returns counts by status, queue depth, store status, uptime and version."""
     WatchAgentHealth: _grpc.UnaryStreamMultiCallable[_health_pb2.WatchAgentHealthRequest, _health_pb2.WatchAgentHealthResponse]
-    """Streams agent status transitions: current statuses first, then every transition."""
+    """Streams agent status transitions: current statuses first, then every transition; a watcher that
+    reads slower than they happen skips an agent's intermediate ones but always gets its latest.
+    """
 
 @_typing.type_check_only
 class HealthServiceAsyncStub(HealthServiceStub):
@@ -54,7 +56,9 @@ class HealthServiceAsyncStub(HealthServiceStub):
     GetSystemHealth: _aio.UnaryUnaryMultiCallable[_health_pb2.GetSystemHealthRequest, _health_pb2.GetSystemHealthResponse]  # type: ignore[assignment]
     """Returns counts by status, queue depth, store status, uptime and version."""
     WatchAgentHealth: _aio.UnaryStreamMultiCallable[_health_pb2.WatchAgentHealthRequest, _health_pb2.WatchAgentHealthResponse]  # type: ignore[assignment]
-    """Streams agent status transitions: current statuses first, then every transition."""
+    """Streams agent status transitions: current statuses first, then every transition; a watcher that
+    reads slower than they happen skips an agent's intermediate ones but always gets its latest.
+    """
 
 class HealthServiceServicer(metaclass=_abc_1.ABCMeta):
     """HealthService reports the health of agents and of the orchestrator itself."""
@@ -89,6 +93,8 @@ class HealthServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _health_pb2.WatchAgentHealthRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_health_pb2.WatchAgentHealthResponse], _abc.AsyncIterator[_health_pb2.WatchAgentHealthResponse]]:
-        """Streams agent status transitions: current statuses first, then every transition."""
+        """Streams agent status transitions: current statuses first, then every transition; a watcher that
+        reads slower than they happen skips an agent's intermediate ones but always gets its latest.
+        """
 
 def add_HealthServiceServicer_to_server(servicer: HealthServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

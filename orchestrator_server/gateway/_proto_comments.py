@@ -207,7 +207,7 @@ COMMENTS: Final[dict[str, str]] = {
     "orchestrator.v1.HealthService.GetAgentHealth": "Returns the health of one agent.",
     "orchestrator.v1.HealthService.GetSystemHealth": "Returns counts by status, queue depth, store status, uptime and version.",
     "orchestrator.v1.HealthService.ListAgentHealth": "Lists the health of agents, one page at a time.",
-    "orchestrator.v1.HealthService.WatchAgentHealth": "Streams agent status transitions: current statuses first, then every transition.",
+    "orchestrator.v1.HealthService.WatchAgentHealth": "Streams agent status transitions: current statuses first, then every transition; a watcher that reads slower than they happen skips an agent's intermediate ones but always gets its latest.",
     "orchestrator.v1.HeartbeatRequest": "Request of RegistryService.Heartbeat: one message of the agent's side of the session.",
     "orchestrator.v1.HeartbeatRequest.beat": "A beat.",
     "orchestrator.v1.HeartbeatRequest.goodbye": "A planned goodbye; the server then moves the agent's unfinished work at once.",

@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
-from orchestrator.v1 import event_pb2, health_pb2, health_pb2_grpc
-from orchestrator_server.events import CaughtUp, EventBus, ResyncNeeded
+from orchestrator.v1 import health_pb2, health_pb2_grpc
+from orchestrator_server.events import EventBus
 from orchestrator_server.health import HealthReporter, agent_health
-from orchestrator_server.registry import DEREGISTERED
-from orchestrator_server.validation import Violations
+from orchestrator_server.watches import CaughtUp, Changed, Snapshot, watch_agent_health
 
 Context = grpc.aio.ServicerContext[Any, Any]
-
-TRANSITIONS = frozenset(
-    {
-        event_pb2.EVENT_TYPE_AGENT_REGISTERED,
-        event_pb2.EVENT_TYPE_AGENT_STATUS_CHANGED,
-        event_pb2.EVENT_TYPE_AGENT_DEREGISTERED,
-    }
-)
 
 
 class HealthServicer(health_pb2_grpc.HealthServiceServicer):
@@ -48,45 +40,26 @@ class HealthServicer(health_pb2_grpc.HealthServiceServicer):
     async def WatchAgentHealth(
         self, request: health_pb2.WatchAgentHealthRequest, context: Context
     ) -> AsyncIterator[health_pb2.WatchAgentHealthResponse]:
-        violations = Violations()
-        violations.name("type", request.type, required=False)
-        if request.start_revision < 0:
-            violations.add("start_revision", "must not be negative")
-        violations.raise_if_any()
-
-        def concerns(event: event_pb2.Event) -> bool:
-            return (
-                event.type in TRANSITIONS
-                and event.HasField("agent")
-                and (not request.type or event.agent.type == request.type)
-            )
-
-        after = request.start_revision
-        resync = False
-        while True:
-            # Resuming: the missed transitions are replayed first, then caught_up is sent.
-            replaying = after != 0
-            if not replaying:
-                after = self._bus.revision
-                for agent in list(self._bus.committed_agents.values()):
-                    if agent.status != DEREGISTERED and (not request.type or agent.type == request.type):
-                        yield health_pb2.WatchAgentHealthResponse(
-                            revision=after, health=agent_health(agent), initial=True, resync=resync
-                        )
-                yield health_pb2.WatchAgentHealthResponse(revision=after, caught_up=True)
-            try:
-                async for item in self._bus.watch_marked(after, concerns):
-                    if isinstance(item, CaughtUp):
-                        if replaying:
-                            yield health_pb2.WatchAgentHealthResponse(revision=item.revision, caught_up=True)
-                        continue
+        async with contextlib.aclosing(
+            watch_agent_health(self._bus, request.type, request.start_revision)
+        ) as items:
+            async for item in items:
+                if isinstance(item, Changed):
                     yield health_pb2.WatchAgentHealthResponse(
-                        revision=item.revision,
-                        health=agent_health(item.agent),
-                        previous_status=item.previous_status,
+                        revision=item.event.revision,
+                        health=agent_health(item.event.agent),
+                        previous_status=item.event.previous_status,
                     )
-            except ResyncNeeded:
-                yield health_pb2.WatchAgentHealthResponse(revision=self._bus.revision, resync=True)
-                after, resync = 0, True
-            else:
-                return  # the server is shutting down; the watcher resumes from its revision
+                elif isinstance(item, Snapshot):
+                    for agent in item.entries:
+                        yield health_pb2.WatchAgentHealthResponse(
+                            revision=item.revision,
+                            health=agent_health(agent),
+                            initial=True,
+                            resync=item.after_resync,
+                        )
+                    yield health_pb2.WatchAgentHealthResponse(revision=item.revision, caught_up=True)
+                elif isinstance(item, CaughtUp):
+                    yield health_pb2.WatchAgentHealthResponse(revision=item.revision, caught_up=True)
+                else:
+                    yield health_pb2.WatchAgentHealthResponse(revision=item.revision, resync=True)

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
-from orchestrator.v1 import event_pb2, task_pb2, tasks_pb2, tasks_pb2_grpc
-from orchestrator_server.events import EventBus, ResyncNeeded
+from orchestrator.v1 import tasks_pb2, tasks_pb2_grpc
+from orchestrator_server.events import EventBus
 from orchestrator_server.grpc_api.interceptors import acting_agent_id, caller_scope
-from orchestrator_server.tasks import TERMINAL, TaskScheduler
-from orchestrator_server.tasks.changes import merge
+from orchestrator_server.tasks import TaskScheduler
+from orchestrator_server.watches import watch_task
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -71,31 +72,6 @@ class TasksServicer(tasks_pb2_grpc.TasksServiceServicer):
     async def WatchTask(
         self, request: tasks_pb2.WatchTaskRequest, context: Context
     ) -> AsyncIterator[tasks_pb2.WatchTaskResponse]:
-        # A copy: the scheduler changes its task in place while this generator waits at `yield`.
-        task = task_pb2.Task()
-        task.CopyFrom(await self._tasks.get(request.task_id))
-        yield tasks_pb2.WatchTaskResponse(task=task, revision=task.revision)
-        if task.status in TERMINAL:
-            return
-
-        def concerns(event: event_pb2.Event) -> bool:
-            return event.HasField("task") and event.task.task_id == request.task_id
-
-        after = task.revision
-        while True:
-            try:
-                async for event in self._bus.watch(after, concerns):
-                    # Events carry what changed; the watcher gets the whole task.
-                    task = merge(task, event.task)
-                    yield tasks_pb2.WatchTaskResponse(task=task, revision=event.revision)
-                    if task.status in TERMINAL:
-                        return
-            except ResyncNeeded:
-                # Missed changes are summed up by the task's current state.
-                task.CopyFrom(await self._tasks.get(request.task_id))
-                after = self._bus.revision
-                yield tasks_pb2.WatchTaskResponse(task=task, revision=after)
-                if task.status in TERMINAL:
-                    return
-            else:
-                return  # the server is shutting down; the watcher asks again
+        async with contextlib.aclosing(watch_task(self._bus, request.task_id, self._tasks.get)) as states:
+            async for state in states:
+                yield tasks_pb2.WatchTaskResponse(task=state.task, revision=state.revision)

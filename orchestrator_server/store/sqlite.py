@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from orchestrator.v1 import agent_pb2, event_pb2, task_pb2
 from orchestrator_server.errors import Unavailable
-from orchestrator_server.store import Change, CommitListener, LoadedState, Lease, Store, TaskQuery
+from orchestrator_server.store import Change, CommitListener, Lease, LoadedState, Store, TaskQuery
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

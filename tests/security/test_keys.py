@@ -16,7 +16,14 @@ import grpc
 import pytest
 
 from orchestrator.v1 import health_pb2, health_pb2_grpc
-from orchestrator_server.auth import KeyFormatError, Role, digest, parse_key_list, parse_keys
+from orchestrator_server.auth import (
+    KeyFormatError,
+    Role,
+    check_security_config,
+    digest,
+    parse_key_list,
+    parse_keys,
+)
 from orchestrator_server.config import Config, ConfigError
 from tests.conftest import ROOT, Running, ServerProcess, async_wait_for
 from tests.security.conftest import ADMIN_KEY, READER_KEY, bearer
@@ -75,12 +82,19 @@ def test_api_keys_list() -> None:
         parse_key_list(f"admin:{ADMIN_KEY},reader:x")
 
 
+def startup_config(env: dict[str, str]) -> Config:
+    """The environment parsed and checked as `orchestrator serve` does before starting."""
+    config = Config.from_env(env)
+    check_security_config(config)
+    return config
+
+
 def test_config_names_the_variable(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"API_KEYS .*ENVIRONMENT=production") as raised:
-        Config.from_env({"ENVIRONMENT": "production"})
+        startup_config({"ENVIRONMENT": "production"})
     assert raised.value.variable == "API_KEYS"
-    assert Config.from_env({"ENVIRONMENT": "production", "ALLOW_INSECURE_PRODUCTION": "true"})
-    config = Config.from_env({"ENVIRONMENT": "production", "API_KEYS": f"admin:{ADMIN_KEY}"})
+    assert startup_config({"ENVIRONMENT": "production", "ALLOW_INSECURE_PRODUCTION": "true"})
+    config = startup_config({"ENVIRONMENT": "production", "API_KEYS": f"admin:{ADMIN_KEY}"})
     assert ADMIN_KEY not in repr(config)
     cases = {
         "API_KEYS": {"API_KEYS": "admin:short"},
@@ -96,7 +110,7 @@ def test_config_names_the_variable(tmp_path: Path) -> None:
     }
     for variable, env in cases.items():
         with pytest.raises(ConfigError) as raised:
-            Config.from_env(env)
+            startup_config(env)
         assert raised.value.variable == variable, env
 
 
