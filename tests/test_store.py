@@ -1,57 +1,31 @@
-"""The SQLite store on its own: revisions, group commit, failures, compaction, reopening, schema."""
+"""The SQLite store on its own: group commit, savepoints, failures, compaction, reopening, schema
+and its migrations. What every backend must do is in tests/store_contract/."""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from orchestrator.v1 import agent_pb2, event_pb2, task_pb2
-from orchestrator_server.errors import Unavailable
-from orchestrator_server.store import Change, TaskQuery, open_store
+from orchestrator.v1 import agent_pb2
+from orchestrator_server.errors import AlreadyExists, Unavailable
+from orchestrator_server.store import Change, ConditionFailed, Expect, PlacementClaim, TaskQuery, open_store
 from orchestrator_server.store import sqlite as sqlite_store
 from orchestrator_server.store.sqlite import MIGRATIONS, SqliteStore
 from tests.conftest import async_wait_for
-
-PENDING = task_pb2.TASK_STATUS_PENDING
-RUNNING = task_pb2.TASK_STATUS_RUNNING
-SUCCEEDED = task_pb2.TASK_STATUS_SUCCEEDED
-
-
-def agent_event(
-    agent_id: str, status: int = agent_pb2.AGENT_STATUS_READY, **fields: object
-) -> event_pb2.Event:
-    agent = agent_pb2.Agent(agent_id=agent_id, name=agent_id, instance_id="1", status=status, **fields)  # type: ignore[arg-type]
-    return event_pb2.Event(type=event_pb2.EVENT_TYPE_AGENT_REGISTERED, agent=agent)
-
-
-def task_event(
-    task_id: str, status: int = PENDING, key: str = "", type: str = "job", agent_id: str = ""
-) -> event_pb2.Event:
-    task = task_pb2.Task(
-        task_id=task_id, status=status, spec=task_pb2.TaskSpec(type=type, idempotency_key=key)
-    )  # type: ignore[arg-type]
-    if agent_id:
-        task.attempts.add(attempt_id=f"{task_id}-1", agent_id=agent_id)
-    return event_pb2.Event(type=event_pb2.EVENT_TYPE_TASK_CREATED, task=task)
-
-
-class Recorder:
-    """The on_commit listener: remembers each batch of committed events."""
-
-    def __init__(self) -> None:
-        self.batches: list[list[int]] = []
-
-    def __call__(self, events: Sequence[event_pb2.Event]) -> None:
-        self.batches.append([event.revision for event in events])
-
-    @property
-    def revisions(self) -> list[int]:
-        return [revision for batch in self.batches for revision in batch]
+from tests.store_contract.builders import (
+    ASSIGNED,
+    PENDING,
+    RUNNING,
+    SUCCEEDED,
+    Recorder,
+    agent_event,
+    task_event,
+)
 
 
 @pytest.fixture
@@ -92,27 +66,6 @@ class Gate:
         await self._read
 
 
-async def test_commits_get_consecutive_revisions_and_the_listener_sees_them_first(store: SqliteStore) -> None:
-    recorder = Recorder()
-    loaded = await store.open(recorder)
-    assert (loaded.revision, loaded.oldest_revision, loaded.agents, loaded.active_tasks) == (0, 1, [], [])
-
-    change = Change(events=[agent_event("a1"), task_event("t1")])
-    assert await store.commit(change) == 2
-    # The events are stamped, and the listener heard of them before the caller was answered.
-    assert [event.revision for event in change.events] == [1, 2]
-    assert change.events[0].agent.revision == 1 and change.events[1].task.revision == 2
-    assert change.events[0].HasField("time")
-    assert recorder.revisions == [1, 2]
-    assert await store.commit(Change(events=[agent_event("a2")])) == 3
-    assert recorder.revisions == [1, 2, 3]
-    # A change without events commits (credentials) and answers the current revision.
-    assert await store.commit(Change(agent_token_hashes={"a1": "hash"})) == 3
-    assert [event.revision for event in await store.events_after(0, 10)] == [1, 2, 3]
-    assert await store.oldest_revision() == 1
-    await store.ping()
-
-
 async def test_concurrent_commits_are_grouped_and_all_land(store: SqliteStore) -> None:
     recorder = Recorder()
     await store.open(recorder)
@@ -131,7 +84,9 @@ async def test_concurrent_commits_are_grouped_and_all_land(store: SqliteStore) -
     assert recorder.revisions == list(range(1, 401))
 
 
-async def test_an_integrity_error_fails_only_its_own_caller(store: SqliteStore) -> None:
+async def test_failing_changes_are_undone_alone_inside_one_batch(store: SqliteStore) -> None:
+    """A collision or a failed condition rolls back to its change's savepoint: its neighbours
+    commit in the same transaction (one batch, no retry one by one) with no gap in revisions."""
     recorder = Recorder()
     await store.open(recorder)
     changes = [
@@ -139,30 +94,22 @@ async def test_an_integrity_error_fails_only_its_own_caller(store: SqliteStore) 
         Change(events=[task_event("t1", key="same-key")]),
         Change(events=[agent_event("between")]),
         Change(events=[task_event("t2", key="same-key")]),  # another task, same idempotency key
+        Change(events=[agent_event("between", capacity=2)], expect=[Expect("between", 1)]),  # stale
         Change(events=[agent_event("after")]),
     ]
     async with Gate(store) as gate:
         commits = [asyncio.ensure_future(store.commit(change)) for change in changes]
         await gate.queued(len(changes))
     results = await asyncio.gather(*commits, return_exceptions=True)
-    assert isinstance(results[3], sqlite3.IntegrityError)
-    assert [results[index] for index in (0, 1, 2, 4)] == [1, 2, 3, 4]  # no gap where t2 failed
-    assert recorder.revisions == [1, 2, 3, 4]
+    assert isinstance(results[3], AlreadyExists) and "same-key" in results[3].message
+    assert isinstance(results[4], ConditionFailed) and results[4].actual == 3
+    assert [results[index] for index in (0, 1, 2, 5)] == [1, 2, 3, 4]
+    assert recorder.batches == [[1, 2, 3, 4]]
     found = await store.find_task_by_idempotency_key("same-key")
     assert found is not None and found.task_id == "t1"
     assert await store.get_task("t2") is None
     # The store carries on.
     assert await store.commit(Change(events=[agent_event("later")])) == 5
-
-
-async def test_events_after_pages(store: SqliteStore) -> None:
-    await store.open(Recorder())
-    for n in range(30):
-        await store.commit(Change(events=[agent_event(f"a{n}")]))
-    pages = [[event.revision for event in await store.events_after(after, 10)] for after in (0, 10, 25, 30)]
-    assert pages == [list(range(1, 11)), list(range(11, 21)), list(range(26, 31)), []]
-    (event,) = await store.events_after(29, 10)
-    assert event.agent.agent_id == "a29" and event.agent.revision == 30
 
 
 async def test_compaction_keeps_the_retained_events(db_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -281,3 +228,40 @@ async def test_a_cancelled_caller_does_not_undo_its_write(store: SqliteStore) ->
     assert await store.commit(Change(events=[agent_event("a2")])) == 2
     assert recorder.revisions == [1, 2]
     assert abandoned.cancelled()
+
+
+async def test_a_version_2_database_gets_the_condition_columns_from_its_records(db_path: str) -> None:
+    with sqlite3.connect(db_path) as conn:
+        conn.executescript(f"BEGIN; {MIGRATIONS[0]}; {MIGRATIONS[1]}; PRAGMA user_version = 2; COMMIT;")
+        agent = agent_event("a1", epoch=4, capacity=1).agent
+        agent.revision = 5
+        conn.execute(
+            "INSERT INTO agents (agent_id, name, instance_id, data) VALUES ('a1', 'a1', '1', ?)",
+            (agent.SerializeToString(),),
+        )
+        task = task_event("t1", status=ASSIGNED, agent_id="a1").task
+        task.revision = 6
+        conn.execute(
+            "INSERT INTO tasks (task_id, status, type, agent_id, data) VALUES ('t1', 2, 'job', 'a1', ?)",
+            (task.SerializeToString(),),
+        )
+        conn.execute("UPDATE meta SET value = 6 WHERE key = 'revision'")
+    store = SqliteStore(db_path, synchronous="NORMAL")
+    assert (await store.open(Recorder())).revision == 6
+
+    def place(task_id: str, epoch: int) -> Change:
+        return Change(
+            events=[task_event(task_id, status=ASSIGNED, agent_id="a1")],
+            claims=[PlacementClaim(task_id, "a1", epoch)],
+        )
+
+    with pytest.raises(ConditionFailed, match="epoch is 4"):
+        await store.commit(place("t2", 3))
+    with pytest.raises(ConditionFailed, match="slot"):  # t1 holds the only slot
+        await store.commit(place("t2", 4))
+    with pytest.raises(ConditionFailed) as stale:
+        await store.commit(Change(events=[task_event("t1", status=PENDING)], expect=[Expect("t1", 5)]))
+    assert stale.value.actual == 6
+    assert await store.commit(Change(events=[agent_event("a1", capacity=2)], expect=[Expect("a1", 5)])) == 7
+    assert await store.commit(place("t2", 0)) == 8
+    await store.close()

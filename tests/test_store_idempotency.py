@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator_server.errors import AlreadyExists
 from orchestrator_server.store import Change
 from orchestrator_server.store.sqlite import MIGRATIONS, SqliteStore
-from tests.test_store import Recorder, task_event
+from tests.store_contract.builders import ASSIGNED, Recorder, task_event
 
 
 async def test_scopes_keep_keys_apart(tmp_path: Path) -> None:
@@ -18,12 +19,12 @@ async def test_scopes_keep_keys_apart(tmp_path: Path) -> None:
     await store.open(Recorder())
     await store.commit(Change(events=[task_event("t1", key="k")], idempotency_scopes={"t1": "admin-key:a"}))
     await store.commit(Change(events=[task_event("t2", key="k")], idempotency_scopes={"t2": "admin-key:b"}))
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(AlreadyExists, match="already used by task t1"):
         await store.commit(
             Change(events=[task_event("t3", key="k")], idempotency_scopes={"t3": "admin-key:a"})
         )
     # An update of t1 (no scope given) keeps its scope.
-    await store.commit(Change(events=[task_event("t1", key="k", status=2)]))
+    await store.commit(Change(events=[task_event("t1", key="k", status=ASSIGNED)]))
     found = [
         await store.find_task_by_idempotency_key("k", scope=s) for s in ("admin-key:a", "admin-key:b", "")
     ]
@@ -46,4 +47,4 @@ async def test_a_version_1_database_keeps_its_keys(tmp_path: Path) -> None:
     assert await store.find_task_by_idempotency_key("legacy-key", scope="admin-key:a") is None
     await store.close()
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)

@@ -1,0 +1,55 @@
+"""Backends the contract runs on. A backend is a database location plus a way to open a store on
+it; add PostgreSQL here (a `Backend` whose `shared` is True) and every contract test runs on it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator_server.store import Store
+from orchestrator_server.store.sqlite import SqliteStore
+
+
+@dataclass
+class Backend:
+    name: str
+    location: str
+    #: Whether a second store (a reopened one, or one in another process) sees the same data.
+    shared: bool
+
+    def make(self, **options: Any) -> Store:
+        # Compacting every few commits lets the compaction contract be seen with small logs.
+        return SqliteStore(self.location, synchronous="NORMAL", compact_every=10, **options)
+
+    def require_shared(self) -> None:
+        if not self.shared:
+            pytest.skip(f"{self.name}: every store opened on it is a database of its own")
+
+
+@pytest.fixture(params=["sqlite-file", "sqlite-memory"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    if request.param == "sqlite-file":
+        return Backend(request.param, str(tmp_path / "store.db"), shared=True)
+    return Backend(request.param, ":memory:", shared=False)
+
+
+StoreFactory = Callable[..., Store]
+
+
+@pytest.fixture
+async def store_factory(backend: Backend) -> AsyncIterator[StoreFactory]:
+    """Makes (unopened) stores on the backend's database; closes them all at the end."""
+    made: list[Store] = []
+
+    def make(**options: Any) -> Store:
+        store = backend.make(**options)
+        made.append(store)
+        return store
+
+    yield make
+    for store in made:
+        await store.close()
