@@ -19,11 +19,11 @@ ScopedKey = tuple[str, str]
 
 
 class IdempotencyKeys:
-    """Unfinished tasks by key (a cache; the store answers for the rest) and creations in flight."""
+    """Unfinished tasks' ids by key (a cache; the store answers for the rest) and creations in flight."""
 
     def __init__(self, store: Store) -> None:
         self._store = store
-        self._live: dict[ScopedKey, task_pb2.Task] = {}
+        self._live: dict[ScopedKey, str] = {}
         self._creating: dict[ScopedKey, asyncio.Future[task_pb2.Task]] = {}
 
     async def existing(
@@ -31,18 +31,21 @@ class IdempotencyKeys:
     ) -> task_pb2.Task | None:
         """The task created under `key`, waiting for a creation in flight; None if there is none.
         `live` maps a stored task to its in-memory copy, which may be a commit ahead."""
-        found = await self._in_memory(key)
+        found = await self._in_memory(key, live)
         if found is not None:
             return found
         stored = await self._store.find_task_by_idempotency_key(key[1], scope=key[0])
         if stored is not None:
             return live(stored.task_id) or stored
         # Re-check: another create of the same key may have started while we read the store.
-        return await self._in_memory(key)
+        return await self._in_memory(key, live)
 
-    async def _in_memory(self, key: ScopedKey) -> task_pb2.Task | None:
-        if key in self._live:
-            return self._live[key]
+    async def _in_memory(
+        self, key: ScopedKey, live: Callable[[str], task_pb2.Task | None]
+    ) -> task_pb2.Task | None:
+        task_id = self._live.get(key)
+        if task_id is not None and (task := live(task_id)) is not None:
+            return task
         if key in self._creating:
             return await asyncio.shield(self._creating[key])
         return None
@@ -52,7 +55,7 @@ class IdempotencyKeys:
         self._creating[key] = asyncio.get_running_loop().create_future()
 
     def created(self, key: ScopedKey, task: task_pb2.Task) -> None:
-        self._live[key] = task
+        self._live[key] = task.task_id
         self._creating.pop(key).set_result(task)
 
     def failed(self, key: ScopedKey, error: BaseException) -> None:

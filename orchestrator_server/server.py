@@ -163,9 +163,11 @@ class OrchestratorServer:
             min(RECENT_EVENTS, self.config.event_retention),
         )
         self.bus.seed_agents(loaded.agents)
+        self.bus.add_listener(self.tasks.apply)
         self.registry.restore(loaded.agents, loaded.agent_token_hashes)
         self.tasks.restore(loaded.active_tasks)
         self.registry.observer = self.tasks
+        await self.tasks.recover()
         self.registry.on_transition = lambda agent, _previous: TRANSITIONS.labels(
             status_label(agent.status)
         ).inc()

@@ -21,6 +21,7 @@ from orchestrator_server.discovery import Discovery
 from orchestrator_server.events import CaughtUp, EventBus, EventFilter, EventKey, ResyncNeeded
 from orchestrator_server.registry import DEREGISTERED
 from orchestrator_server.tasks import TERMINAL
+from orchestrator_server.tasks.changes import merge
 from orchestrator_server.validation import Violations
 
 __all__ = [
@@ -255,9 +256,12 @@ async def watch_task(
     async with contextlib.aclosing(follow(bus, task.revision, concerns, current)) as items:
         async for item in items:
             if isinstance(item, Changed):
-                state = TaskState(item.event.revision, item.event.task)
+                # Events carry what changed; the watcher gets the whole task.
+                task = merge(task, item.event.task)
+                state = TaskState(item.event.revision, task)
             elif isinstance(item, Snapshot):
-                state = TaskState(item.revision, item.entries[0])
+                task = item.entries[0]
+                state = TaskState(item.revision, task)
             else:
                 continue
             yield state

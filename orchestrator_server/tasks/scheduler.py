@@ -1,0 +1,493 @@
+"""Tasks: the commands on them, and the projection of their committed state.
+
+Writes go one way. A command (create, a report, a cancel, a placement, a timeout, a failover)
+copies the committed task, applies a transition to the copy (transitions.py) and commits it on
+the condition that the task is still at the revision it read (and, for a placement, that the agent
+still has that session and a free slot). Only the committed event changes what this process
+holds: `apply` receives every committed task event, from this process or another, in revision
+order, and `projection.py` derives from it the holds on agents' capacity, the queue, the timers
+and what to push down an agent's session. Commands on one task run one at a time here, so this
+process never conflicts with itself; a conflict means another process changed the task first,
+and the command decides again on the newer state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable, Iterable, Sequence
+
+from google.protobuf import struct_pb2
+
+from orchestrator.v1 import agent_pb2, event_pb2, registry_pb2, task_pb2, tasks_pb2
+from orchestrator_server.config import Config
+from orchestrator_server.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from orchestrator_server.health import WorkloadSummary
+from orchestrator_server.idempotency import IdempotencyKeys, ScopedKey, check_same_spec
+from orchestrator_server.metrics import FAILOVERS
+from orchestrator_server.registry import READY, Registry, new_id
+from orchestrator_server.store import Change, ConditionFailed, Expect, PlacementClaim, Store, TaskQuery
+from orchestrator_server.tasks import transitions
+from orchestrator_server.tasks.changes import event_for
+from orchestrator_server.tasks.model import ASSIGNED, PENDING, SUCCEEDED, TIMED_OUT, ActiveTask, TaskNotActive
+from orchestrator_server.tasks.projection import TaskProjection
+from orchestrator_server.tasks.validation import (
+    check_completion,
+    check_failure,
+    check_progress,
+    check_spec,
+    report_violations,
+)
+from orchestrator_server.validation import Violations, decode_position_token, encode_page_token
+
+log = logging.getLogger(__name__)
+
+# Times a command decides again after another process changed its task first.
+MAX_CONFLICTS = 8
+# Seconds before the queue is looked at again after the store refused a placement (the agent's
+# session or capacity changed meanwhile; the change that explains it usually wakes the pass first).
+REFUSED_PLACEMENT_RETRY = 0.05
+
+#: Decides a command on a draft of the committed task: None when there is nothing to commit, else
+#: the placement claims the commit must also satisfy (usually none).
+Decide = Callable[[ActiveTask, task_pb2.Task], "list[PlacementClaim] | None"]
+
+
+class TaskScheduler(TaskProjection):
+    """Every unfinished task, and where it runs. Implements the registry's AgentObserver."""
+
+    def __init__(
+        self, config: Config, registry: Registry, store: Store, rng: random.Random | None = None
+    ) -> None:
+        self._rng = rng or random.Random()
+        super().__init__(config, registry, self._rng)
+        self._store = store
+        self._keys = IdempotencyKeys(store)
+
+    # -- queries -------------------------------------------------------------------------------
+
+    async def get(self, task_id: str) -> task_pb2.Task:
+        if not task_id:
+            raise InvalidArgument.field("task_id", "is required")
+        entry = self._active.get(task_id)
+        if entry is not None:
+            return self._explained(entry)
+        task = await self._store.get_task(task_id)
+        if task is None:
+            raise NotFound(f"task {task_id} not found")
+        return task
+
+    async def list_tasks(self, request: tasks_pb2.ListTasksRequest) -> tuple[list[task_pb2.Task], str]:
+        violations = Violations()
+        if request.status not in task_pb2.TaskStatus.values():
+            violations.add("status", f"unknown status {request.status}")
+        violations.name("type", request.type, required=False)
+        violations.name("agent_id", request.agent_id, required=False)
+        size = violations.page_size("page_size", request.page_size)
+        violations.raise_if_any()
+        after = decode_position_token(request.page_token)
+        tasks, next_position = await self._store.list_tasks(
+            TaskQuery(
+                status=request.status,
+                type=request.type,
+                agent_id=request.agent_id,
+                page_size=size,
+                after_sequence=after,
+            )
+        )
+        # The in-memory copy of an unfinished task carries its fresh pending reason.
+        fresh = [
+            self._explained(self._active[task.task_id]) if task.task_id in self._active else task
+            for task in tasks
+        ]
+        return fresh, encode_page_token(str(next_position)) if next_position is not None else ""
+
+    def workload(self) -> WorkloadSummary:
+        # Unfinished tasks are either placed (held by an agent) or pending.
+        paused = self._failover.paused
+        return WorkloadSummary(
+            pending_tasks=len(self._active) - self._placed,
+            running_tasks=self._placed,
+            failover_paused=paused,
+            failover_paused_reason=self._failover.paused_reason() if paused else "",
+        )
+
+    # -- creation ------------------------------------------------------------------------------
+
+    async def create(self, spec: task_pb2.TaskSpec, scope: str = "") -> tuple[task_pb2.Task, bool]:
+        """Creates a task; `scope` names the caller, to which an idempotency key belongs."""
+        check_spec(spec)
+        key = (scope, spec.idempotency_key) if spec.idempotency_key else None
+        if key is not None:
+            existing = await self._keys.existing(key, self._live_task)
+            if existing is not None:
+                check_same_spec(existing, spec)
+                return existing, False
+            self._keys.begin(key)
+        try:
+            task = self._new_task(spec)
+            self._created_keys[task.task_id] = key
+            try:
+                await self._commit(task, event_pb2.EVENT_TYPE_TASK_CREATED, expect_revision=0, key=key)
+            finally:
+                self._created_keys.pop(task.task_id, None)
+        except BaseException as error:
+            if key is not None:
+                self._keys.failed(key, error)
+            raise
+        if key is not None:
+            self._keys.created(key, task)
+        return self._live_task(task.task_id) or task, True
+
+    def _new_task(self, spec: task_pb2.TaskSpec) -> task_pb2.Task:
+        task = task_pb2.Task(task_id=new_id("tsk_"), status=PENDING)
+        task.spec.CopyFrom(spec)
+        if not task.spec.max_attempts:
+            task.spec.max_attempts = self._config.default_max_attempts
+        now = transitions.now_timestamp()
+        task.created_at.CopyFrom(now)
+        task.updated_at.CopyFrom(now)
+        return task
+
+    def _live_task(self, task_id: str) -> task_pb2.Task | None:
+        entry = self._active.get(task_id)
+        return entry.task if entry is not None else None
+
+    # -- agent reports -------------------------------------------------------------------------
+
+    async def complete(
+        self, task_id: str, attempt_id: str, result: struct_pb2.Struct, agent_id: str | None = None
+    ) -> task_pb2.Task:
+        check_completion(task_id, attempt_id, result)
+
+        def decide(entry: ActiveTask, draft: task_pb2.Task) -> list[PlacementClaim]:
+            transitions.complete(draft, transitions.holder_attempt(draft, attempt_id, agent_id), result)
+            return []
+
+        try:
+            return await self._command(task_id, decide)
+        except TaskNotActive:
+            task = await self.get(task_id)
+            transitions.check_holder_of_finished(task, attempt_id, agent_id)
+            if task.status == SUCCEEDED and task.attempts and task.attempts[-1].attempt_id == attempt_id:
+                return task  # a retried report of the completion that already landed
+            raise FailedPrecondition(
+                f"task {task_id} is {task_pb2.TaskStatus.Name(task.status)}, not running"
+            ) from None
+
+    async def fail(
+        self, task_id: str, attempt_id: str, error: task_pb2.TaskError, agent_id: str | None = None
+    ) -> task_pb2.Task:
+        check_failure(task_id, attempt_id, error)
+
+        def decide(entry: ActiveTask, draft: task_pb2.Task) -> list[PlacementClaim]:
+            attempt = transitions.holder_attempt(draft, attempt_id, agent_id)
+            transitions.fail(draft, attempt, error, self._backoff)
+            return []
+
+        try:
+            return await self._command(task_id, decide)
+        except TaskNotActive:
+            task = await self.get(task_id)
+            transitions.check_holder_of_finished(task, attempt_id, agent_id)
+            raise FailedPrecondition(
+                f"task {task_id} is {task_pb2.TaskStatus.Name(task.status)}, not running"
+            ) from None
+
+    async def progress(
+        self, task_id: str, attempt_id: str, progress: task_pb2.TaskProgress, agent_id: str | None = None
+    ) -> task_pb2.Task:
+        check_progress(task_id, attempt_id, progress)
+        return await self._running_command(task_id, self._progress_decision(attempt_id, progress, agent_id))
+
+    @staticmethod
+    def _progress_decision(attempt_id: str, progress: task_pb2.TaskProgress, agent_id: str | None) -> Decide:
+        def decide(entry: ActiveTask, draft: task_pb2.Task) -> list[PlacementClaim]:
+            transitions.report_progress(
+                draft, transitions.holder_attempt(draft, attempt_id, agent_id), progress
+            )
+            return []
+
+        return decide
+
+    def session_update(self, agent_id: str, update: registry_pb2.SessionTaskUpdate) -> None:
+        """A task report over the agent's session (STARTED, PROGRESS, REJECTED).
+
+        Checked at once and committed in the background: a session message has no reply to hold
+        back, and the session's reader must not wait for the disk before it reads the next beat."""
+        attempt_id = update.attempt_id
+        decide: Decide
+        if update.kind == registry_pb2.TASK_UPDATE_KIND_PROGRESS:
+            check_progress(update.task_id, attempt_id, update.progress)
+            decide = self._progress_decision(attempt_id, update.progress, agent_id)
+        elif update.kind == registry_pb2.TASK_UPDATE_KIND_STARTED:
+            report_violations(update.task_id, attempt_id).raise_if_any()
+
+            def decide(entry: ActiveTask, draft: task_pb2.Task) -> list[PlacementClaim] | None:
+                attempt = transitions.holder_attempt(draft, attempt_id, agent_id)
+                return [] if transitions.mark_running(draft, attempt) else None
+
+        elif update.kind == registry_pb2.TASK_UPDATE_KIND_REJECTED:
+            report_violations(update.task_id, attempt_id).raise_if_any()
+
+            def decide(entry: ActiveTask, draft: task_pb2.Task) -> list[PlacementClaim] | None:
+                attempt = transitions.holder_attempt(draft, attempt_id, agent_id)
+                transitions.reject(draft, attempt, update.reason, self._backoff)
+                return []
+
+        else:
+            raise InvalidArgument.field("task_update.kind", "is required")
+        if update.task_id not in self._active:
+            raise FailedPrecondition(f"task {update.task_id} is not running")
+        self._spawn(self._running_command(update.task_id, decide))
+
+    async def _running_command(self, task_id: str, decide: Decide) -> task_pb2.Task:
+        try:
+            return await self._command(task_id, decide)
+        except TaskNotActive:
+            raise FailedPrecondition(f"task {task_id} is not running") from None
+
+    # -- operator actions ----------------------------------------------------------------------
+
+    async def cancel(self, task_id: str, reason: str) -> task_pb2.Task:
+        violations = Violations()
+        violations.identifier("task_id", task_id)
+        violations.text("reason", reason, 512)
+        violations.raise_if_any()
+
+        def decide(entry: ActiveTask, draft: task_pb2.Task) -> list[PlacementClaim]:
+            transitions.cancel(draft, reason or "cancelled", "CANCELLED")
+            return []
+
+        try:
+            return await self._command(task_id, decide)
+        except TaskNotActive:
+            task = await self.get(task_id)
+            raise FailedPrecondition(
+                f"task {task_id} already finished as {task_pb2.TaskStatus.Name(task.status)}"
+            ) from None
+
+    async def assign(self, task_id: str, agent_id: str) -> task_pb2.Task:
+        violations = Violations()
+        violations.identifier("task_id", task_id)
+        violations.identifier("agent_id", agent_id)
+        violations.raise_if_any()
+        entry = self._active.get(task_id)
+        if entry is None or entry.task.status != PENDING:
+            task = entry.task if entry else await self.get(task_id)
+            raise FailedPrecondition(
+                f"task {task_id} is {task_pb2.TaskStatus.Name(task.status)}, not PENDING"
+            )
+        agent = self._registry.get(agent_id)
+
+        def refusal() -> FailedPrecondition:
+            full = self._placer.free_capacity(agent) <= 0
+            return FailedPrecondition(
+                f"agent {agent_id} cannot take work now ({agent_pb2.AgentStatus.Name(agent.status)}"
+                f"{', draining' if agent.draining else ''}{', at capacity' if full else ''})"
+            )
+
+        # Unlike the scheduler, an operator may place work on an agent without a session (a REST
+        # agent alive by unary heartbeats): it finds its work with ListTasks(agent_id, ASSIGNED).
+        if agent.status != READY or agent.draining or self._placer.free_capacity(agent) <= 0:
+            raise refusal()
+
+        def decide(current: ActiveTask, draft: task_pb2.Task) -> list[PlacementClaim]:
+            if draft.status != PENDING:
+                raise FailedPrecondition(
+                    f"task {task_id} is {task_pb2.TaskStatus.Name(draft.status)}, not PENDING"
+                )
+            transitions.place(draft, agent_id, new_id("att_"))
+            return [PlacementClaim(task_id, agent_id)]
+
+        try:
+            return await self._command(task_id, decide)
+        except ConditionFailed:
+            raise refusal() from None
+
+    # -- placement -----------------------------------------------------------------------------
+
+    def _start_placement(self, entry: ActiveTask, agent: agent_pb2.Agent) -> None:
+        self._spawn(self._commit_placement(entry, agent.agent_id, agent.session.epoch))
+
+    async def _commit_placement(self, entry: ActiveTask, agent_id: str, epoch: int) -> None:
+        """Commits the pass's decision: on the condition that the agent still has that session and
+        a free slot, so two decisions (of this process or another) never book one slot twice."""
+        task_id = entry.task.task_id
+        refused = False
+
+        def decide(current: ActiveTask, draft: task_pb2.Task) -> list[PlacementClaim] | None:
+            if current is not entry or draft.status != PENDING:
+                return None
+            transitions.place(draft, agent_id, new_id("att_"))
+            return [PlacementClaim(task_id, agent_id, epoch)]
+
+        try:
+            await self._command(task_id, decide)
+        except ConditionFailed as refusal:
+            refused = True
+            log.debug("placement of %s on %s refused by the store: %s", task_id, agent_id, refusal)
+        except TaskNotActive:
+            pass
+        finally:
+            entry.placing = False
+            self._placer.unreserve(agent_id)
+        if (
+            entry is self._active.get(task_id)
+            and entry.task.status == PENDING
+            and entry.backoff_timer is None
+        ):
+            self._placer.push(entry, kick=not refused)
+            if refused:
+                asyncio.get_running_loop().call_later(REFUSED_PLACEMENT_RETRY, self._placer.kick)
+        else:
+            self._placer.kick()
+
+    # -- timers --------------------------------------------------------------------------------
+
+    def _queue_timed_out(self, task_id: str) -> None:
+        entry = self._active.get(task_id)
+        if entry is None or entry.task.status not in (PENDING, ASSIGNED):
+            return
+        entry.queue_timer = None
+        message = "waited longer than its queue timeout"
+        if entry.task.status == PENDING:  # say what it waited for
+            message += f"; {self._explained(entry).pending_reason.message}"
+
+        def decide(current: ActiveTask, draft: task_pb2.Task) -> list[PlacementClaim] | None:
+            if draft.status not in (PENDING, ASSIGNED):
+                return None  # it started meanwhile
+            transitions.cancel(draft, message, "QUEUE_TIMEOUT", TIMED_OUT)
+            return []
+
+        self._spawn(self._command(task_id, decide))
+
+    def _run_timed_out(self, task_id: str, attempt_id: str) -> None:
+        entry = self._active.get(task_id)
+        if entry is not None:
+            entry.run_timer = None
+
+        def decide(current: ActiveTask, draft: task_pb2.Task) -> list[PlacementClaim] | None:
+            attempt = current.current_attempt
+            if attempt is None or attempt.attempt_id != attempt_id:
+                return None
+            transitions.run_timed_out(draft, draft.attempts[-1], self._backoff)
+            return []
+
+        self._spawn(self._command(task_id, decide))
+
+    def _backoff(self, failures: int) -> float:
+        """Exponential and capped, with "equal jitter": a random point in the upper half, so retries
+        never bunch up in lockstep and never come back at once."""
+        ceiling = min(self._config.retry_backoff_max, self._config.retry_backoff_base * 2.0 ** (failures - 1))
+        return ceiling / 2 + self._rng.uniform(0, ceiling / 2)
+
+    # -- failover (AgentObserver) --------------------------------------------------------------
+
+    def agent_available(self, agent_id: str) -> None:
+        self._failover.agent_back(agent_id)
+        self._placer.kick()
+
+    def agent_lost(self, agent_id: str, *, graceful: bool) -> None:
+        if self._held.get(agent_id):
+            self._failover.agent_lost(agent_id, graceful=graceful)
+
+    def agent_reattached(self, agent_id: str, running_attempt_ids: Sequence[str]) -> list[str]:
+        """The agent is back: it keeps what it still runs; assignments it never got are pushed again;
+        attempts it forgot (it restarted) go back to the queue."""
+        running = set(running_attempt_ids)
+        kept: list[str] = []
+        for task_id in list(self._held.get(agent_id, ())):
+            entry = self._active[task_id]
+            attempt = entry.current_attempt
+            if attempt is None:
+                continue
+            if attempt.attempt_id in running:
+                kept.append(attempt.attempt_id)
+            elif attempt.status == task_pb2.ATTEMPT_STATUS_ASSIGNED:
+                self._push_assignment(entry, attempt)
+            else:
+                self._spawn(self._lose(task_id, agent_id, "agent reconnected without it"))
+        return kept
+
+    async def recover(self) -> None:
+        """After `restore`: work held by agents that were already down before the restart moves
+        before the process serves (they had their grace then)."""
+        moves = [
+            self._lose(task_id, agent_id, "agent was down when the orchestrator restarted")
+            for agent_id in self.agents_down_holding_work()
+            for task_id in self._held.get(agent_id, ())
+        ]
+        if moves:
+            FAILOVERS.inc(len(moves))
+            log.info("failover: moving %d tasks off agents down at the restart", len(moves))
+            await asyncio.gather(*moves)
+
+    def _move_work(self, agent_id: str, reason: str) -> None:
+        held = list(self._held.get(agent_id, ()))
+        for task_id in held:
+            self._spawn(self._lose(task_id, agent_id, reason))
+        if held:
+            FAILOVERS.inc(len(held))
+            log.info("failover: moving %d tasks off agent %s (%s)", len(held), agent_id, reason)
+
+    async def _lose(self, task_id: str, agent_id: str, reason: str) -> None:
+        def decide(current: ActiveTask, draft: task_pb2.Task) -> list[PlacementClaim] | None:
+            attempt = current.current_attempt
+            if attempt is None or attempt.agent_id != agent_id:
+                return None  # finished or moved meanwhile
+            transitions.lose(draft, reason)
+            return []
+
+        await self._command(task_id, decide)
+
+    # -- the write path ------------------------------------------------------------------------
+
+    async def _command(self, task_id: str, decide: Decide) -> task_pb2.Task:
+        """Decides on a draft of the committed task and commits it if anything changed; returns
+        the task as committed. Raises TaskNotActive if the task is not unfinished here, and
+        ConditionFailed when a placement claim (not the task) was refused."""
+        for _ in range(MAX_CONFLICTS):
+            entry = self._active.get(task_id)
+            if entry is None:
+                raise TaskNotActive(task_id)
+            async with entry.lock:
+                if self._active.get(task_id) is not entry:
+                    continue  # finished (or restored anew) while we waited for the lock
+                draft = transitions.draft_of(entry.task)
+                claims = decide(entry, draft)
+                if claims is None:
+                    return entry.task
+                try:
+                    await self._commit(draft, expect_revision=entry.task.revision, claims=claims)
+                except ConditionFailed as conflict:
+                    if conflict.entity_id != task_id:
+                        raise
+                    log.info("task %s changed in another process; deciding again", task_id)
+                    continue
+                return self._live_task(task_id) or draft
+        raise Unavailable(f"task {task_id} kept changing while this request was decided; retry", 0.1)
+
+    async def _commit(
+        self,
+        task: task_pb2.Task,
+        event_type: int = event_pb2.EVENT_TYPE_TASK_UPDATED,
+        *,
+        expect_revision: int,
+        claims: Iterable[PlacementClaim] = (),
+        key: ScopedKey | None = None,
+    ) -> None:
+        change = Change(
+            events=[event_for(task, event_type)],
+            task_records=[task],
+            expect=[Expect(task.task_id, expect_revision)],
+            claims=list(claims),
+        )
+        if key is not None:
+            change.idempotency_scopes[task.task_id] = key[0]
+        await self._store.commit(change)
+
+    def _on_finished(self, entry: ActiveTask) -> None:
+        if entry.key is not None:
+            self._keys.finished(entry.key)
