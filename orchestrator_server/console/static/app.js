@@ -27,7 +27,10 @@ async function probeRole() {
   } catch (error) {
     if (error.httpStatus === 404) role = { canAct: true, text: "may act" };
     else if (error.httpStatus === 403) role = { canAct: false, text: "read only" };
-    else if (error.httpStatus === 401) role = { canAct: false, text: api.currentKey() ? "key refused" : "no key" };
+    else if (error.httpStatus === 401) {
+      role = { canAct: false, text: api.currentKey() ? "key refused" : "no key" };
+      notify(`Enter an API key (a reader key is enough to look): ${error.message}`);
+    }
     else role = { canAct: false, text: `read only (${error.message})` };
   }
   canAct = role.canAct;
