@@ -1,4 +1,4 @@
-# One target per habit: make proto | lint | test | run | bench | bench-quick | chaos | chaos-quick
+# One target per habit: make proto | lint | test | run | bench | bench-quick | chaos | chaos-quick | browser
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -7,7 +7,7 @@ PROTO_FILES := $(wildcard proto/orchestrator/v1/*.proto)
 GEN_DIR := orchestrator/v1
 PY_DIRS := $(wildcard orchestrator_server orchestrator_client tests bench examples chaos)
 
-.PHONY: setup proto proto-check lint test run bench bench-quick chaos chaos-quick clean
+.PHONY: setup browser proto proto-check lint test run bench bench-quick chaos chaos-quick clean
 
 # The virtualenv is (re)built whenever pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -17,6 +17,12 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 setup: $(VENV)/.installed
+
+# Headless Chromium and its driver for the console's browser tests (tests/console; Debian packages,
+# needs root). Without them those tests skip, unless CONSOLE_BROWSER_REQUIRED=1 (CI) fails them.
+browser:
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
 
 # Generated code mirrors the proto root (orchestrator/v1/x.proto -> orchestrator/v1/x_pb2.py), so its
 # imports (`from orchestrator.v1 import x_pb2`) work from an installed wheel without any rewriting.

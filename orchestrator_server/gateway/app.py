@@ -35,6 +35,7 @@ from orchestrator_server.auth import (
     grpc_peer,
     sign_client_address,
 )
+from orchestrator_server.console import mount_console
 from orchestrator_server.gateway import metrics
 from orchestrator_server.gateway.errors import GatewayError, from_rpc_error, invalid_argument
 from orchestrator_server.gateway.hardening import CappedTCPSite, install_log_redaction
@@ -440,6 +441,7 @@ def create_gateway_app(
     routes = build_route_table(service_list)
     gateway = Gateway(channel, routes, chosen, readiness_check, build_openapi(routes, service_list))
     app = web.Application(middlewares=[_observe], client_max_size=chosen.max_body_bytes)
+    mount_console(app)  # the operator console at /ui (docs/CONSOLE.md); before the catch-all
     app.router.add_route("*", "/{tail:.*}", gateway.dispatch)
 
     async def end_streams(_: web.Application) -> None:
