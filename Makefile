@@ -1,4 +1,4 @@
-# One target per habit: make proto | lint | test | run | bench | bench-quick | chaos | chaos-quick | browser
+# One target per habit: make proto | lint | test | run | bench | bench-quick | chaos | chaos-quick | browser | screenshots
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -7,7 +7,7 @@ PROTO_FILES := $(wildcard proto/orchestrator/v1/*.proto)
 GEN_DIR := orchestrator/v1
 PY_DIRS := $(wildcard orchestrator_server orchestrator_client tests bench examples chaos)
 
-.PHONY: setup browser proto proto-check lint test run bench bench-quick chaos chaos-quick clean
+.PHONY: setup browser screenshots proto proto-check lint test run bench bench-quick chaos chaos-quick clean
 
 # The virtualenv is (re)built whenever pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -77,3 +77,7 @@ chaos-quick: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage*
+
+# Refreshes the console screenshots in docs/console (taken by the browser tests).
+screenshots: setup browser
+	CONSOLE_SCREENSHOTS=docs/console $(PY) -m pytest tests/console -q -p no:cacheprovider
