@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from google.protobuf import struct_pb2, timestamp_pb2
 
 from orchestrator.v1 import agent_pb2, discovery_pb2, event_pb2, registry_pb2, task_pb2, tasks_pb2
+from orchestrator_server.agents import READY, Registry, new_id, now_timestamp
 from orchestrator_server.config import Config
 from orchestrator_server.discovery import load_score, rendezvous_pick
 from orchestrator_server.errors import (
@@ -36,7 +37,6 @@ from orchestrator_server.health import WorkloadSummary
 from orchestrator_server.idempotency import IdempotencyKeys, ScopedKey, check_same_spec
 from orchestrator_server.metrics import DISPATCH_LATENCY, FAILOVERS, TASKS_FINISHED
 from orchestrator_server.placement import Group, GroupKey
-from orchestrator_server.registry import READY, Registry, new_id, now_timestamp
 from orchestrator_server.selectors import Selector, parse_selector
 from orchestrator_server.store import Change, Store, TaskQuery
 from orchestrator_server.validation import (
@@ -650,16 +650,12 @@ class TaskScheduler:
             if entry.pushed_epoch == 0:
                 DISPATCH_LATENCY.observe(asyncio.get_running_loop().time() - entry.placeable_since)
             entry.pushed_epoch = session.epoch
-            assignment = registry_pb2.TaskAssignment(task=entry.task, attempt_id=attempt.attempt_id)
-            session.push(registry_pb2.HeartbeatResponse(assignment=assignment))
+            session.assign(entry.task, attempt.attempt_id)
 
     def _tell_cancel(self, agent_id: str, task_id: str, attempt_id: str, reason: str) -> None:
         session = self._registry.session_of(agent_id)
         if session is not None:
-            cancellation = registry_pb2.TaskCancellation(
-                task_id=task_id, attempt_id=attempt_id, reason=reason
-            )
-            session.push(registry_pb2.HeartbeatResponse(cancellation=cancellation))
+            session.cancel(task_id, attempt_id, reason)
 
     # -- attempt endings -----------------------------------------------------------------------
 
@@ -737,9 +733,7 @@ class TaskScheduler:
         if held is not None and entry.task.task_id in held:
             held.discard(entry.task.task_id)
             self._placed -= 1
-            agent = self._registry.find(attempt.agent_id)
-            if agent is not None:
-                agent.assigned_tasks = len(held)
+            self._registry.set_assigned_tasks(attempt.agent_id, len(held))
             self.kick()
 
     def _hold(self, agent_id: str, task_id: str) -> None:
@@ -747,9 +741,7 @@ class TaskScheduler:
         if task_id not in held:
             held.add(task_id)
             self._placed += 1
-        agent = self._registry.find(agent_id)
-        if agent is not None:
-            agent.assigned_tasks = len(held)
+        self._registry.set_assigned_tasks(agent_id, len(held))
 
     # -- timers --------------------------------------------------------------------------------
 

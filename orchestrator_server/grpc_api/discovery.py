@@ -9,9 +9,9 @@ from typing import Any
 import grpc
 
 from orchestrator.v1 import discovery_pb2, discovery_pb2_grpc, event_pb2
+from orchestrator_server.agents import DEREGISTERED
 from orchestrator_server.discovery import Discovery
 from orchestrator_server.events import CaughtUp, EventBus, ResyncNeeded
-from orchestrator_server.registry import DEREGISTERED
 from orchestrator_server.validation import Violations
 
 Context = grpc.aio.ServicerContext[Any, Any]

@@ -8,9 +8,9 @@ from typing import Any
 import grpc
 
 from orchestrator.v1 import event_pb2, health_pb2, health_pb2_grpc
+from orchestrator_server.agents import DEREGISTERED
 from orchestrator_server.events import CaughtUp, EventBus, ResyncNeeded
 from orchestrator_server.health import HealthReporter, agent_health
-from orchestrator_server.registry import DEREGISTERED
 from orchestrator_server.validation import Violations
 
 Context = grpc.aio.ServicerContext[Any, Any]

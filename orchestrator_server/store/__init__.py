@@ -43,14 +43,39 @@ class TaskQuery:
     after_sequence: int | None = None
 
 
+@dataclass(frozen=True)
+class Expect:
+    """The entity (an agent id or a task id) still has `revision`: the revision of the event that
+    last wrote it, as the command read it. 0 means it must not exist yet."""
+
+    entity_id: str
+    revision: int
+
+
 @dataclass
 class Change:
-    """One atomic change: events to append (each carries its entity) plus credential updates."""
+    """One atomic change: events to append (each carries its entity), the conditions under which
+    they may be, plus credential updates."""
 
     events: list[event_pb2.Event] = field(default_factory=list)
+    expect: list[Expect] = field(default_factory=list)
     agent_token_hashes: dict[str, str] = field(default_factory=dict)
     #: Task id -> the scope of its idempotency key (the creating principal), stored with a new task.
     idempotency_scopes: dict[str, str] = field(default_factory=dict)
+
+
+class ConditionFailed(Exception):
+    """A condition of a change no longer held; nothing was written.
+
+    Not an `OrchestratorError`: the domain answers it (usually by re-reading its projection, which
+    is already as new as the conflicting commit, and deciding again)."""
+
+    def __init__(self, entity_id: str, reason: str, *, expected: int = 0, actual: int = 0) -> None:
+        super().__init__(f"{entity_id}: {reason}")
+        self.entity_id = entity_id
+        self.reason = reason
+        self.expected = expected
+        self.actual = actual
 
 
 class Store(abc.ABC):
