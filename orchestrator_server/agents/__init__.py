@@ -5,13 +5,17 @@
 - `sessions`: the session port the domain talks to a stream through, and lease timers;
 - `status`: an agent's status as a function of its record and liveness;
 - `attributes`: what callers may set, checked and copied;
-- `registry`: the commands, and the projection of committed agent events.
+- `commit`: the write path (decide on a copy, commit on a condition, decide again);
+- `projection`: committed events → the cache, observers and metrics; the queries;
+- `liveness`: sessions, heartbeats, leases;
+- `registry`: registration, updates, drain, deregistration.
 """
 
 from orchestrator_server.agents.attributes import UPDATABLE_FIELDS
 from orchestrator_server.agents.credentials import OPEN_TOKEN_PREFIX, OpenCredential, hash_token
 from orchestrator_server.agents.index import AgentFilter, AgentState, build_filter, take_page
-from orchestrator_server.agents.registry import AgentObserver, Registry, new_id
+from orchestrator_server.agents.projection import AgentObserver
+from orchestrator_server.agents.registry import Registry, new_id
 from orchestrator_server.agents.sessions import (
     DRAIN_RETRY_AFTER,
     CloseReason,
