@@ -36,6 +36,7 @@ from orchestrator_server.agents.status import (
     derive_status,
     now_timestamp,
     refresh_status,
+    set_status,
 )
 from orchestrator_server.errors import Aborted, Unavailable
 from orchestrator_server.validation import Violations
@@ -184,11 +185,12 @@ class Liveness(AgentProjection):
     def _refresh_decision(self, reason: str) -> Callable[[AgentState], Plan | None]:
         def decide(state: AgentState) -> Plan | None:
             state.refresh_pending = False  # a change from here on asks for another refresh
+            derived = derive_status(state.agent, state.alive, reason)
+            if derived is None:
+                return None  # the common case (a unary beat): no copy made
             event = draft_event(state, event_pb2.EVENT_TYPE_AGENT_STATUS_CHANGED)
-            previous = refresh_status(event.agent, state.alive, reason)
-            if previous is None:
-                return None
-            event.previous_status = previous
+            event.previous_status = state.agent.status
+            set_status(event.agent, *derived)
             return Plan(event, state.agent.revision)
 
         return decide
