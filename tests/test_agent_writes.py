@@ -321,3 +321,33 @@ async def test_a_session_end_commits_down_before_the_agent_shows_down(
         return (await get_agent(stubs, agent_id)).status == DOWN
 
     await async_wait_for(down, 10, "the agent DOWN once its commit lands")
+
+
+async def test_checks_that_recover_while_degraded_commits_end_ready(
+    tmp_path: Path, start_with: Callable[..., Any]
+) -> None:
+    store = GatedStore(str(tmp_path / "gated.db"))
+    running: Running = await start_with(store)
+    stubs = running.stubs
+    registered = await stubs.register("flappy")
+    agent_id = registered.agent.agent_id
+    session = await open_session(stubs.registry, agent_id, registered.agent_token)
+    before = await get_agent(stubs, agent_id)
+
+    store.gate.clear()
+    failing = agent_pb2.Check(name="disk", status=agent_pb2.CHECK_STATUS_FAILING)
+    session.send(beat=registry_pb2.SessionBeat(sequence=1, checks=[failing]))
+    assert (await session.receive_kind("ack")).ack.status == agent_pb2.AGENT_STATUS_DEGRADED
+    await blocked(store, 1)  # DEGRADED is being committed
+    passing = agent_pb2.Check(name="disk", status=agent_pb2.CHECK_STATUS_PASSING)
+    session.send(beat=registry_pb2.SessionBeat(sequence=2, checks=[passing]))
+    assert (await session.receive_kind("ack")).ack.status == READY
+    store.gate.set()
+
+    async def recovered() -> bool:
+        agent = await get_agent(stubs, agent_id)
+        return agent.status == READY and agent.transitions == before.transitions + 2
+
+    # No further beat: the DEGRADED commit alone must not leave the agent DEGRADED.
+    await async_wait_for(recovered, 10, "DEGRADED committed, then READY again")
+    await session.goodbye()

@@ -19,7 +19,13 @@ from collections.abc import Callable, Sequence
 
 from orchestrator.v1 import agent_pb2, event_pb2, registry_pb2
 from orchestrator_server.agents.attributes import record_beat, validate_beat
-from orchestrator_server.agents.commit import Plan, decide_and_commit, draft_event, note_status
+from orchestrator_server.agents.commit import (
+    COMMAND_ATTEMPTS,
+    Plan,
+    decide_and_commit,
+    draft_event,
+    note_status,
+)
 from orchestrator_server.agents.index import AgentState
 from orchestrator_server.agents.projection import AgentProjection
 from orchestrator_server.agents.sessions import (
@@ -196,8 +202,12 @@ class Liveness(AgentProjection):
         return decide
 
     async def _refresh(self, state: AgentState, reason: str) -> None:
-        """Commits the status the agent's liveness, drain and checks call for, if it changed."""
-        await decide_and_commit(self._store, state, self._refresh_decision(reason))
+        """Commits the status the agent's liveness, drain and checks call for, if it changed, until
+        it holds: a beat that arrives while a status commits changes only the soft checks, which
+        may call for another status once that commit lands."""
+        for _ in range(COMMAND_ATTEMPTS):
+            if not await decide_and_commit(self._store, state, self._refresh_decision(reason)):
+                return
 
     def _refresh_soon(self, state: AgentState, reason: str) -> None:
         """As `_refresh`, without making the caller wait (beats, timers); one at a time per agent."""
