@@ -62,7 +62,8 @@ class Liveness(AgentProjection):
         state = self._live_record(agent_id)
         self._leases.extend(state)
         record_beat(state.agent, load, checks, replace_checks=True)
-        await self._refresh(state, "heartbeat")
+        if state.lock.locked() or derive_status(state.agent, True, "") is not None:
+            await self._refresh(state, "heartbeat")
         return state.agent.status, time.time() + self._config.heartbeat_timeout
 
     async def open_session(
