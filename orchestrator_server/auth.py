@@ -28,9 +28,9 @@ from typing import Any, Protocol
 import grpc
 
 from orchestrator.v1 import agent_pb2
+from orchestrator_server.agents.credentials import OpenCredential
 from orchestrator_server.config import Config, ConfigError
 from orchestrator_server.errors import NotFound, PermissionDenied, Unauthenticated
-from orchestrator_server.registry import OpenCredential
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ class ApiKey:
 
 class AgentVerifier(Protocol):
     """The registry's check of an agent credential (NotFound / Unauthenticated when it fails;
-    `registry.OpenCredential` when `authenticated_only` and it was issued without authentication)."""
+    `agents.credentials.OpenCredential` when `authenticated_only` and it was issued without authentication)."""
 
     def verify_token(
         self, agent_id: str, token: str, *, authenticated_only: bool = False

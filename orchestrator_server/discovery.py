@@ -7,8 +7,8 @@ import random
 from collections.abc import Iterator, Sequence
 
 from orchestrator.v1 import agent_pb2, discovery_pb2
+from orchestrator_server.agents import DEGRADED, READY, AgentFilter, Registry, build_filter, take_page
 from orchestrator_server.errors import FailedPrecondition
-from orchestrator_server.registry import DEGRADED, READY, AgentFilter, Registry, build_filter, take_page
 from orchestrator_server.validation import Violations, decode_page_token, encode_page_token
 
 Strategy = discovery_pb2.LoadBalancingStrategy

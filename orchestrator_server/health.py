@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from orchestrator.v1 import agent_pb2, health_pb2
 from orchestrator_server import __version__
-from orchestrator_server.registry import DEREGISTERED, Registry, build_filter
+from orchestrator_server.agents import DEREGISTERED, Registry, build_filter
 from orchestrator_server.store import Store
 from orchestrator_server.validation import Violations
 

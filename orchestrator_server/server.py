@@ -37,6 +37,7 @@ from orchestrator.v1 import (
     health_pb2_grpc as orchestrator_health_pb2_grpc,
 )
 from orchestrator_server import metrics
+from orchestrator_server.agents import Registry
 from orchestrator_server.auth import Listener, bind
 from orchestrator_server.config import Config
 from orchestrator_server.discovery import Discovery
@@ -52,7 +53,6 @@ from orchestrator_server.grpc_api.telemetry import TelemetryInterceptor
 from orchestrator_server.health import HealthReporter, WorkloadSummary
 from orchestrator_server.limits import raise_fd_limit
 from orchestrator_server.metrics import TRANSITIONS, status_label
-from orchestrator_server.registry import Registry
 from orchestrator_server.store import Store, open_store
 from orchestrator_server.tasks import TaskScheduler
 
@@ -165,6 +165,8 @@ class OrchestratorServer:
         self.bus.seed_agents(loaded.agents)
         self.bus.add_listener(self.tasks.apply)
         self.registry.restore(loaded.agents, loaded.agent_token_hashes)
+        # The registry's cache follows committed events only (its own and other processes').
+        self.bus.add_listener(self.registry.apply)
         self.tasks.restore(loaded.active_tasks)
         self.registry.observer = self.tasks
         await self.tasks.recover()

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from orchestrator.v1 import agent_pb2, discovery_pb2, event_pb2, task_pb2
+from orchestrator_server.agents import DEREGISTERED
 from orchestrator_server.discovery import Discovery
 from orchestrator_server.events import CaughtUp, EventBus, EventFilter, EventKey, ResyncNeeded
-from orchestrator_server.registry import DEREGISTERED
 from orchestrator_server.tasks import TERMINAL
 from orchestrator_server.tasks.changes import merge
 from orchestrator_server.validation import Violations

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bench.loadgen import LoadGen
+from orchestrator_server.agents import CloseReason
 from tests.conftest import Running
 
 
@@ -25,7 +26,7 @@ async def test_bench_sessions_survive_a_refusing_server(servers: Callable[..., A
             for cred in gen.creds:
                 session = running.server.registry.session_of(cred.agent_id)
                 if session is not None:
-                    session.end("UNAVAILABLE", "storm")
+                    session.close(CloseReason.SHUTDOWN, "storm")
             await asyncio.sleep(0.05)
         crashed = [
             session.task.exception()

@@ -4,6 +4,7 @@ was already read off its stream when the newer session opened changes nothing.""
 from __future__ import annotations
 
 from orchestrator.v1 import agent_pb2, registry_pb2
+from orchestrator_server.agents import CloseReason
 from tests.conftest import Running
 from tests.support import DOWN, READY, SessionClient
 
@@ -21,7 +22,7 @@ async def test_a_beat_on_a_superseded_session_changes_nothing(running: Running) 
     new_client = SessionClient(stubs.registry, agent_id, token)
     welcome = await new_client.receive()
     assert welcome.welcome.epoch == old.epoch + 1
-    assert old.ended is not None and old.ended.code == "ABORTED"
+    assert old.ended is CloseReason.FENCED  # ends the stream with ABORTED
     before = agent_pb2.Agent()
     before.CopyFrom(registry.get(agent_id))
     assert before.status == READY

@@ -25,7 +25,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 
 from orchestrator.v1 import discovery_pb2, registry_pb2
+from orchestrator_server.agents import Session
 from orchestrator_server.grpc_api.reflection import V1_SERVICE_NAME, V1ALPHA_SERVICE_NAME
+from orchestrator_server.grpc_api.registry import StreamPort
 from tests.conftest import ROOT, AgentProcess, Running, ServerProcess, Stubs, async_wait_for, open_session
 from tests.support import DOWN, READY, SessionClient, error_detail
 from tests.test_sessions import next_status
@@ -134,7 +136,7 @@ async def test_a_push_that_cannot_be_written_ends_the_session_visibly(servers: C
     poison.assignment.task.spec.payload.update({"blob": "x" * 100_000})
     server_session = running.server.registry.session_of(agent_id)
     assert server_session is not None
-    server_session.push(poison)
+    push_raw(server_session, poison)
     delta = await next_status(watch, agent_id, DOWN)
     watch.cancel()
     assert running.server.registry.session_of(agent_id) is None, delta
@@ -150,7 +152,7 @@ async def test_a_push_the_agent_cannot_parse_ends_the_session_visibly(running: R
     poison.assignment.task.spec.payload.update(deeply_nested(60))
     server_session = running.server.registry.session_of(agent_id)
     assert server_session is not None
-    server_session.push(poison)
+    push_raw(server_session, poison)
     try:
         while True:
             await session.receive()
@@ -159,6 +161,13 @@ async def test_a_push_the_agent_cannot_parse_ends_the_session_visibly(running: R
     delta = await next_status(watch, agent_id, DOWN)
     watch.cancel()
     assert running.server.registry.session_of(agent_id) is None, delta
+
+
+def push_raw(session: Session, message: registry_pb2.HeartbeatResponse) -> None:
+    """Queues `message` on the session's stream as it is, past the domain's port methods."""
+    port = session.port
+    assert isinstance(port, StreamPort)
+    port.outbox.put_nowait(message)
 
 
 class SilentStream:

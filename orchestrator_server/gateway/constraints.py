@@ -17,7 +17,7 @@ from google.api import field_behavior_pb2
 from google.protobuf.descriptor import FieldDescriptor
 
 from orchestrator_server import validation
-from orchestrator_server.registry import UPDATABLE_FIELDS
+from orchestrator_server.agents import UPDATABLE_FIELDS
 from orchestrator_server.tasks import MAX_ATTEMPTS_LIMIT
 
 Schema = dict[str, Any]

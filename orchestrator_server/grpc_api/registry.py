@@ -9,7 +9,8 @@ from typing import Any
 import grpc
 from google.protobuf.message import Error as ProtobufError
 
-from orchestrator.v1 import registry_pb2, registry_pb2_grpc
+from orchestrator.v1 import registry_pb2, registry_pb2_grpc, task_pb2
+from orchestrator_server.agents import DRAIN_RETRY_AFTER, CloseReason, Registry, Session
 from orchestrator_server.config import Config
 from orchestrator_server.errors import (
     FailedPrecondition,
@@ -21,7 +22,6 @@ from orchestrator_server.errors import (
 from orchestrator_server.grpc_api.errors import abort_with
 from orchestrator_server.grpc_api.interceptors import authenticated_caller
 from orchestrator_server.metrics import HEARTBEATS
-from orchestrator_server.registry import DRAIN_RETRY_AFTER, Registry, Session
 from orchestrator_server.tasks import TaskScheduler
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,56 @@ Context = grpc.aio.ServicerContext[Any, Any]
 WRITER_FLUSH_TIMEOUT = 1.0
 # End-of-stream marker of context.read(); missing from the type stubs.
 EOF: Any = getattr(grpc.aio, "EOF")  # noqa: B009
+
+
+# The status a session ends with, by why the server ended it.
+CLOSE_CODES = {
+    CloseReason.FENCED: grpc.StatusCode.ABORTED,
+    CloseReason.TIMED_OUT: grpc.StatusCode.DEADLINE_EXCEEDED,
+    CloseReason.DEREGISTERED: grpc.StatusCode.NOT_FOUND,
+    CloseReason.UNDELIVERABLE: grpc.StatusCode.INTERNAL,
+    CloseReason.SHUTDOWN: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+class StreamPort:
+    """The domain's `SessionPort` over one Heartbeat stream: what the domain pushes goes to the
+    outbox the stream's writer drains; closing cancels the handler, which ends the call with the
+    status the reason maps to."""
+
+    def __init__(self) -> None:
+        # None marks the end of what is to be written.
+        self.outbox: asyncio.Queue[registry_pb2.HeartbeatResponse | None] = asyncio.Queue()
+        self.ended: tuple[grpc.StatusCode, str] | None = None
+        self._handler: asyncio.Task[object] | None = None
+
+    def attach(self, handler: asyncio.Task[object] | None) -> None:
+        """The task serving the stream, cancelled to end it (at once if the session already ended)."""
+        self._handler = handler
+        if self.ended is not None and handler is not None:
+            handler.cancel()
+
+    def assign(self, task: task_pb2.Task, attempt_id: str) -> None:
+        assignment = registry_pb2.TaskAssignment(task=task, attempt_id=attempt_id)
+        self.outbox.put_nowait(registry_pb2.HeartbeatResponse(assignment=assignment))
+
+    def cancel(self, task_id: str, attempt_id: str, reason: str) -> None:
+        cancellation = registry_pb2.TaskCancellation(task_id=task_id, attempt_id=attempt_id, reason=reason)
+        self.outbox.put_nowait(registry_pb2.HeartbeatResponse(cancellation=cancellation))
+
+    def drain(self, draining: bool, reason: str) -> None:
+        notice = registry_pb2.DrainNotice(draining=draining, reason=reason)
+        self.outbox.put_nowait(registry_pb2.HeartbeatResponse(drain=notice))
+
+    def reconnect(self, reason: str) -> None:
+        request = registry_pb2.ReconnectRequest(reason=reason)
+        self.outbox.put_nowait(registry_pb2.HeartbeatResponse(reconnect=request))
+
+    def close(self, reason: CloseReason, message: str) -> None:
+        if self.ended is None:
+            self.ended = (CLOSE_CODES[reason], message)
+            if self._handler is not None and not self._handler.done():
+                self._handler.cancel()
 
 
 def seconds(value: float) -> Any:
@@ -134,10 +184,15 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         hello = await self._read_hello(context)
         if hello is None:
             return  # the client left before its hello: nobody to answer
+        port = StreamPort()
         session, kept = await self._registry.open_session(
-            hello.agent_id, hello.agent_token, context.peer(), hello.running_attempt_ids, hello.incarnation
+            hello.agent_id,
+            hello.agent_token,
+            context.peer(),
+            hello.running_attempt_ids,
+            hello.incarnation,
+            port=port,
         )
-        session.handler = asyncio.current_task()
         welcome = registry_pb2.SessionWelcome(
             epoch=session.epoch,
             heartbeat_interval=seconds(self._config.heartbeat_interval),
@@ -146,33 +201,34 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             agent=self._registry.get(session.agent_id),
         )
         writer = asyncio.create_task(
-            self._pump(session, context, registry_pb2.HeartbeatResponse(welcome=welcome))
+            self._pump(session, port, context, registry_pb2.HeartbeatResponse(welcome=welcome))
         )
         self._writers.add(writer)
         writer.add_done_callback(self._writers.discard)
         reason = "stream closed"
+        port.attach(asyncio.current_task())
         try:
-            await self._serve(session, context)
+            await self._serve(session, port, context)
         except asyncio.CancelledError:
-            if session.ended is None:
+            if port.ended is None:
                 reason = "stream cancelled"
                 raise
             # Ended by the server (fenced, timed out, deregistered): finish with its status below.
             current = asyncio.current_task()
             if current is not None:
                 current.uncancel()
-            reason = session.ended.reason
+            reason = port.ended[1]
         finally:
-            await self._end(session, reason, writer)
-        if session.ended is not None:
+            await self._end(session, port, reason, writer)
+        if port.ended is not None:
             try:
-                await context.abort(grpc.StatusCode[session.ended.code], session.ended.reason)
+                await context.abort(*port.ended)
             except grpc.aio.AbortError:
                 raise
             except Exception as error:  # the peer left as the server ended it: nobody to tell
                 log.debug("session %s: could not send its end: %s", session.agent_id, error)
 
-    async def _end(self, session: Session, reason: str, writer: asyncio.Task[None]) -> None:
+    async def _end(self, session: Session, port: StreamPort, reason: str, writer: asyncio.Task[None]) -> None:
         """Marks the agent DOWN (unless fenced) and stops the writer, even if the call is cancelled
         again meanwhile: a killed peer's call may be cancelled more than once, and neither step
         may be skipped (a DOWN never recorded, a writer left pending)."""
@@ -180,7 +236,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         try:
             await asyncio.shield(closing)
         finally:
-            await self._stop_writer(session, writer)
+            await self._stop_writer(port, writer)
 
     async def _read_hello(self, context: Context) -> registry_pb2.SessionHello | None:
         limit = self._config.max_pending_hellos
@@ -206,7 +262,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         hello: registry_pb2.SessionHello = first.hello
         return hello
 
-    async def _serve(self, session: Session, context: Context) -> None:
+    async def _serve(self, session: Session, port: StreamPort, context: Context) -> None:
         while True:
             message = await context.read()
             if message is EOF:
@@ -220,7 +276,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                         ack=registry_pb2.SessionAck(sequence=message.beat.sequence, status=status)
                     )
                     ack.ack.server_time.GetCurrentTime()
-                    session.push(ack)
+                    port.outbox.put_nowait(ack)
                 elif kind == "task_update":
                     if self._registry.touch(session):
                         self._tasks.session_update(session.agent_id, message.task_update)
@@ -236,12 +292,12 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 log.info("session %s: %s failed: %s", session.agent_id, kind, error.message)
 
     @staticmethod
-    async def _stop_writer(session: Session, writer: asyncio.Task[None]) -> None:
+    async def _stop_writer(port: StreamPort, writer: asyncio.Task[None]) -> None:
         """Lets the writer flush what is queued and finish its write in flight before the call ends.
 
         Cancelling it mid-write leaves the write's operation pending in grpc core; ending the call
         then fails with GRPC_CALL_ERROR_TOO_MANY_OPERATIONS and the client never gets a status."""
-        session.outbox.put_nowait(None)  # type: ignore[arg-type]
+        port.outbox.put_nowait(None)
         try:
             await asyncio.wait_for(asyncio.shield(writer), WRITER_FLUSH_TIMEOUT)
         except TimeoutError:
@@ -251,7 +307,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             raise
 
     @staticmethod
-    async def _pump(session: Session, context: Context, first: registry_pb2.HeartbeatResponse) -> None:
+    async def _pump(
+        session: Session, port: StreamPort, context: Context, first: registry_pb2.HeartbeatResponse
+    ) -> None:
         """Writes the welcome, then everything pushed to the session, in order, until None.
 
         A message that cannot be delivered ends the session (the agent goes DOWN and reconnects):
@@ -262,13 +320,15 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 if message.WhichOneof("message") == "assignment":
                     _check_readable(message)
                 await context.write(message)
-                message = await session.outbox.get()
+                message = await port.outbox.get()
         except asyncio.CancelledError:
             raise
         except ProtobufError as error:
             # The stream works but this message cannot cross it: end the session so it shows.
             log.warning("session %s: cannot deliver %s: %s", session.agent_id, _kind(message), error)
-            session.end("INTERNAL", f"the session could not deliver a {_kind(message)}: {error}")
+            session.close(
+                CloseReason.UNDELIVERABLE, f"the session could not deliver a {_kind(message)}: {error}"
+            )
         except Exception as error:  # the stream is gone; the reader sees it end too
             log.debug("session %s: write failed: %s", session.agent_id, error)
 

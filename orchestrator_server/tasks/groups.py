@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from orchestrator.v1 import agent_pb2, task_pb2
-from orchestrator_server.registry import DRAINING, READY
+from orchestrator_server.agents import DRAINING, READY
 from orchestrator_server.selectors import Selector
 
 # Seconds an explanation is reused before agents are looked at again.

@@ -17,9 +17,9 @@ import random
 from collections.abc import Callable, Iterable
 
 from orchestrator.v1 import agent_pb2, discovery_pb2, task_pb2
+from orchestrator_server.agents import READY
 from orchestrator_server.config import Config
 from orchestrator_server.discovery import rendezvous_pick
-from orchestrator_server.registry import READY
 from orchestrator_server.tasks.groups import Group, GroupKey
 from orchestrator_server.tasks.model import PENDING, ActiveTask
 

@@ -18,12 +18,12 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
 
-from orchestrator.v1 import agent_pb2, event_pb2, registry_pb2, task_pb2
+from orchestrator.v1 import agent_pb2, event_pb2, task_pb2
+from orchestrator_server.agents import Registry
 from orchestrator_server.config import Config
 from orchestrator_server.errors import OrchestratorError
 from orchestrator_server.idempotency import ScopedKey
 from orchestrator_server.metrics import DISPATCH_LATENCY, TASKS_FINISHED
-from orchestrator_server.registry import Registry
 from orchestrator_server.selectors import parse_selector
 from orchestrator_server.tasks.changes import merge
 from orchestrator_server.tasks.failover import GONE, Failover
@@ -198,7 +198,7 @@ class TaskProjection(abc.ABC):
         if task_id not in held:
             held.add(task_id)
             self._placed += 1
-        self._show_assigned(agent_id, len(held))
+        self._registry.set_assigned_tasks(agent_id, len(held))
 
     def _release(self, agent_id: str, task_id: str) -> None:
         held = self._held.get(agent_id)
@@ -208,13 +208,8 @@ class TaskProjection(abc.ABC):
         self._placed -= 1
         if not held:
             del self._held[agent_id]
-        self._show_assigned(agent_id, len(held))
+        self._registry.set_assigned_tasks(agent_id, len(held))
         self._placer.kick()
-
-    def _show_assigned(self, agent_id: str, count: int) -> None:
-        agent = self._registry.find(agent_id)
-        if agent is not None:
-            agent.assigned_tasks = count
 
     # -- the queue and the timers --------------------------------------------------------------
 
@@ -271,16 +266,12 @@ class TaskProjection(abc.ABC):
             if entry.pushed_epoch == 0:
                 DISPATCH_LATENCY.observe(asyncio.get_running_loop().time() - entry.placeable_since)
             entry.pushed_epoch = session.epoch
-            assignment = registry_pb2.TaskAssignment(task=entry.task, attempt_id=attempt.attempt_id)
-            session.push(registry_pb2.HeartbeatResponse(assignment=assignment))
+            session.assign(entry.task, attempt.attempt_id)
 
     def _tell_cancel(self, agent_id: str, task_id: str, attempt_id: str, reason: str) -> None:
         session = self._registry.session_of(agent_id)
         if session is not None:
-            cancellation = registry_pb2.TaskCancellation(
-                task_id=task_id, attempt_id=attempt_id, reason=reason
-            )
-            session.push(registry_pb2.HeartbeatResponse(cancellation=cancellation))
+            session.cancel(task_id, attempt_id, reason)
 
     # -- pending reasons -----------------------------------------------------------------------
 

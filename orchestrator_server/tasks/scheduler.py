@@ -21,12 +21,12 @@ from collections.abc import Callable, Iterable, Sequence
 from google.protobuf import struct_pb2
 
 from orchestrator.v1 import agent_pb2, event_pb2, registry_pb2, task_pb2, tasks_pb2
+from orchestrator_server.agents import READY, Registry, new_id
 from orchestrator_server.config import Config
 from orchestrator_server.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from orchestrator_server.health import WorkloadSummary
 from orchestrator_server.idempotency import IdempotencyKeys, ScopedKey, check_same_spec
 from orchestrator_server.metrics import FAILOVERS
-from orchestrator_server.registry import READY, Registry, new_id
 from orchestrator_server.store import Change, ConditionFailed, Expect, PlacementClaim, Store, TaskQuery
 from orchestrator_server.tasks import transitions
 from orchestrator_server.tasks.changes import event_for

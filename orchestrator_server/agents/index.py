@@ -1,0 +1,158 @@
+"""The committed agents, in memory: by id, by name + instance, in id order, and the queries over them.
+
+A projection: records change only when a committed event is applied (`AgentIndex.project`), from
+this process or another, except the soft fields a live session updates between commits (load,
+checks and heartbeat time, ridden along in the next commit) and `assigned_tasks` (the scheduler's).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import itertools
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from orchestrator.v1 import agent_pb2
+from orchestrator_server.agents.sessions import Session
+from orchestrator_server.agents.status import DEREGISTERED
+from orchestrator_server.errors import InvalidArgument
+from orchestrator_server.selectors import Selector, parse_selector
+from orchestrator_server.validation import Violations, decode_page_token, encode_page_token
+
+
+@dataclass(eq=False)
+class AgentState:
+    """One agent: its record (committed, plus soft fields) and this process's view of its liveness."""
+
+    agent: agent_pb2.Agent
+    token_hash: str = ""
+    session: Session | None = None
+    # Loop time of the last sign of life (any message on the session, or a unary heartbeat).
+    last_seen: float = 0.0
+    # Loop time until which the agent counts as alive without a session (unary TTL, restart grace).
+    lease_until: float = 0.0
+    lease_timer: asyncio.TimerHandle | None = None
+    # Serialises this process's commands on the agent, so they do not lose races to each other;
+    # other processes' commands are caught by the store's revision check.
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # A status refresh is queued in the background (coalesces refreshes asked for by beats).
+    refresh_pending: bool = False
+
+    @property
+    def alive(self) -> bool:
+        return self.session is not None or self.lease_until > asyncio.get_running_loop().time()
+
+
+@dataclass(frozen=True)
+class AgentFilter:
+    type: str = ""
+    status: int = 0
+    capabilities: tuple[str, ...] = ()
+    selector: Selector = field(default_factory=Selector)
+    include_deregistered: bool = False
+
+    def matches(self, agent: agent_pb2.Agent) -> bool:
+        if agent.status == DEREGISTERED and not (self.include_deregistered or self.status == DEREGISTERED):
+            return False
+        if self.type and agent.type != self.type:
+            return False
+        if self.status and agent.status != self.status:
+            return False
+        if self.capabilities and not set(self.capabilities).issubset(agent.capabilities):
+            return False
+        return self.selector.matches(agent.labels)
+
+
+def build_filter(
+    violations: Violations,
+    *,
+    type: str = "",
+    status: int = 0,
+    capabilities: Iterable[str] = (),
+    label_selector: str = "",
+    selector_field: str = "label_selector",
+) -> AgentFilter:
+    if status and status not in agent_pb2.AgentStatus.values():
+        violations.add("status", f"unknown status {status}")
+    try:
+        selector = parse_selector(label_selector, selector_field)
+    except InvalidArgument as error:
+        violations.items.extend(error.violations)
+        selector = Selector()
+    return AgentFilter(type=type, status=status, capabilities=tuple(capabilities), selector=selector)
+
+
+def take_page(agents: Iterable[agent_pb2.Agent], page_size: int) -> tuple[list[agent_pb2.Agent], str]:
+    """The first `page_size` agents and the token for the next page ("" when there is none)."""
+    page = list(itertools.islice(agents, page_size + 1))
+    if len(page) <= page_size:
+        return page, ""
+    return page[:page_size], encode_page_token(page[page_size - 1].agent_id)
+
+
+def _newer_beat(cached: agent_pb2.Agent, committed: agent_pb2.Agent) -> bool:
+    mine, theirs = cached.last_heartbeat_at, committed.last_heartbeat_at
+    return (mine.seconds, mine.nanos) > (theirs.seconds, theirs.nanos)
+
+
+class AgentIndex:
+    def __init__(self) -> None:
+        self._records: dict[str, AgentState] = {}
+        self._by_name: dict[tuple[str, str], AgentState] = {}
+        # Every agent id, sorted: ids sort by registration time, and pages start after an id.
+        self._ordered_ids: list[str] = []
+
+    def get(self, agent_id: str) -> AgentState | None:
+        return self._records.get(agent_id)
+
+    def by_name(self, name: str, instance_id: str) -> AgentState | None:
+        return self._by_name.get((name, instance_id))
+
+    def records(self) -> Iterable[AgentState]:
+        return self._records.values()
+
+    def agents(self) -> Iterable[agent_pb2.Agent]:
+        return (state.agent for state in self._records.values())
+
+    def agents_after(self, after: str = "") -> Iterator[agent_pb2.Agent]:
+        """Agents in registration (id) order, starting after the id `after`."""
+        ids = self._ordered_ids
+        for index in range(bisect.bisect_right(ids, after), len(ids)):
+            yield self._records[ids[index]].agent
+
+    def page(self, query: AgentFilter, page_size: int, page_token: str) -> tuple[list[agent_pb2.Agent], str]:
+        matching = (
+            agent for agent in self.agents_after(decode_page_token(page_token)) if query.matches(agent)
+        )
+        return take_page(matching, page_size)
+
+    def add(self, committed: agent_pb2.Agent, token_hash: str = "") -> AgentState:
+        """Indexes an agent not seen before (a copy of `committed`)."""
+        agent = agent_pb2.Agent()
+        agent.CopyFrom(committed)
+        state = AgentState(agent, token_hash)
+        self._records[agent.agent_id] = state
+        self._by_name[(agent.name, agent.instance_id)] = state
+        bisect.insort(self._ordered_ids, agent.agent_id)
+        return state
+
+    @staticmethod
+    def project(state: AgentState, committed: agent_pb2.Agent) -> None:
+        """Makes the cached record the committed one, in place (the scheduler holds on to it),
+        keeping the soft fields: `assigned_tasks`, and the latest beat (load, checks, heartbeat
+        time) when the cached one is newer than the committed copy."""
+        agent = state.agent
+        assigned = agent.assigned_tasks
+        beat = None
+        if _newer_beat(agent, committed):
+            beat = agent_pb2.Agent(
+                load=agent.load, checks=agent.checks, last_heartbeat_at=agent.last_heartbeat_at
+            )
+        agent.CopyFrom(committed)
+        agent.assigned_tasks = assigned
+        if beat is not None:
+            agent.load.CopyFrom(beat.load)
+            del agent.checks[:]
+            agent.checks.extend(beat.checks)
+            agent.last_heartbeat_at.CopyFrom(beat.last_heartbeat_at)

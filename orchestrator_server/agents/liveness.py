@@ -1,0 +1,233 @@
+"""Liveness: sessions, heartbeats and leases, as commands on the agents' projection.
+
+An agent is alive while its Heartbeat session is open, or (for callers without a stream) until its
+lease from the last unary heartbeat runs out. The moment a session ends without a goodbye the agent
+is DOWN: nothing waits for a timeout. A silent session is closed when its lease runs out. A newer
+session fences the older one by epoch, committed with the agent.
+
+What changes here before a commit is soft state only: the current session, last_seen, lease
+timers, and the latest beat (load, checks, heartbeat time). A status change they cause is decided
+and committed like any command; on the beat path, in the background.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+from orchestrator.v1 import agent_pb2, event_pb2, registry_pb2
+from orchestrator_server.agents.attributes import record_beat, validate_beat
+from orchestrator_server.agents.commit import (
+    COMMAND_ATTEMPTS,
+    Plan,
+    decide_and_commit,
+    draft_event,
+    note_status,
+)
+from orchestrator_server.agents.index import AgentState
+from orchestrator_server.agents.projection import AgentProjection
+from orchestrator_server.agents.sessions import (
+    DRAIN_RETRY_AFTER,
+    CloseReason,
+    Session,
+    SessionPort,
+    refuse_second_holder,
+)
+from orchestrator_server.agents.status import (
+    DEREGISTERED,
+    DOWN,
+    GOODBYE,
+    derive_status,
+    now_timestamp,
+    refresh_status,
+    set_status,
+)
+from orchestrator_server.errors import Aborted, Unavailable
+from orchestrator_server.validation import Violations
+
+log = logging.getLogger(__name__)
+
+
+class Liveness(AgentProjection):
+    """Sessions, heartbeats and leases of the agents."""
+
+    async def unary_heartbeat(
+        self, agent_id: str, load: agent_pb2.Load, checks: Sequence[agent_pb2.Check]
+    ) -> tuple[agent_pb2.AgentStatus.ValueType, float]:
+        """A heartbeat without a stream: the agent lives for one heartbeat timeout.
+        Returns its status and the lease's wall-clock expiry."""
+        validate_beat(load, checks)
+        state = self._live_record(agent_id)
+        self._leases.extend(state)
+        record_beat(state.agent, load, checks, replace_checks=True)
+        if state.lock.locked() or derive_status(state.agent, True, "") is not None:
+            await self._refresh(state, "heartbeat")
+        return state.agent.status, time.time() + self._config.heartbeat_timeout
+
+    async def open_session(
+        self,
+        agent_id: str,
+        token: str,
+        peer: str,
+        running_attempt_ids: Sequence[str],
+        incarnation: str = "",
+        *,
+        port: SessionPort,
+    ) -> tuple[Session, list[str]]:
+        """Authenticates the hello, fences any older session and marks the agent alive.
+
+        The older session is fenced only when it belongs to the same process (same incarnation:
+        a reconnect that overtook the end of its broken stream) or has gone silent; a live session
+        of another process keeps the identity and the newcomer is refused (IdentityInUse)."""
+        violations = Violations()
+        violations.identifier("hello.agent_id", agent_id)
+        violations.text("hello.incarnation", incarnation, 64)
+        if len(running_attempt_ids) > 100_000:
+            violations.add("hello.running_attempt_ids", "too many attempts")
+        violations.raise_if_any()
+        if self._closing:
+            raise Unavailable("the orchestrator is shutting down; reconnect shortly", DRAIN_RETRY_AFTER)
+        self.verify_token(agent_id, token)
+        state = self._state(agent_id)
+        opened: list[Session] = []
+
+        def decide(state: AgentState) -> Plan:
+            self.verify_token(agent_id, token)  # registered again or deregistered meanwhile
+            epoch = state.agent.session.epoch + 1
+            if not opened:
+                refuse_second_holder(state, incarnation, self._live_window())
+                if state.session is not None:
+                    state.session.close(CloseReason.FENCED, f"superseded by a newer session (epoch {epoch})")
+                # The session is this process's soft state: current from now, so the fenced
+                # stream's end no longer takes the agent DOWN; its epoch is committed below.
+                opened.append(Session(agent_id, epoch, peer, port, incarnation))
+                state.session = opened[0]
+                state.last_seen = asyncio.get_running_loop().time()
+                state.lease_until = 0.0
+                self._leases.arm(state)
+            elif state.session is not opened[0]:
+                raise Aborted(f"agent {agent_id}: superseded by a newer session while opening")
+            opened[0].epoch = epoch
+            now = now_timestamp()
+            event = draft_event(state, event_pb2.EVENT_TYPE_AGENT_UPDATED)
+            draft = event.agent
+            draft.session.CopyFrom(
+                agent_pb2.Session(epoch=epoch, peer=peer, owner=self._config.process_id, streaming=True)
+            )
+            draft.session.connected_at.CopyFrom(now)
+            draft.last_heartbeat_at.CopyFrom(now)
+            note_status(event, refresh_status(draft, True, "session opened"))
+            return Plan(event, state.agent.revision)
+
+        try:
+            await decide_and_commit(self._store, state, decide)
+        except BaseException:
+            if opened and state.session is opened[0]:
+                state.session = None  # never confirmed: the agent's status follows its liveness again
+                self._refresh_soon(state, "session failed to open")
+            raise
+        kept: list[str] = []
+        if self.observer is not None:
+            kept = self.observer.agent_reattached(agent_id, running_attempt_ids)
+        return opened[0], kept
+
+    def session_beat(
+        self, session: Session, beat: registry_pb2.SessionBeat
+    ) -> agent_pb2.AgentStatus.ValueType:
+        """Records a beat; returns the status to ack with. Status changes commit in the background.
+        A beat on a fenced session changes nothing (its stream is being closed)."""
+        validate_beat(beat.load, beat.checks)
+        state = self._index.get(session.agent_id)
+        if state is None or state.session is not session:
+            return DOWN
+        state.last_seen = asyncio.get_running_loop().time()
+        agent = state.agent
+        record_beat(agent, beat.load, beat.checks, replace_checks=len(beat.checks) > 0)
+        derived = derive_status(agent, True, "checks changed")
+        if derived is None:
+            return agent.status
+        self._refresh_soon(state, "checks changed")
+        return derived[0]
+
+    def touch(self, session: Session) -> bool:
+        """Any message on the session proves the agent is alive; False if the session was fenced."""
+        state = self._index.get(session.agent_id)
+        if state is None or state.session is not session:
+            return False
+        state.last_seen = asyncio.get_running_loop().time()
+        return True
+
+    async def close_session(self, session: Session, reason: str) -> None:
+        """The stream ended. Unless a newer session took over, the agent is DOWN at once."""
+        state = self._index.get(session.agent_id)
+        if state is None or state.session is not session:
+            return  # fenced by a newer session, or deregistered: nothing changes
+        state.session = None
+        if self._closing:
+            return
+        self._leases.cancel(state)
+        why = GOODBYE if session.goodbye else reason
+
+        def decide(state: AgentState) -> Plan | None:
+            if state.session is not None or state.agent.status == DEREGISTERED:
+                return None  # a newer session took over meanwhile; it committed its own state
+            event = draft_event(state, event_pb2.EVENT_TYPE_AGENT_UPDATED)
+            event.agent.session.streaming = False
+            note_status(event, refresh_status(event.agent, state.alive, why))
+            return Plan(event, state.agent.revision)
+
+        await decide_and_commit(self._store, state, decide)
+
+    def _lease_expired(self, state: AgentState) -> None:
+        if state.session is not None:
+            # Its handler marks the agent DOWN as the stream closes.
+            state.session.close(CloseReason.TIMED_OUT, "heartbeat timeout")
+            return
+        state.lease_until = 0.0
+        if derive_status(state.agent, False, "") is not None:
+            self._refresh_soon(state, "heartbeat timeout")
+
+    def _refresh_decision(self, reason: str) -> Callable[[AgentState], Plan | None]:
+        def decide(state: AgentState) -> Plan | None:
+            state.refresh_pending = False  # a change from here on asks for another refresh
+            derived = derive_status(state.agent, state.alive, reason)
+            if derived is None:
+                return None  # the common case (a unary beat): no copy made
+            event = draft_event(state, event_pb2.EVENT_TYPE_AGENT_STATUS_CHANGED)
+            event.previous_status = state.agent.status
+            set_status(event.agent, *derived)
+            return Plan(event, state.agent.revision)
+
+        return decide
+
+    async def _refresh(self, state: AgentState, reason: str) -> None:
+        """Commits the status the agent's liveness, drain and checks call for, if it changed, until
+        it holds: a beat that arrives while a status commits changes only the soft checks, which
+        may call for another status once that commit lands."""
+        for _ in range(COMMAND_ATTEMPTS):
+            if not await decide_and_commit(self._store, state, self._refresh_decision(reason)):
+                return
+
+    def _refresh_soon(self, state: AgentState, reason: str) -> None:
+        """As `_refresh`, without making the caller wait (beats, timers); one at a time per agent."""
+        if state.refresh_pending:
+            return
+        state.refresh_pending = True
+        task = asyncio.get_running_loop().create_task(self._refresh(state, reason))
+        self._background.add(task)
+        task.add_done_callback(self._finish_background)
+
+    def _finish_background(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background status commit failed: %s", task.exception())
+
+    def shutdown(self, reason: str) -> None:
+        """Asks every session to reconnect (the server is going away) and stops the timers."""
+        self._closing = True
+        for state in self._index.records():
+            self._leases.cancel(state)
+            if state.session is not None:
+                state.session.reconnect(reason)

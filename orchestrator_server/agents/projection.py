@@ -1,0 +1,193 @@
+"""The projection of committed agent events, and the queries over it.
+
+`AgentProjection.apply` is registered as a listener of committed events (EventBus) and called for
+every one in revision order, whichever process committed it: it is the only way the cached agents
+change, apart from the soft state documented in `index`. Status transitions notify the metrics hook
+and the scheduler (`AgentObserver`) from here, so another process's writes notify them too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Protocol
+
+from orchestrator.v1 import agent_pb2, event_pb2, registry_pb2
+from orchestrator_server.agents import credentials
+from orchestrator_server.agents.index import AgentFilter, AgentIndex, AgentState, build_filter
+from orchestrator_server.agents.sessions import CloseReason, Leases, Session
+from orchestrator_server.agents.status import ALIVE_STATUSES, DEREGISTERED, DOWN, GOODBYE
+from orchestrator_server.config import Config
+from orchestrator_server.errors import FailedPrecondition, InvalidArgument, NotFound
+from orchestrator_server.store import Store
+from orchestrator_server.validation import Violations
+
+log = logging.getLogger(__name__)
+
+
+class AgentObserver(Protocol):
+    """What the task scheduler needs to hear from the registry."""
+
+    def agent_available(self, agent_id: str) -> None:
+        """The agent may take (more) work: it came up, left drain or its capacity changed."""
+
+    def agent_lost(self, agent_id: str, *, graceful: bool) -> None:
+        """The agent went DOWN (graceful: it said goodbye or was deregistered)."""
+
+    def agent_reattached(self, agent_id: str, running_attempt_ids: Sequence[str]) -> list[str]:
+        """A session opened; returns the attempts the agent still holds."""
+
+
+class AgentProjection:
+    """The committed agents in memory, with this process's view of their liveness."""
+
+    def __init__(self, config: Config, store: Store) -> None:
+        self._config = config
+        self._store = store
+        self._index = AgentIndex()
+        self._leases = Leases(config.heartbeat_timeout, self._lease_expired)
+        # Status commits running in the background (beats and timers do not wait for them).
+        self._background: set[asyncio.Task[None]] = set()
+        self.observer: AgentObserver | None = None
+        # Set while the process shuts down: sessions then end without taking their agents DOWN,
+        # so after the restart they get a heartbeat timeout to come back and keep their work.
+        self._closing = False
+        # Called with every committed status transition, for metrics.
+        self.on_transition: Callable[[agent_pb2.Agent, int], None] | None = None
+
+    # -- startup -------------------------------------------------------------------------------
+
+    def restore(self, agents: Sequence[agent_pb2.Agent], token_hashes: dict[str, str]) -> None:
+        """Rebuilds the cache after a restart. Agents that were alive get a full heartbeat timeout
+        to reconnect before they count as DOWN."""
+        grace_until = asyncio.get_running_loop().time() + self._config.heartbeat_timeout
+        for stored in agents:
+            state = self._index.add(stored, token_hashes.get(stored.agent_id, ""))
+            state.agent.session.streaming = False
+            state.agent.assigned_tasks = 0
+            if state.agent.status in ALIVE_STATUSES:
+                self._leases.grant_until(state, grace_until)
+
+    # -- the projection ------------------------------------------------------------------------
+
+    def apply(self, event: event_pb2.Event) -> None:
+        """Applies one committed event (from this process or another), in revision order."""
+        if not event.HasField("agent"):
+            return
+        committed = event.agent
+        state = self._index.get(committed.agent_id)
+        if state is None:
+            state = self._index.add(committed)
+            previous = DOWN  # what a new record starts as
+        elif committed.revision and committed.revision <= state.agent.revision:
+            return  # already applied
+        else:
+            previous = state.agent.status
+            self._index.project(state, committed)
+        agent = state.agent
+        if agent.status != previous:
+            if self.on_transition is not None:
+                self.on_transition(agent, previous)
+            if previous in ALIVE_STATUSES and agent.status == DOWN:
+                log.info("agent %s (%s) is DOWN: %s", agent.agent_id, agent.name, agent.status_reason)
+        if agent.status == DEREGISTERED:
+            self._forget_liveness(state)
+        if self.observer is None:
+            return
+        if agent.status in ALIVE_STATUSES:
+            self.observer.agent_available(agent.agent_id)
+        elif agent.status != previous and (previous in ALIVE_STATUSES or agent.status == DEREGISTERED):
+            graceful = agent.status == DEREGISTERED or agent.status_reason == GOODBYE
+            self.observer.agent_lost(agent.agent_id, graceful=graceful)
+
+    def _forget_liveness(self, state: AgentState) -> None:
+        """A deregistered agent has no session, lease or credential here any more."""
+        state.token_hash = ""
+        self._leases.cancel(state)
+        state.lease_until = 0.0
+        if state.session is not None:
+            session, state.session = state.session, None
+            session.close(CloseReason.DEREGISTERED, "agent deregistered")
+
+    # -- queries -------------------------------------------------------------------------------
+
+    def get(self, agent_id: str) -> agent_pb2.Agent:
+        return self._state(agent_id).agent
+
+    def find(self, agent_id: str) -> agent_pb2.Agent | None:
+        state = self._index.get(agent_id)
+        return state.agent if state else None
+
+    def agents(self) -> Iterable[agent_pb2.Agent]:
+        return self._index.agents()
+
+    def agents_after(self, after: str = "") -> Iterator[agent_pb2.Agent]:
+        """Agents in registration (id) order, starting after the id `after`."""
+        return self._index.agents_after(after)
+
+    def session_of(self, agent_id: str) -> Session | None:
+        state = self._index.get(agent_id)
+        return state.session if state else None
+
+    def list_agents(self, request: registry_pb2.ListAgentsRequest) -> tuple[list[agent_pb2.Agent], str]:
+        violations = Violations()
+        violations.name("type", request.type, required=False)
+        violations.name("capability", request.capability, required=False)
+        agent_filter = build_filter(
+            violations,
+            type=request.type,
+            status=request.status,
+            capabilities=[request.capability] if request.capability else (),
+            label_selector=request.label_selector,
+        )
+        size = violations.page_size("page_size", request.page_size)
+        violations.raise_if_any()
+        return self.page(agent_filter, size, request.page_token)
+
+    def page(self, query: AgentFilter, page_size: int, page_token: str) -> tuple[list[agent_pb2.Agent], str]:
+        return self._index.page(query, page_size, page_token)
+
+    def verify_token(self, agent_id: str, token: str, *, authenticated_only: bool = False) -> agent_pb2.Agent:
+        """The agent whose credential `token` is; Unauthenticated otherwise (OpenCredential for one
+        issued without authentication when `authenticated_only`)."""
+        state = self._index.get(agent_id)
+        if state is None or state.agent.status == DEREGISTERED:
+            raise NotFound(f"agent {agent_id} is not registered")
+        credentials.verify(agent_id, state.token_hash, token, authenticated_only=authenticated_only)
+        return state.agent
+
+    def set_assigned_tasks(self, agent_id: str, count: int) -> None:
+        """The scheduler's count of tasks placed on the agent (soft state, never committed alone)."""
+        state = self._index.get(agent_id)
+        if state is not None:
+            state.agent.assigned_tasks = count
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _live_window(self) -> float:
+        """How recently a session must have been heard from to keep its identity against a newcomer
+        of another process: two beat intervals plus a second of slack."""
+        return min(self._config.heartbeat_timeout, 2 * self._config.heartbeat_interval + 1.0)
+
+    def _state(self, agent_id: str) -> AgentState:
+        state = self._index.get(agent_id)
+        if state is None:
+            if not agent_id:
+                raise InvalidArgument.field("agent_id", "is required")
+            raise NotFound(f"agent {agent_id} not found")
+        return state
+
+    @staticmethod
+    def _refuse_deregistered(state: AgentState) -> None:
+        if state.agent.status == DEREGISTERED:
+            raise FailedPrecondition(f"agent {state.agent.agent_id} is deregistered")
+
+    def _live_record(self, agent_id: str) -> AgentState:
+        state = self._state(agent_id)
+        self._refuse_deregistered(state)
+        return state
+
+    def _lease_expired(self, state: AgentState) -> None:
+        """The agent's lease ran out (see `Liveness`)."""
+        raise NotImplementedError
