@@ -25,12 +25,27 @@ class Backend:
         # Compacting every few commits lets the compaction contract be seen with small logs.
         return SqliteStore(self.location, synchronous="NORMAL", compact_every=10, **options)
 
-    def require_shared(self) -> None:
-        if not self.shared:
-            pytest.skip(f"{self.name}: every store opened on it is a database of its own")
+
+# Backend name -> whether a second store (a reopened one, or one in another process) sees its data.
+BACKENDS = {"sqlite-file": True, "sqlite-memory": False}
 
 
-@pytest.fixture(params=["sqlite-file", "sqlite-memory"])
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "shared_database: runs only on backends a second store (or process) can share"
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every contract test runs on every backend, except that a `shared_database` test runs only on
+    the backends where that makes sense (a second `:memory:` store is a database of its own)."""
+    if "backend" in metafunc.fixturenames:
+        shared_only = metafunc.definition.get_closest_marker("shared_database") is not None
+        names = [name for name, shared in BACKENDS.items() if shared or not shared_only]
+        metafunc.parametrize("backend", names, indirect=True)
+
+
+@pytest.fixture
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     if request.param == "sqlite-file":
         return Backend(request.param, str(tmp_path / "store.db"), shared=True)

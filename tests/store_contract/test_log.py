@@ -139,8 +139,8 @@ async def test_compaction_keeps_the_retained_tail(store_factory: StoreFactory) -
     assert await store.commit(Change(events=[agent_event("a0", capacity=1)], expect=[Expect("a0", 1)])) == 101
 
 
+@pytest.mark.shared_database
 async def test_reopening_keeps_revision_and_data(backend: Backend, store_factory: StoreFactory) -> None:
-    backend.require_shared()
     first = store_factory()
     await first.open(Recorder())
     await first.commit(Change(events=[agent_event("a1", capacity=2)], agent_token_hashes={"a1": "h1"}))

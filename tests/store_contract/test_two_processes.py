@@ -18,6 +18,8 @@ from tests.store_contract.builders import ASSIGNED, Recorder, agent_event, task_
 from tests.store_contract.conftest import Backend, StoreFactory
 from tests.store_contract.peer import encode_change
 
+pytestmark = pytest.mark.shared_database
+
 REPLY_TIMEOUT = 60.0
 # The peer runs as `python -m tests.store_contract.peer` from the repository root.
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,7 +78,6 @@ class Peer:
 @pytest.fixture
 async def two(backend: Backend, store_factory: StoreFactory) -> AsyncIterator[tuple[Store, Recorder, Peer]]:
     """This process's store (opened first: it migrates the file) and a peer process on the same file."""
-    backend.require_shared()
     store, recorder = store_factory(), Recorder()
     await store.open(recorder)
     peer = await Peer.start(backend.location)
@@ -184,7 +185,6 @@ async def test_lease_contention_across_processes(two: tuple[Store, Recorder, Pee
 
 async def test_processes_opening_a_new_database_at_once_both_work(backend: Backend) -> None:
     """Whoever migrates a new file first, the other finds it migrated (no 'table already exists')."""
-    backend.require_shared()
     for attempt in range(5):
         fresh = dataclasses.replace(backend, location=f"{backend.location}.{attempt}")
         store, recorder = fresh.make(), Recorder()
