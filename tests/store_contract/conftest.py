@@ -1,5 +1,5 @@
 """Backends the contract runs on. A backend is a database location plus a way to open a store on
-it; add PostgreSQL here (a `Backend` whose `shared` is True) and every contract test runs on it."""
+it; add PostgreSQL to BACKENDS (shared) and every contract test runs on it."""
 
 from __future__ import annotations
 
@@ -18,8 +18,6 @@ from orchestrator_server.store.sqlite import SqliteStore
 class Backend:
     name: str
     location: str
-    #: Whether a second store (a reopened one, or one in another process) sees the same data.
-    shared: bool
 
     def make(self, **options: Any) -> Store:
         # Compacting every few commits lets the compaction contract be seen with small logs.
@@ -48,8 +46,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 @pytest.fixture
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     if request.param == "sqlite-file":
-        return Backend(request.param, str(tmp_path / "store.db"), shared=True)
-    return Backend(request.param, ":memory:", shared=False)
+        return Backend(request.param, str(tmp_path / "store.db"))
+    return Backend(request.param, ":memory:")
 
 
 StoreFactory = Callable[..., Store]
