@@ -163,11 +163,11 @@ class OrchestratorServer:
             min(RECENT_EVENTS, self.config.event_retention),
         )
         self.bus.seed_agents(loaded.agents)
-        self.bus.add_listener(self.tasks.apply)
         self.registry.restore(loaded.agents, loaded.agent_token_hashes)
-        # The registry's cache follows committed events only (its own and other processes').
-        self.bus.add_listener(self.registry.apply)
         self.tasks.restore(loaded.active_tasks)
+        # The projections follow committed events only (this process's and other processes').
+        self.bus.add_listener(self.registry.apply)
+        self.bus.add_listener(self.tasks.apply)
         self.registry.observer = self.tasks
         await self.tasks.recover()
         self.registry.on_transition = lambda agent, _previous: TRANSITIONS.labels(
