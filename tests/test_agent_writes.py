@@ -276,6 +276,9 @@ async def test_another_process_commit_updates_the_cache_and_fires_observers(runn
     agent = await get_agent(stubs, agent_id)
     assert agent.status == READY and not agent.draining and agent.labels["by"] == "replica-2"
     assert agent.load.cpu == 0.5, "the soft fields of this process's newer beat were lost"
+    # The agent hears of it on its session here, as of a drain ended by this process.
+    notice = (await session.receive_kind("drain")).drain
+    assert not notice.draining and notice.reason == "undrained elsewhere"
     # The scheduler heard the agent is available again and placed the waiting task on it.
     assignment = (await session.receive_kind("assignment")).assignment
     assert assignment.task.task_id == task.task_id

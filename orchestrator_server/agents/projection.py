@@ -84,7 +84,11 @@ class AgentProjection:
             return  # already applied
         else:
             previous = state.agent.status
+            was_draining = state.agent.draining
             self._index.project(state, committed)
+            if state.agent.draining != was_draining and state.session is not None:
+                # Whichever process committed the drain, the agent hears it on its session here.
+                state.session.drain(state.agent.draining, state.agent.status_reason)
         agent = state.agent
         if agent.status != previous:
             if self.on_transition is not None:

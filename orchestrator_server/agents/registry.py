@@ -200,8 +200,7 @@ class Registry(Liveness):
             return Plan(event, state.agent.revision)
 
         state = self._live_record(agent_id)
-        if await decide_and_commit(self._store, state, decide) and state.session is not None:
-            state.session.drain(draining, note)
+        await decide_and_commit(self._store, state, decide)  # the projection tells the session
         return state.agent
 
 
