@@ -304,6 +304,29 @@ async def test_another_process_commit_updates_the_cache_and_fires_observers(runn
     assert server.registry.session_of(agent_id) is None
 
 
+async def test_a_newer_session_committed_elsewhere_fences_the_one_held_here(running: Running) -> None:
+    stubs = running.stubs
+    registered = await stubs.register("moving")
+    agent_id = registered.agent.agent_id
+    session = await open_session(stubs.registry, agent_id, registered.agent_token)
+    server = running.server
+    assert server.bus is not None
+    # The agent reconnects to another process, which commits its newer session.
+    event = event_pb2.Event(type=event_pb2.EVENT_TYPE_AGENT_UPDATED)
+    event.agent.CopyFrom(server.bus.committed_agents[agent_id])
+    event.agent.session.epoch += 1
+    event.agent.session.owner = "replica-2"
+    await server.store.commit(Change(events=[event]))
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        while True:
+            await session.receive()
+    assert ended.value.code() == grpc.StatusCode.ABORTED
+    assert "replica-2" in (ended.value.details() or "")
+    assert server.registry.session_of(agent_id) is None
+    agent = await get_agent(stubs, agent_id)  # alive on the other process: not DOWN here
+    assert agent.status == READY and agent.session.owner == "replica-2"
+
+
 async def test_a_session_end_commits_down_before_the_agent_shows_down(
     tmp_path: Path, start_with: Callable[..., Any]
 ) -> None:

@@ -89,6 +89,7 @@ class AgentProjection:
             if state.agent.draining != was_draining and state.session is not None:
                 # Whichever process committed the drain, the agent hears it on its session here.
                 state.session.drain(state.agent.draining, state.agent.status_reason)
+            self._fence_stale_session(state)
         agent = state.agent
         if agent.status != previous:
             if self.on_transition is not None:
@@ -104,6 +105,18 @@ class AgentProjection:
         elif agent.status != previous and (previous in ALIVE_STATUSES or agent.status == DEREGISTERED):
             graceful = agent.status == DEREGISTERED or agent.status_reason == GOODBYE
             self.observer.agent_lost(agent.agent_id, graceful=graceful)
+
+    def _fence_stale_session(self, state: AgentState) -> None:
+        """A newer session committed by another process (the agent reconnected there while its old
+        stream here looked alive) fences this one, as a newer session here would: the stream ends
+        ABORTED and this process stops timing the agent's lease (its owner does)."""
+        local, committed = state.session, state.agent.session
+        if local is None or committed.epoch <= local.epoch:
+            return
+        state.session = None
+        self._leases.cancel(state)
+        owner = committed.owner or "another process"
+        local.close(CloseReason.FENCED, f"superseded by a newer session (epoch {committed.epoch}) on {owner}")
 
     def _forget_liveness(self, state: AgentState) -> None:
         """A deregistered agent has no session, lease or credential here any more."""
