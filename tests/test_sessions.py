@@ -51,8 +51,14 @@ async def test_failing_check_degrades_and_recovers(stubs: Stubs) -> None:
     passing = agent_pb2.Check(name="disk", status=agent_pb2.CHECK_STATUS_PASSING)
     session.send(beat=registry_pb2.SessionBeat(sequence=2, checks=[passing]))
     assert (await session.receive()).ack.status == READY
-    agent = (await stubs.registry.GetAgent(registry_pb2.GetAgentRequest(agent_id=agent_id))).agent
-    assert agent.transitions >= 3  # DOWN -> READY -> DEGRADED -> READY
+
+    # The ack carries the status the beat decided; the change shows once its commit lands (a beat
+    # never waits for the disk).
+    async def recovered() -> agent_pb2.Agent | None:
+        agent = (await stubs.registry.GetAgent(registry_pb2.GetAgentRequest(agent_id=agent_id))).agent
+        return agent if agent.status == READY and agent.transitions >= 3 else None
+
+    await async_wait_for(recovered, 10, "DOWN -> READY -> DEGRADED -> READY committed")
 
 
 async def test_bad_beat_is_refused_but_session_lives(stubs: Stubs) -> None:
