@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 from orchestrator.v1 import agent_pb2, event_pb2, task_pb2
 from orchestrator_server.errors import Unavailable
+from orchestrator_server.metrics import STORE_COMMIT_ERRORS
 from orchestrator_server.store import Change, CommitListener, LoadedState, Store, TaskQuery
 
 log = logging.getLogger(__name__)
@@ -137,6 +138,7 @@ class SqliteStore(Store):
         if self._closed:
             raise Unavailable("store is closed")
         if self._failure is not None:
+            STORE_COMMIT_ERRORS.inc()
             raise Unavailable(f"store failed: {self._failure}")
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._jobs.put(_Write(change, future))
@@ -278,6 +280,7 @@ class SqliteStore(Store):
             return
         except sqlite3.Error as exc:
             log.exception("store write failed")
+            STORE_COMMIT_ERRORS.inc(len(writes))
             self._failure = exc
             for write in writes:
                 self._resolve(write.future, exc=Unavailable(f"store write failed: {exc}"))
