@@ -47,6 +47,11 @@ DISPATCH_LATENCY = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5, 30),
 )
 FAILOVERS = Counter("orchestrator_failovers_total", "Tasks moved off an agent that went away.")
+# The pause itself lasts MASS_FAILURE_WINDOW seconds after the last drop, often less than a scrape
+# interval: the counter keeps it visible to alerts.
+FAILOVER_PAUSES = Counter(
+    "orchestrator_failover_pauses_total", "Times failover paused because a large share of agents dropped."
+)
 TASKS_FINISHED = Counter(
     "orchestrator_tasks_finished_total", "Tasks that reached a terminal state.", ["status"]
 )

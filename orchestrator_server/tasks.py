@@ -34,7 +34,7 @@ from orchestrator_server.errors import (
 )
 from orchestrator_server.health import WorkloadSummary
 from orchestrator_server.idempotency import IdempotencyKeys, ScopedKey, check_same_spec
-from orchestrator_server.metrics import DISPATCH_LATENCY, FAILOVERS, TASKS_FINISHED
+from orchestrator_server.metrics import DISPATCH_LATENCY, FAILOVER_PAUSES, FAILOVERS, TASKS_FINISHED
 from orchestrator_server.placement import Group, GroupKey
 from orchestrator_server.registry import READY, Registry, new_id, now_timestamp
 from orchestrator_server.selectors import Selector, parse_selector
@@ -947,6 +947,7 @@ class TaskScheduler:
                     window,
                     alive,
                 )
+                FAILOVER_PAUSES.inc()
             self._paused_until = now + window
             loop.call_at(self._paused_until, self._maybe_resume)
         return self._failover_paused()

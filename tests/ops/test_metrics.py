@@ -16,6 +16,7 @@ from prometheus_client import REGISTRY, generate_latest
 from orchestrator.v1 import registry_pb2
 from tests.conftest import Running, async_wait_for, open_session
 from tests.support import rpc_error
+from tests.test_tasks import create, next_assignment
 
 
 def sample(name: str, **labels: str) -> float:
@@ -94,3 +95,22 @@ async def test_failed_store_commits_are_counted(running: Running, tmp_path: Path
     # The store stays failed: every later write is refused and counted too.
     await rpc_error(running.stubs.register("after"), grpc.StatusCode.UNAVAILABLE)
     assert sample("orchestrator_store_commit_errors_total") == before + 2
+
+
+async def test_a_failover_pause_is_counted(servers: Callable[..., Any]) -> None:
+    """Two of three agents holding work drop at once: failover pauses (for MASS_FAILURE_WINDOW after
+    the last drop, often shorter than a scrape interval) and the counter keeps it for the alert."""
+    running: Running = await servers(mass_failure_min_agents=2, mass_failure_threshold=0.5)
+    before = sample("orchestrator_failover_pauses_total")
+    sessions = [
+        (await open_session(running.stubs, f"agent-{index}", max_concurrent_tasks=1))[0] for index in range(3)
+    ]
+    for _ in sessions:
+        await create(running.stubs)
+    for session in sessions:
+        await next_assignment(session)
+    for session in sessions[:2]:
+        session.call.cancel()
+    await async_wait_for(lambda: sample("orchestrator_failover_paused") == 1, what="failover paused")
+    assert sample("orchestrator_failover_pauses_total") == before + 1
+    await sessions[2].goodbye()
