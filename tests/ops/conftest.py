@@ -33,7 +33,9 @@ def _get(url: str, body: dict[str, str] | None = None) -> bytes:
 def scrape(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scrape]:
     """`orchestrator serve` as a process with the gateway; one registration and one REST call so
     the labelled series (RPC latency by method, REST requests by route) exist, then /metrics."""
-    server = ServerProcess(tmp_path_factory.mktemp("metrics-server"), GATEWAY_ENABLED="true").start()
+    server = ServerProcess(
+        tmp_path_factory.mktemp("metrics-server"), GATEWAY_ENABLED="true", SHUTDOWN_DELAY="0"
+    ).start()
     try:
         base = f"http://127.0.0.1:{server.http_port}"
         _get(f"{base}/agents/register", {"name": "scraped", "instance_id": "1", "type": "cost"})
