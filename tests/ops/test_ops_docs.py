@@ -37,6 +37,7 @@ RUN_BY: dict[tuple[str, str], str] = {
     ("DEPLOYMENT.md", "Upgrades and schema migrations"): "test_backups_as_written",
     ("DEPLOYMENT.md", "Backups of the SQLite file"): "test_backups_as_written",
     ("DEPLOYMENT.md", "Monitoring"): "test_monitoring_checks_as_written",
+    ("DEPLOYMENT.md", "TLS, mutual TLS and keys"): "test_mutual_tls_as_written",
     ("OPERATIONS.md", "First look"): "test_first_look_and_alert_checks_as_written",
     ("OPERATIONS.md", "OrchestratorDown"): "test_first_look_and_alert_checks_as_written",
     ("OPERATIONS.md", "OrchestratorFailoverPaused"): "test_first_look_and_alert_checks_as_written",
@@ -314,3 +315,47 @@ def test_key_rotation_as_written(host: Host) -> None:
     wait_for(lambda: status(ADMIN_KEY) == 401, 10, "the old key refused")
     assert host.run_block(verify).split() == ["401", "200"]
     assert oct((host.etc / "keys").stat().st_mode & 0o777) == "0o600"
+
+
+def test_mutual_tls_as_written(tmp_path: Path) -> None:
+    """The settings of the TLS block (the server's environment) and the client's grpcurl command,
+    with certificates from a throwaway CA (the one of tests/security/test_tls.py)."""
+    from tests.security.test_tls import Authority
+
+    host = Host(tmp_path)
+    (host.etc / "tls").mkdir()
+    authority = Authority("ops test CA")
+    server, client = authority.issue("orchestrator", server=True), authority.issue("operator", server=False)
+    files = {
+        "server.crt": server.cert,
+        "server.key": server.key,
+        "clients-ca.crt": authority.pem,
+        "ca.crt": authority.pem,
+        "client.crt": client.cert,
+        "client.key": client.key,
+    }
+    for name, content in files.items():
+        (host.etc / "tls" / name).write_bytes(content)
+    [settings] = [
+        block.code
+        for block in blocks("DEPLOYMENT.md")
+        if block.heading == "TLS, mutual TLS and keys" and "TLS_CERT_FILE=" in block.code
+    ]
+    for line in settings.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.split("=", 1)
+            host.server.env[name] = value.replace("/etc/orchestrator", str(host.etc))
+    assert {"TLS_CERT_FILE", "TLS_KEY_FILE", "TLS_CLIENT_CA_FILE"} <= host.server.env.keys()
+    host.start()
+    try:
+        assert '"store_status": "ok"' in host.run("DEPLOYMENT.md", "TLS, mutual TLS and keys")
+        # Mutual TLS is on: the same command without the client certificate is refused.
+        [command] = bash_blocks("DEPLOYMENT.md", "TLS, mutual TLS and keys")
+        without = command.replace(
+            "-cert /etc/orchestrator/tls/client.crt -key /etc/orchestrator/tls/client.key ", ""
+        )
+        assert without != command
+        with pytest.raises(AssertionError, match="--- stderr"):
+            host.run_block(without)
+    finally:
+        host.server.stop()
