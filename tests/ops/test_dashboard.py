@@ -88,6 +88,7 @@ def test_the_server_exposition_passes_promtool_lint(scrape: Scrape) -> None:
         [promtool, "check", "metrics"], input=scrape.text, capture_output=True, text=True, timeout=60
     )
     assert linted.returncode == 0, linted.stdout + linted.stderr
+    assert "_created" not in scrape.text
 
 
 def test_the_dashboard_is_well_formed() -> None:
