@@ -30,7 +30,7 @@ $(PROMTOOL):
 	  dpkg -x prometheus_*.deb unpacked ) && mkdir -p $(@D) && cp $$scratch/unpacked/usr/bin/promtool $@; \
 	status=$$?; rm -rf $$scratch; \
 	if [ $$status = 0 ]; then echo "== promtool installed: $@"; \
-	else echo "== promtool could not be installed (needs Debian's apt-get): its tests will skip"; [ -z "$${CI:-}" ]; fi
+	else echo "== promtool could not be installed (needs Debian's apt-get): the tests that need it skip outside CI and fail in CI"; [ -z "$${CI:-}" ]; fi
 
 # Generated code mirrors the proto root (orchestrator/v1/x.proto -> orchestrator/v1/x_pb2.py), so its
 # imports (`from orchestrator.v1 import x_pb2`) work from an installed wheel without any rewriting.
