@@ -6,6 +6,9 @@ BIN := $(VENV)/bin
 PROTO_FILES := $(wildcard proto/orchestrator/v1/*.proto)
 GEN_DIR := orchestrator/v1
 PY_DIRS := $(wildcard orchestrator_server orchestrator_client tests bench examples chaos)
+# promtool, unpacked from Debian's prometheus package (no daemon is installed or started): the tests
+# of deploy/prometheus and deploy/grafana run it.
+PROMTOOL := $(VENV)/tools/promtool
 
 .PHONY: setup browser screenshots proto proto-check lint test run bench bench-quick chaos chaos-quick clean
 
@@ -16,7 +19,18 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[server,dev,bench]'
 	touch $@
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed $(PROMTOOL)
+
+# Needs apt (Debian); `apt-get update` first only as root and only if the download fails. Where it
+# cannot be installed the promtool tests skip saying so, except in CI (CI=true), where they fail.
+$(PROMTOOL):
+	@scratch=$$(mktemp -d); \
+	( cd $$scratch && { apt-get download -q prometheus >/dev/null 2>&1 || \
+	    { [ "$$(id -u)" = 0 ] && apt-get update -qq >/dev/null 2>&1 && apt-get download -q prometheus >/dev/null 2>&1; }; } && \
+	  dpkg -x prometheus_*.deb unpacked ) && mkdir -p $(@D) && cp $$scratch/unpacked/usr/bin/promtool $@; \
+	status=$$?; rm -rf $$scratch; \
+	if [ $$status = 0 ]; then echo "== promtool installed: $@"; \
+	else echo "== promtool could not be installed (needs Debian's apt-get): the tests that need it skip outside CI and fail in CI"; [ -z "$${CI:-}" ]; fi
 
 # Headless Chromium and its driver for the console's browser tests (tests/console; Debian packages,
 # needs root). Without them those tests skip, unless CONSOLE_BROWSER_REQUIRED=1 (CI) fails them.
@@ -38,6 +52,7 @@ endef
 proto: setup
 	$(BIN)/buf lint
 	$(call generate,.)
+	$(PY) -m orchestrator_server.apidoc
 
 # Fails when the committed generated code differs from what the protos produce.
 proto-check: setup
@@ -45,6 +60,7 @@ proto-check: setup
 	$(call generate,$(TMP))
 	diff -r -x __pycache__ $(TMP)/orchestrator orchestrator || (echo "generated code is stale: run 'make proto'" && exit 1)
 	rm -rf $(TMP)
+	$(PY) -m orchestrator_server.apidoc --check
 
 lint: setup proto-check
 	$(BIN)/buf lint

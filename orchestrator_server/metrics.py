@@ -1,8 +1,14 @@
 """Prometheus metrics of the orchestrator.
 
 Counters and histograms are module-level (one set per process, as Prometheus expects); gauges that
-describe state (agents by status, queue depth, failover pause) are computed at scrape time from the
-live servers, so nothing on the hot path keeps them up to date.
+describe state (agents by status, open sessions, queue depth, failover pause) are computed at scrape
+time from the live servers, so nothing on the hot path keeps them up to date.
+
+Counters with a known, small set of label values are exported at 0 from the start: an alert on
+`increase()` then sees the first event, and a dashboard shows 0 rather than "no data". The
+`_created` series prometheus_client adds to every counter and histogram are turned off: nothing
+here reads them, and they doubled the series count. deploy/prometheus/alerts.yml and
+deploy/grafana/orchestrator.json use these names; tests/ops checks them against a real scrape.
 """
 
 from __future__ import annotations
@@ -10,14 +16,18 @@ from __future__ import annotations
 import collections
 import weakref
 from collections.abc import Iterable, Iterator
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client import REGISTRY, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from orchestrator.v1 import agent_pb2
-from orchestrator_server.health import WorkloadSummary
+from orchestrator.v1 import agent_pb2, task_pb2
+
+if TYPE_CHECKING:  # health imports the registry, which the store's metrics must not pull in
+    from orchestrator_server.health import WorkloadSummary
+
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 RPC_LATENCY = Histogram(
     "orchestrator_rpc_duration_seconds",
@@ -37,9 +47,29 @@ DISPATCH_LATENCY = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5, 30),
 )
 FAILOVERS = Counter("orchestrator_failovers_total", "Tasks moved off an agent that went away.")
+# The pause itself lasts MASS_FAILURE_WINDOW seconds after the last drop, often less than a scrape
+# interval: the counter keeps it visible to alerts.
+FAILOVER_PAUSES = Counter(
+    "orchestrator_failover_pauses_total", "Times failover paused because a large share of agents dropped."
+)
 TASKS_FINISHED = Counter(
     "orchestrator_tasks_finished_total", "Tasks that reached a terminal state.", ["status"]
 )
+STORE_COMMIT_ERRORS = Counter(
+    "orchestrator_store_commit_errors_total",
+    "Writes the store failed to commit (each failed the operation that asked for it).",
+)
+RATE_LIMITED = Counter(
+    "orchestrator_rate_limited_total",
+    "Calls refused (api_calls, heartbeats) or session messages slowed (session_messages) by a "
+    "per-principal rate limit.",
+    ["budget"],
+)
+
+
+def count_rate_limited(what: str) -> None:
+    """Counts one refusal or pacing; `what` is the budget as the limit's message names it."""
+    RATE_LIMITED.labels(what.lower().replace(" ", "_")).inc()
 
 
 class StateSource(Protocol):
@@ -48,6 +78,8 @@ class StateSource(Protocol):
     def agent_statuses(self) -> Iterable[int]: ...
 
     def workload(self) -> WorkloadSummary: ...
+
+    def open_sessions(self) -> int: ...
 
 
 _sources: weakref.WeakSet[StateSource] = weakref.WeakSet()
@@ -61,22 +93,26 @@ class _StateCollector(Collector):
         paused = GaugeMetricFamily(
             "orchestrator_failover_paused", "1 while failover is paused by a mass drop."
         )
+        sessions = GaugeMetricFamily("orchestrator_sessions", "Open Heartbeat sessions (agent streams).")
         counts: collections.Counter[int] = collections.Counter()
-        totals = WorkloadSummary()
+        pending_tasks = running_tasks = open_sessions = 0
+        failover_paused = False
         for source in list(_sources):
             counts.update(source.agent_statuses())
             workload = source.workload()
-            totals.pending_tasks += workload.pending_tasks
-            totals.running_tasks += workload.running_tasks
-            totals.failover_paused = totals.failover_paused or workload.failover_paused
+            pending_tasks += workload.pending_tasks
+            running_tasks += workload.running_tasks
+            failover_paused = failover_paused or workload.failover_paused
+            open_sessions += source.open_sessions()
         for status in agent_pb2.AgentStatus.values():
             if status != agent_pb2.AGENT_STATUS_UNSPECIFIED:
                 name = agent_pb2.AgentStatus.Name(status).removeprefix("AGENT_STATUS_").lower()
                 agents.add_metric([name], counts.get(status, 0))
-        pending.add_metric([], totals.pending_tasks)
-        running.add_metric([], totals.running_tasks)
-        paused.add_metric([], 1 if totals.failover_paused else 0)
-        yield from (agents, pending, running, paused)
+        pending.add_metric([], pending_tasks)
+        running.add_metric([], running_tasks)
+        paused.add_metric([], 1 if failover_paused else 0)
+        sessions.add_metric([], open_sessions)
+        yield from (agents, sessions, pending, running, paused)
 
 
 REGISTRY.register(_StateCollector())
@@ -93,3 +129,19 @@ def untrack(source: StateSource) -> None:
 
 def status_label(status: int) -> str:
     return agent_pb2.AgentStatus.Name(status).removeprefix("AGENT_STATUS_").lower()  # type: ignore[arg-type]
+
+
+def _export_known_labels() -> None:
+    for kind in ("stream", "unary"):
+        HEARTBEATS.labels(kind)
+    for budget in ("api_calls", "heartbeats", "session_messages"):
+        RATE_LIMITED.labels(budget)
+    for status in agent_pb2.AgentStatus.values():
+        if status != agent_pb2.AGENT_STATUS_UNSPECIFIED:
+            TRANSITIONS.labels(status_label(status))
+    for name in ("SUCCEEDED", "FAILED", "CANCELLED", "TIMED_OUT"):
+        task_pb2.TaskStatus.Value(f"TASK_STATUS_{name}")  # fails at import if the terminal set changes
+        TASKS_FINISHED.labels(name.lower())
+
+
+_export_known_labels()

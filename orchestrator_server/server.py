@@ -300,5 +300,8 @@ class OrchestratorServer:
     def workload(self) -> WorkloadSummary:
         return self.tasks.workload()
 
+    def open_sessions(self) -> int:
+        return sum(1 for agent in self.registry.agents() if self.registry.session_of(agent.agent_id))
+
     async def wait_stopped(self) -> None:
         await self._stopped.wait()

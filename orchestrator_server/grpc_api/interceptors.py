@@ -57,6 +57,7 @@ from orchestrator_server.errors import (
 )
 from orchestrator_server.grpc_api import telemetry
 from orchestrator_server.limits import LogSampler, RateLimiter, StreamSlots
+from orchestrator_server.metrics import count_rate_limited
 
 log = logging.getLogger(__name__)
 audit_log = logging.getLogger("orchestrator.audit")
@@ -426,6 +427,7 @@ class LimitInterceptor(AsyncServerInterceptor):
     def _take(limiter: RateLimiter, key: str, what: str) -> None:
         retry_after = limiter.take(key)
         if retry_after > 0:
+            count_rate_limited(what)
             raise ResourceExhausted(
                 f"rate limit of {key} exceeded: {limiter.rate:g} {what}/s, bursts of {limiter.burst:g}",
                 retry_after=retry_after,
@@ -449,6 +451,7 @@ class LimitInterceptor(AsyncServerInterceptor):
                 slot.held = True
             delay = self._session.reserve(slot.key)
             if delay > 0:
+                count_rate_limited("session messages")
                 await asyncio.sleep(delay)
 
         return pace

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 from orchestrator.v1 import agent_pb2, event_pb2, task_pb2
 from orchestrator_server.errors import AlreadyExists, Unavailable
+from orchestrator_server.metrics import STORE_COMMIT_ERRORS
 from orchestrator_server.store import (
     Change,
     CommitListener,
@@ -130,6 +131,7 @@ class SqliteStore(Store):
         if self._closed:
             raise Unavailable("store is closed")
         if self._failure is not None:
+            STORE_COMMIT_ERRORS.inc()
             raise Unavailable(f"store failed: {self._failure}")
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._jobs.put(_Write(change, future))
@@ -315,6 +317,7 @@ class SqliteStore(Store):
             except _Redo:
                 outcomes, delivered = self._apply_batch(conn, writes, isolate=True)
         except sqlite3.Error as exc:
+            STORE_COMMIT_ERRORS.inc(len(writes))
             busy = isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)
             if not busy:  # another process holding the write lock too long is transient
                 log.exception("store write failed")

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 
 from orchestrator.v1 import agent_pb2
 from orchestrator_server.config import Config
+from orchestrator_server.metrics import FAILOVER_PAUSES
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ class Failover:
                     window,
                     alive,
                 )
+                FAILOVER_PAUSES.inc()
             self._paused_until = now + window
             loop.call_at(self._paused_until, self._maybe_resume)
         return self.paused
