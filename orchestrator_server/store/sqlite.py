@@ -228,6 +228,9 @@ class SqliteStore(Store):
         return await self._read(run)
 
     async def ping(self) -> None:
+        # A store whose writes failed for good answers reads but cannot serve: not ready.
+        if self._failure is not None:
+            raise Unavailable(f"store failed: {self._failure}")
         await self._read(lambda conn: conn.execute("SELECT 1").fetchone())
 
     async def _read(self, run: Callable[[sqlite3.Connection], T]) -> T:

@@ -92,9 +92,10 @@ async def test_failed_store_commits_are_counted(running: Running, tmp_path: Path
         release.set()
         await asyncio.to_thread(holder.join, 10)
     assert sample("orchestrator_store_commit_errors_total") == before + 1
-    # The store stays failed: every later write is refused and counted too.
-    await rpc_error(running.stubs.register("after"), grpc.StatusCode.UNAVAILABLE)
-    assert sample("orchestrator_store_commit_errors_total") == before + 2
+    # A lock held too long is another process's doing, not a broken store: once it is released,
+    # writes work again and nothing more is counted.
+    await running.stubs.register("after")
+    assert sample("orchestrator_store_commit_errors_total") == before + 1
 
 
 async def test_a_failover_pause_is_counted(servers: Callable[..., Any]) -> None:
