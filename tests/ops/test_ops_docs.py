@@ -109,6 +109,9 @@ class Host:
             DATABASE_PATH=self.state / "orchestrator.db",
             LOG_FORMAT="json",
             SHUTDOWN_DELAY="0",  # the tests stop it often; the drain itself is tested elsewhere
+            # The REST agent registers once and never beats: it must stay alive through the module
+            # however slowly a busy machine runs it.
+            HEARTBEAT_TIMEOUT="3600",
         )
 
     def start(self) -> Host:
