@@ -13,9 +13,9 @@ import asyncio
 import json
 import logging
 import math
+import os
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -143,10 +143,15 @@ def _parse_timeout(request: web.Request) -> float | None:
     return None
 
 
+def _new_request_id() -> str:
+    # The form of uuid4().hex (32 hex digits), at a fraction of its cost.
+    return os.urandom(16).hex()
+
+
 def _request_id(request: web.Request) -> str:
     given = request.headers.get(REQUEST_ID_HEADER)
     if given is None or not given.strip():
-        return uuid.uuid4().hex
+        return _new_request_id()
     return given
 
 
@@ -221,6 +226,9 @@ class Gateway:
         if request.content_length is not None and request.content_length > limit:
             raise self._too_large()
         try:
+            if request.content.is_eof():
+                # The whole body came with the head (the usual small request): nothing to wait for.
+                return await request.read()
             async with asyncio.timeout(self.options.body_timeout):
                 return await request.read()
         except web.HTTPRequestEntityTooLarge:
@@ -347,7 +355,6 @@ class Gateway:
         return web.Response(body=self._openapi_body, content_type="application/json")
 
 
-@web.middleware
 async def _observe(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
@@ -357,7 +364,7 @@ async def _observe(
     request[_REQUEST_ID_KEY] = request_id
     try:
         if len(request_id) > _MAX_REQUEST_ID_LENGTH or not _PRINTABLE_ASCII.match(request_id):
-            request[_REQUEST_ID_KEY] = uuid.uuid4().hex
+            request[_REQUEST_ID_KEY] = _new_request_id()
             raise invalid_argument(
                 f"header x-request-id must be at most {_MAX_REQUEST_ID_LENGTH} printable ASCII characters",
                 REQUEST_ID_HEADER,
@@ -405,8 +412,14 @@ def create_gateway_app(
     if isinstance(backend, grpc.aio.Channel):
         backend = ChannelBackend(backend, routes.routes)
     gateway = Gateway(backend, routes, chosen, readiness_check, build_openapi(routes, service_list))
-    app = web.Application(middlewares=[_observe], client_max_size=chosen.max_body_bytes)
-    app.router.add_route("*", "/{tail:.*}", gateway.dispatch)
+    app = web.Application(client_max_size=chosen.max_body_bytes)
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        # One route takes every request, so `_observe` wraps it here rather than as a middleware:
+        # the same effect, without aiohttp building the middleware chain on every request.
+        return await _observe(request, gateway.dispatch)
+
+    app.router.add_route("*", "/{tail:.*}", handle)
 
     async def end_streams(_: web.Application) -> None:
         await gateway.cancel_streams()
