@@ -99,10 +99,10 @@ class ChannelBackend:
             reply = await self._health_stub.Check(check, timeout=within)
         except grpc.aio.AioRpcError as error:
             return f"gRPC health check failed: {error.code().name}: {error.details()}"
-        return _not_serving(reply)
+        return not_serving(reply)
 
 
-def _not_serving(reply: health_pb2.HealthCheckResponse) -> str | None:
+def not_serving(reply: health_pb2.HealthCheckResponse) -> str | None:
     if reply.status == health_pb2.HealthCheckResponse.SERVING:
         return None
     return f"gRPC server reports {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}"

@@ -21,7 +21,7 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2
 
 from orchestrator_server.errors import OrchestratorError
-from orchestrator_server.gateway.backends import Invocation, _not_serving
+from orchestrator_server.gateway.backends import Invocation, not_serving
 from orchestrator_server.gateway.errors import GatewayError, from_status
 from orchestrator_server.gateway.http_rules import Route
 from orchestrator_server.grpc_api import telemetry
@@ -72,12 +72,11 @@ def _error(error: BaseException, method: str) -> GatewayError:
     if isinstance(error, TimeoutError):
         return from_status(grpc.StatusCode.DEADLINE_EXCEEDED, _DEADLINE_MESSAGE, [])
     status = failure_status(error, method)
-    code = grpc.StatusCode.INTERNAL
-    for candidate in grpc.StatusCode:
-        if candidate.value[0] == status.code:
-            code = candidate
-            break
+    code = _CODES.get(status.code, grpc.StatusCode.INTERNAL)
     return from_status(code, status.message, list(status.details))
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 def _code_of(error: BaseException | None) -> str:
@@ -205,7 +204,7 @@ class InProcessBackend:
             return f"gRPC health check failed: {error.code.name}: {error.details or None}"
         except TimeoutError:
             return f"gRPC health check failed: DEADLINE_EXCEEDED: {_DEADLINE_MESSAGE}"
-        return _not_serving(reply)
+        return not_serving(reply)
 
 
 def _deadline(invocation: Invocation) -> float | None:

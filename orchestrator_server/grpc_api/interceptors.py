@@ -140,7 +140,12 @@ class PolicyInterceptor(AsyncServerInterceptor):
             context = hooked  # type: ignore[assignment]
         response = method(request, context)
         if not hasattr(response, "__aiter__"):
-            return await response
+            try:
+                return await response
+            finally:
+                # A session (it writes with context.write, so it ends here) holds its slot since
+                # its hello; it used to keep it for good, and an agent's 1001st reconnect was refused.
+                self._policy.close_stream(slot)
         return self._stream(response, slot)
 
     def _session_hook(self, call: Call, slot: StreamSlot) -> Hook:

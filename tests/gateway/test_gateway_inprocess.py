@@ -28,7 +28,7 @@ from orchestrator_server.gateway.transcode import build_request
 from orchestrator_server.server import OrchestratorServer
 from tests.conftest import Running, make_config
 from tests.security.conftest import ADMIN_KEY, API_KEYS, READER_KEY, bearer
-from tests.support import rpc_error
+from tests.support import SessionClient, rpc_error
 
 ROUTES = build_route_table(DEFAULT_SERVICES)
 
@@ -297,3 +297,13 @@ def test_a_body_becomes_the_message_json_format_makes_or_the_same_refusal(
     assert built is not None
     # Bytes, not ==: a "NaN" string is a valid double, and NaN != NaN.
     assert built.SerializeToString(deterministic=True) == expected.SerializeToString(deterministic=True)
+
+
+async def test_a_closed_session_gives_back_its_stream_slot(servers: Callable[..., Any]) -> None:
+    running: Running = await servers(max_sessions_per_principal=1)
+    registered = await running.stubs.register("reconnecting")
+    for _ in range(3):
+        session = SessionClient(running.stubs.registry, registered.agent.agent_id, registered.agent_token)
+        welcome = await session.receive()
+        assert welcome.WhichOneof("message") == "welcome", welcome
+        await session.goodbye()
