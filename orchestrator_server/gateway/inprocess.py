@@ -171,15 +171,21 @@ class InProcessBackend:
         replies: AsyncIterator[Message] | None = None
         try:
             try:
-                async with asyncio.timeout_at(deadline):
-                    policy.admit(call, invocation.metadata, message)
-                    slot = policy.meter(call, message)
-                    policy.open_stream(slot)
-                    replies = method(message, InProcessContext(invocation, deadline))
-                    assert replies is not None
-                    async for reply in replies:
-                        policy.check_size(reply, "Sent")
-                        yield reply
+                policy.admit(call, invocation.metadata, message)
+                slot = policy.meter(call, message)
+                policy.open_stream(slot)
+                replies = method(message, InProcessContext(invocation, deadline))
+                assert replies is not None
+                while True:
+                    # The deadline covers the servicer's steps only: a timeout around a `yield`
+                    # would cancel whatever the consumer is doing when it fires.
+                    async with asyncio.timeout_at(deadline):
+                        try:
+                            reply = await anext(replies)
+                        except StopAsyncIteration:
+                            break
+                    policy.check_size(reply, "Sent")
+                    yield reply
             except BaseException as error:
                 failure = error
                 if not isinstance(error, Exception):
