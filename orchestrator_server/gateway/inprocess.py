@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Mapping
 from contextvars import Token
 from typing import Any
 
@@ -130,8 +130,7 @@ class InProcessBackend:
         started = time.perf_counter()
         failure: BaseException | None = None
         try:
-            async with asyncio.timeout(invocation.timeout):
-                return await self._unary(call, method, message, invocation)
+            return await _within(self._unary(call, method, message, invocation), invocation.timeout)
         except BaseException as error:
             failure = error
             if not isinstance(error, Exception):
@@ -211,6 +210,52 @@ class InProcessBackend:
         except TimeoutError:
             return f"gRPC health check failed: DEADLINE_EXCEEDED: {_DEADLINE_MESSAGE}"
         return not_serving(reply)
+
+
+async def _within(step: Coroutine[Any, Any, Message], seconds: float | None) -> Message:
+    """`step` under a deadline `seconds` from now, armed only if it has to wait.
+
+    Most calls (a heartbeat, a list) answer without ever suspending; arming a loop timer for them
+    (`asyncio.timeout`) cost ~20 µs under uvloop, 6% of a heartbeat. So the first step runs at
+    once, and only a call that then waits continues under the deadline, measured from its start."""
+    started = asyncio.get_running_loop().time()
+    try:
+        waiting_on = step.send(None)
+    except StopIteration as done:
+        reply: Message = done.value
+        return reply
+    when = None if seconds is None else started + seconds
+    async with asyncio.timeout_at(when):
+        return await _Resumed(step, waiting_on)
+
+
+class _Resumed:
+    """Awaits the rest of a coroutine already stepped once: hands what it waits on to the task, and
+    the task's answers (results, cancellation) back to it, as `await` would have."""
+
+    __slots__ = ("_step", "_waiting_on")
+
+    def __init__(self, step: Coroutine[Any, Any, Message], waiting_on: Any) -> None:
+        self._step = step
+        self._waiting_on = waiting_on
+
+    def __await__(self) -> Generator[Any, Any, Message]:
+        waiting_on = self._waiting_on
+        while True:
+            try:
+                sent = yield waiting_on
+            except BaseException as error:  # cancelled (by the deadline or the client leaving)
+                try:
+                    waiting_on = self._step.throw(error)
+                except StopIteration as done:
+                    reply: Message = done.value
+                    return reply
+            else:
+                try:
+                    waiting_on = self._step.send(sent)
+                except StopIteration as done:
+                    reply = done.value
+                    return reply
 
 
 def _deadline(invocation: Invocation) -> float | None:

@@ -23,6 +23,7 @@ from orchestrator.v1 import agent_pb2, health_pb2, registry_pb2, task_pb2, tasks
 from orchestrator_server.gateway import DEFAULT_SERVICES
 from orchestrator_server.gateway.errors import GatewayError
 from orchestrator_server.gateway.http_rules import build_route_table
+from orchestrator_server.gateway.inprocess import _within
 from orchestrator_server.gateway.proto_json import ProtoJsonWriter
 from orchestrator_server.gateway.transcode import build_request
 from orchestrator_server.server import OrchestratorServer
@@ -307,3 +308,62 @@ async def test_a_closed_session_gives_back_its_stream_slot(servers: Callable[...
         welcome = await session.receive()
         assert welcome.WhichOneof("message") == "welcome", welcome
         await session.goodbye()
+
+
+# -- deadlines of in-process calls: armed only when a call waits ---------------------------------
+
+
+async def test_a_call_that_never_waits_answers_without_a_deadline_timer() -> None:
+    async def answer() -> str:
+        return "at once"
+
+    loop = asyncio.get_running_loop()
+    timers_before = len(getattr(loop, "_scheduled", ()))
+    assert await _within(answer(), 0.000001) == "at once"  # type: ignore[arg-type]
+    assert len(getattr(loop, "_scheduled", ())) == timers_before
+
+
+async def test_a_call_that_waits_gets_its_result_or_is_cancelled_at_its_deadline() -> None:
+    loop = asyncio.get_running_loop()
+    seen: list[str] = []
+
+    async def waits(seconds: float) -> str:
+        try:
+            await asyncio.sleep(seconds)
+            fut: asyncio.Future[str] = loop.create_future()
+            loop.call_soon(fut.set_result, "after two waits")
+            return await fut
+        except asyncio.CancelledError:
+            seen.append("cancelled inside")
+            raise
+
+    assert await _within(waits(0.01), 10) == "after two waits"  # type: ignore[arg-type]
+    with pytest.raises(TimeoutError):
+        await _within(waits(10), 0.05)  # type: ignore[arg-type]
+    assert seen == ["cancelled inside"]
+
+
+async def test_a_call_that_waits_fails_with_its_own_error_and_hears_a_cancellation() -> None:
+    async def fails() -> str:
+        await asyncio.sleep(0)
+        raise ValueError("its own")
+
+    with pytest.raises(ValueError, match="its own"):
+        await _within(fails(), None)  # type: ignore[arg-type]
+    started = asyncio.Event()
+    cleaned = asyncio.Event()
+
+    async def long() -> str:
+        started.set()
+        try:
+            await asyncio.sleep(30)
+        finally:
+            cleaned.set()
+        return "never"
+
+    task = asyncio.create_task(_within(long(), None))  # type: ignore[arg-type]
+    await asyncio.wait_for(started.wait(), 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert cleaned.is_set()
