@@ -12,7 +12,6 @@ import importlib
 import json
 import logging
 import os
-import secrets
 import socket
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -45,7 +44,7 @@ from orchestrator_server.events import RECENT_EVENTS, EventBus
 from orchestrator_server.grpc_api.discovery import DiscoveryServicer
 from orchestrator_server.grpc_api.errors import ErrorInterceptor
 from orchestrator_server.grpc_api.health import HealthServicer
-from orchestrator_server.grpc_api.interceptors import security_interceptors
+from orchestrator_server.grpc_api.interceptors import PolicyInterceptor
 from orchestrator_server.grpc_api.reflection import enable_server_reflection
 from orchestrator_server.grpc_api.registry import RegistryServicer
 from orchestrator_server.grpc_api.tasks import TasksServicer
@@ -53,6 +52,7 @@ from orchestrator_server.grpc_api.telemetry import TelemetryInterceptor
 from orchestrator_server.health import HealthReporter, WorkloadSummary
 from orchestrator_server.limits import raise_fd_limit
 from orchestrator_server.metrics import TRANSITIONS, status_label
+from orchestrator_server.policy import Policy
 from orchestrator_server.store import Store, open_store
 from orchestrator_server.tasks import TaskScheduler
 
@@ -144,8 +144,6 @@ class OrchestratorServer:
         self._listener: Listener | None = None
         self._stopped = asyncio.Event()
         self._draining = False
-        # Signs the HTTP client's address the in-process gateway forwards (auth.forwarded_peer).
-        self._client_address_secret = secrets.token_hex(32)
         self._fd_limit = 0
 
     async def start(self) -> None:
@@ -178,16 +176,20 @@ class OrchestratorServer:
             self.registry, self.store, self.tasks.workload, lambda: self._bus().revision
         )
 
+        # One policy for both transports: the gRPC interceptors and the in-process REST gateway.
+        self.policy = Policy(self.config, self.registry)
         server = grpc.aio.server(interceptors=self._interceptors(), options=grpc_server_options(self.config))
         self.sessions = RegistryServicer(self.config, self.registry, self.tasks)
-        registry_pb2_grpc.add_RegistryServiceServicer_to_server(self.sessions, server)
-        orchestrator_health_pb2_grpc.add_HealthServiceServicer_to_server(
-            HealthServicer(reporter, self.bus), server
+        servicers = (
+            self.sessions,
+            HealthServicer(reporter, self.bus),
+            DiscoveryServicer(self.discovery, self.bus),
+            TasksServicer(self.tasks, self.bus),
         )
-        discovery_pb2_grpc.add_DiscoveryServiceServicer_to_server(
-            DiscoveryServicer(self.discovery, self.bus), server
-        )
-        tasks_pb2_grpc.add_TasksServiceServicer_to_server(TasksServicer(self.tasks, self.bus), server)
+        registry_pb2_grpc.add_RegistryServiceServicer_to_server(servicers[0], server)
+        orchestrator_health_pb2_grpc.add_HealthServiceServicer_to_server(servicers[1], server)
+        discovery_pb2_grpc.add_DiscoveryServiceServicer_to_server(servicers[2], server)
+        tasks_pb2_grpc.add_TasksServiceServicer_to_server(servicers[3], server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         enable_server_reflection(
             (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server
@@ -201,7 +203,7 @@ class OrchestratorServer:
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.config.gateway_enabled:
-            self._gateway = await self._start_gateway()
+            self._gateway = await self._start_gateway(dict(zip(SERVICE_NAMES, servicers, strict=True)))
             self.http_port = self._gateway.port if self._gateway else 0
         log.info(
             "orchestrator serving gRPC on %s:%d%s (database %s)",
@@ -214,34 +216,27 @@ class OrchestratorServer:
             self._write_ready_file()
 
     def _interceptors(self) -> Sequence[Any]:
-        # Outermost first: telemetry sees the final status whoever set it; the security checks
-        # raise domain errors for ErrorInterceptor to turn into statuses.
-        return [
-            TelemetryInterceptor(),
-            ErrorInterceptor(),
-            *security_interceptors(
-                self.config, self.registry, client_address_secret=self._client_address_secret
-            ),
-        ]
+        # Outermost first: telemetry sees the final status whoever set it; the policy raises
+        # domain errors for ErrorInterceptor to turn into statuses.
+        return [TelemetryInterceptor(), ErrorInterceptor(), PolicyInterceptor(self.policy)]
 
-    async def _start_gateway(self) -> RunningGateway | None:
+    async def _start_gateway(self, servicers: dict[str, object]) -> RunningGateway | None:
+        """The REST gateway, calling the servicers in process (no loopback gRPC call)."""
         try:
             gateway_module = importlib.import_module("orchestrator_server.gateway")
         except ImportError:
             log.info("REST gateway not available in this build")
             return None
-        assert self._listener is not None, "gRPC not bound"
-        gateway: RunningGateway = await gateway_module.start_gateway(
+        gateway: RunningGateway = await gateway_module.start_in_process_gateway(
             self.config.bind_host,
             self.config.http_port,
-            self._listener.gateway_target,
+            gateway_module.InProcessBackend(servicers, self.policy, self.health),
             readiness_check=self._store_ready,
             options=gateway_module.GatewayOptions(
                 header_timeout=self.config.gateway_header_timeout,
                 body_timeout=self.config.gateway_body_timeout,
                 # At most half the descriptors, whatever is configured: the rest stay for gRPC.
                 max_connections=min(self.config.gateway_max_connections, max(1, self._fd_limit // 2)),
-                client_address_secret=self._client_address_secret,
             ),
         )
         return gateway

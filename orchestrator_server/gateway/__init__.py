@@ -2,11 +2,13 @@
 
 In process (what `orchestrator serve` does):
 
-    gateway = await start_gateway("0.0.0.0", 8080, f"127.0.0.1:{grpc_port}")
+    backend = InProcessBackend(servicers_by_service_name, policy, grpc_health_servicer)
+    gateway = await start_in_process_gateway("0.0.0.0", 8080, backend)
     ...
     await gateway.stop()
 
-As its own process: `python -m orchestrator_server.gateway --grpc-target HOST:PORT`.
+As its own process toward a gRPC server (`start_gateway` over a channel):
+`python -m orchestrator_server.gateway --grpc-target HOST:PORT`.
 """
 
 from orchestrator_server.gateway.app import (
@@ -16,13 +18,17 @@ from orchestrator_server.gateway.app import (
     RunningGateway,
     create_gateway_app,
     start_gateway,
+    start_in_process_gateway,
 )
+from orchestrator_server.gateway.inprocess import InProcessBackend
 
 __all__ = [
     "DEFAULT_SERVICES",
     "GatewayOptions",
+    "InProcessBackend",
     "ReadinessCheck",
     "RunningGateway",
     "create_gateway_app",
     "start_gateway",
+    "start_in_process_gateway",
 ]

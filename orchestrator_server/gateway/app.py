@@ -1,8 +1,10 @@
-"""The aiohttp application of the REST gateway, and `start_gateway` to run it on a socket.
+"""The aiohttp application of the REST gateway, and `start_gateway` / `start_in_process_gateway`
+to run it on a socket.
 
-Every HTTP request is turned into a call on a grpc.aio channel, so the gRPC server's interceptors
-(auth, validation, limits, error mapping) apply exactly as they do to gRPC clients. The channel may
-point at a server in the same process or at a remote one.
+Every HTTP request is transcoded into the request message of its RPC and handed to a backend
+(`backends.py`): inside the server, the servicers themselves under the policy layer the gRPC
+interceptors apply too (`inprocess.py`); as a process of its own, a remote gRPC server through a
+grpc.aio channel, whose interceptors apply. Either way a REST caller meets the same checks.
 """
 
 from __future__ import annotations
@@ -11,20 +13,18 @@ import asyncio
 import json
 import logging
 import math
+import os
 import re
 import time
-import uuid
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 import prometheus_client
 from aiohttp import web
-from google.protobuf import message_factory
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import Message
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from orchestrator.v1 import discovery_pb2, registry_pb2, tasks_pb2
 from orchestrator.v1 import health_pb2 as orchestrator_health_pb2
@@ -37,12 +37,13 @@ from orchestrator_server.auth import (
 )
 from orchestrator_server.console import mount_console
 from orchestrator_server.gateway import metrics
-from orchestrator_server.gateway.errors import GatewayError, from_rpc_error, invalid_argument
+from orchestrator_server.gateway.backends import Backend, ChannelBackend, Invocation
+from orchestrator_server.gateway.errors import GatewayError, invalid_argument
 from orchestrator_server.gateway.hardening import CappedTCPSite, install_log_redaction
 from orchestrator_server.gateway.http_rules import Route, RouteTable, build_route_table
 from orchestrator_server.gateway.openapi import MAX_FIELD_SIZE, build_openapi
 from orchestrator_server.gateway.proto_json import ProtoJsonWriter
-from orchestrator_server.gateway.transcode import build_request, render_message
+from orchestrator_server.gateway.transcode import build_request
 
 logger = logging.getLogger(__name__)
 
@@ -144,19 +145,24 @@ def _parse_timeout(request: web.Request) -> float | None:
     return None
 
 
+def _new_request_id() -> str:
+    # The form of uuid4().hex (32 hex digits), at a fraction of its cost.
+    return os.urandom(16).hex()
+
+
 def _request_id(request: web.Request) -> str:
     given = request.headers.get(REQUEST_ID_HEADER)
     if given is None or not given.strip():
-        return uuid.uuid4().hex
+        return _new_request_id()
     return given
 
 
 class Gateway:
-    """Routes, the channel's callables and the handlers of one gateway application."""
+    """Routes, the backend and the handlers of one gateway application."""
 
     def __init__(
         self,
-        channel: grpc.aio.Channel,
+        backend: Backend,
         routes: RouteTable,
         options: GatewayOptions,
         readiness_check: ReadinessCheck | None,
@@ -164,28 +170,11 @@ class Gateway:
     ) -> None:
         self.routes = routes
         self.options = options
+        self.backend = backend
         self._readiness_check = readiness_check
         self._openapi_body = json.dumps(openapi_document, indent=1).encode()
-        self._health_stub = health_pb2_grpc.HealthStub(channel)
         self._json_writer = ProtoJsonWriter(options.emit_defaults)
-        self._unary: dict[str, grpc.aio.UnaryUnaryMultiCallable[Message, Message]] = {}
-        self._streams: dict[str, grpc.aio.UnaryStreamMultiCallable[Message, Message]] = {}
         self._open_stream_handlers: set[asyncio.Task[Any]] = set()
-        for route in routes.routes:
-            request_class = message_factory.GetMessageClass(route.rpc.input_type)
-            response_class = message_factory.GetMessageClass(route.rpc.output_type)
-            if route.server_streaming:
-                self._streams[route.grpc_path] = channel.unary_stream(
-                    route.grpc_path,
-                    request_serializer=request_class.SerializeToString,
-                    response_deserializer=response_class.FromString,
-                )
-            else:
-                self._unary[route.grpc_path] = channel.unary_unary(
-                    route.grpc_path,
-                    request_serializer=request_class.SerializeToString,
-                    response_deserializer=response_class.FromString,
-                )
         self._operations: dict[str, Callable[[web.Request], Awaitable[web.StreamResponse]]] = {
             "/livez": self._livez,
             "/readyz": self._readyz,
@@ -227,20 +216,29 @@ class Gateway:
         message = build_request(route, path_values, query, raw_body)
         metadata = self._metadata(request)
         deadline_seconds = _parse_timeout(request)
+        peer = request.transport.get_extra_info("peername") if request.transport is not None else None
         if route.server_streaming:
-            return await self._call_streaming(request, route, message, metadata, deadline_seconds)
-        return await self._call_unary(route, message, metadata, deadline_seconds)
+            invocation = Invocation(metadata, grpc_peer(peer), request[_REQUEST_ID_KEY], deadline_seconds)
+            return await self._call_streaming(request, route, message, invocation)
+        timeout = deadline_seconds if deadline_seconds is not None else self.options.default_timeout
+        invocation = Invocation(metadata, grpc_peer(peer), request[_REQUEST_ID_KEY], timeout)
+        reply = await self.backend.unary(route, message, invocation)
+        return web.Response(
+            body=self._json_writer.to_json(reply, route.response_body), content_type="application/json"
+        )
 
     async def _read_body(self, request: web.Request) -> bytes:
         limit = self.options.max_body_bytes
-        too_large = invalid_argument(f"the request body exceeds the limit of {limit} bytes")
         if request.content_length is not None and request.content_length > limit:
-            raise too_large
+            raise self._too_large()
         try:
+            if request.content.is_eof():
+                # The whole body came with the head (the usual small request): nothing to wait for.
+                return await request.read()
             async with asyncio.timeout(self.options.body_timeout):
                 return await request.read()
         except web.HTTPRequestEntityTooLarge:
-            raise too_large from None
+            raise self._too_large() from None
         except TimeoutError:
             raise GatewayError(
                 408,
@@ -248,6 +246,9 @@ class Gateway:
                 f"the request body did not arrive within {self.options.body_timeout:g} s",
                 headers={"Connection": "close"},
             ) from None
+
+    def _too_large(self) -> GatewayError:
+        return invalid_argument(f"the request body exceeds the limit of {self.options.max_body_bytes} bytes")
 
     def _metadata(self, request: web.Request) -> list[tuple[str, str]]:
         metadata: list[tuple[str, str]] = []
@@ -267,27 +268,8 @@ class Gateway:
             metadata.append((CLIENT_SIGNATURE_HEADER, sign_client_address(secret, address)))
         return metadata
 
-    async def _call_unary(
-        self, route: Route, message: Message, metadata: list[tuple[str, str]], deadline_seconds: float | None
-    ) -> web.Response:
-        call = self._unary[route.grpc_path]
-        try:
-            reply = await call(
-                message,
-                metadata=metadata,
-                timeout=deadline_seconds if deadline_seconds is not None else self.options.default_timeout,
-            )
-        except grpc.aio.AioRpcError as error:
-            raise from_rpc_error(error) from None
-        return _json_response(render_message(reply, route.response_body, self._json_writer))
-
     async def _call_streaming(
-        self,
-        request: web.Request,
-        route: Route,
-        message: Message,
-        metadata: list[tuple[str, str]],
-        deadline_seconds: float | None,
+        self, request: web.Request, route: Route, message: Message, invocation: Invocation
     ) -> web.StreamResponse:
         """Streams the RPC's messages as newline-delimited JSON until the RPC ends or the client leaves.
 
@@ -300,16 +282,13 @@ class Gateway:
         handler_task = asyncio.current_task()
         if handler_task is not None:
             self._open_stream_handlers.add(handler_task)
-        call = self._streams[route.grpc_path](message, metadata=metadata, timeout=deadline_seconds)
+        messages = self.backend.stream(route, message, invocation)
         metrics.OPEN_STREAMS.inc()
         try:
-            messages = call.__aiter__()
             try:
                 first: Message | None = await anext(messages)
             except StopAsyncIteration:
                 first = None
-            except grpc.aio.AioRpcError as error:
-                raise from_rpc_error(error) from None
             response = web.StreamResponse(
                 status=200,
                 headers={
@@ -325,22 +304,20 @@ class Gateway:
                     await self._write_line(response, route, first)
                     async for reply in messages:
                         await self._write_line(response, route, reply)
-            except grpc.aio.AioRpcError as error:
-                trailer = json.dumps(from_rpc_error(error).body(), separators=(",", ":")).encode()
-                await response.write(trailer + b"\n")
+            except GatewayError as error:
+                await response.write(json.dumps(error.body(), separators=(",", ":")).encode() + b"\n")
             await response.write_eof()
             return response
         finally:
-            # Whatever ended the stream (the RPC, the client leaving, gateway shutdown), stop the RPC
-            # so the server frees the watcher at once.
-            call.cancel()
+            # Whatever ended the stream (the RPC, the client leaving, gateway shutdown), the call
+            # ends with it, so the server frees the watcher at once.
+            await _close(messages)
             metrics.OPEN_STREAMS.dec()
             if handler_task is not None:
                 self._open_stream_handlers.discard(handler_task)
 
     async def _write_line(self, response: web.StreamResponse, route: Route, reply: Message) -> None:
-        line = render_message(reply, route.response_body, self._json_writer)
-        await response.write(json.dumps(line, separators=(",", ":")).encode() + b"\n")
+        await response.write(self._json_writer.to_json(reply, route.response_body) + b"\n")
 
     async def cancel_streams(self) -> None:
         """Ends every open streamed response (used at shutdown: a watch never ends by itself)."""
@@ -361,14 +338,9 @@ class Gateway:
         return _json_response({"status": "SERVING"})
 
     async def _not_ready_reason(self) -> str | None:
-        check = health_pb2.HealthCheckRequest(service=self.options.readiness_service)
-        try:
-            reply = await self._health_stub.Check(check, timeout=self.options.readiness_timeout)
-        except grpc.aio.AioRpcError as error:
-            return f"gRPC health check failed: {error.code().name}: {error.details()}"
-        if reply.status != health_pb2.HealthCheckResponse.SERVING:
-            status_name = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-            return f"gRPC server reports {status_name}"
+        reason = await self.backend.health(self.options.readiness_service, self.options.readiness_timeout)
+        if reason is not None:
+            return reason
         if self._readiness_check is not None:
             try:
                 ready = await self._readiness_check()
@@ -389,7 +361,6 @@ class Gateway:
         return web.Response(body=self._openapi_body, content_type="application/json")
 
 
-@web.middleware
 async def _observe(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
@@ -399,7 +370,7 @@ async def _observe(
     request[_REQUEST_ID_KEY] = request_id
     try:
         if len(request_id) > _MAX_REQUEST_ID_LENGTH or not _PRINTABLE_ASCII.match(request_id):
-            request[_REQUEST_ID_KEY] = uuid.uuid4().hex
+            request[_REQUEST_ID_KEY] = _new_request_id()
             raise invalid_argument(
                 f"header x-request-id must be at most {_MAX_REQUEST_ID_LENGTH} printable ASCII characters",
                 REQUEST_ID_HEADER,
@@ -424,25 +395,40 @@ async def _observe(
     return response
 
 
+async def _close(messages: AsyncIterator[Message]) -> None:
+    aclose = getattr(messages, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
 def create_gateway_app(
-    channel: grpc.aio.Channel,
+    backend: Backend | grpc.aio.Channel,
     *,
     services: Iterable[ServiceDescriptor] = DEFAULT_SERVICES,
     options: GatewayOptions | None = None,
     readiness_check: ReadinessCheck | None = None,
 ) -> web.Application:
-    """The gateway as an aiohttp application calling the gRPC server through `channel`.
+    """The gateway as an aiohttp application calling `backend`: the servicers of this process
+    (`inprocess.InProcessBackend`), or a gRPC server through a channel.
 
     Run it with `web.AppRunner(app, handler_cancellation=True)`: that cancellation is what ends a
-    watch's gRPC call when its HTTP client goes away. `start_gateway` does this for you.
+    watch's call when its HTTP client goes away. `start_gateway` does this for you.
     """
     chosen = options or GatewayOptions()
     service_list = list(services)
     routes = build_route_table(service_list)
-    gateway = Gateway(channel, routes, chosen, readiness_check, build_openapi(routes, service_list))
-    app = web.Application(middlewares=[_observe], client_max_size=chosen.max_body_bytes)
+    if isinstance(backend, grpc.aio.Channel):
+        backend = ChannelBackend(backend, routes.routes)
+    gateway = Gateway(backend, routes, chosen, readiness_check, build_openapi(routes, service_list))
+    app = web.Application(client_max_size=chosen.max_body_bytes)
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        # One route takes every request, so `_observe` wraps it here rather than as a middleware:
+        # the same effect, without aiohttp building the middleware chain on every request.
+        return await _observe(request, gateway.dispatch)
+
     mount_console(app)  # the operator console at /ui (docs/CONSOLE.md); before the catch-all
-    app.router.add_route("*", "/{tail:.*}", gateway.dispatch)
+    app.router.add_route("*", "/{tail:.*}", handle)
 
     async def end_streams(_: web.Application) -> None:
         await gateway.cancel_streams()
@@ -453,18 +439,42 @@ def create_gateway_app(
 
 @dataclass
 class RunningGateway:
-    """A gateway listening on a socket; `stop()` closes it and the channel it opened."""
+    """A gateway listening on a socket; `stop()` closes it (and the channel it opened, if any)."""
 
     host: str
     port: int
+    #: The gRPC server it calls; "" when it dispatches in process.
     grpc_target: str
     app: web.Application
     _runner: web.AppRunner
-    _channel: grpc.aio.Channel
+    _channel: grpc.aio.Channel | None = None
 
     async def stop(self) -> None:
         await self._runner.cleanup()
-        await self._channel.close(grace=None)
+        if self._channel is not None:
+            await self._channel.close(grace=None)
+
+
+async def _listen(
+    app: web.Application, host: str, port: int, options: GatewayOptions, shutdown_timeout: float
+) -> web.AppRunner:
+    runner = web.AppRunner(
+        app,
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=shutdown_timeout,
+        keepalive_timeout=options.header_timeout,
+        max_line_size=options.max_field_size,
+        max_field_size=options.max_field_size,
+    )
+    await runner.setup()
+    site = CappedTCPSite(runner, host, port, max_connections=options.max_connections)
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner
 
 
 async def start_gateway(
@@ -488,24 +498,26 @@ async def start_gateway(
         channel = grpc.aio.secure_channel(grpc_target, channel_credentials, options=list(channel_options))
     try:
         app = create_gateway_app(channel, services=services, options=chosen, readiness_check=readiness_check)
-        runner = web.AppRunner(
-            app,
-            handler_cancellation=True,
-            access_log=None,
-            shutdown_timeout=shutdown_timeout,
-            keepalive_timeout=chosen.header_timeout,
-            max_line_size=chosen.max_field_size,
-            max_field_size=chosen.max_field_size,
-        )
-        await runner.setup()
-        site = CappedTCPSite(runner, host, port, max_connections=chosen.max_connections)
-        try:
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
+        runner = await _listen(app, host, port, chosen, shutdown_timeout)
     except BaseException:
         await channel.close(grace=None)
         raise
-    bound_port = int(runner.addresses[0][1])
-    return RunningGateway(host, bound_port, grpc_target, app, runner, channel)
+    return RunningGateway(host, int(runner.addresses[0][1]), grpc_target, app, runner, channel)
+
+
+async def start_in_process_gateway(
+    host: str,
+    port: int,
+    backend: Backend,
+    *,
+    services: Iterable[ServiceDescriptor] = DEFAULT_SERVICES,
+    options: GatewayOptions | None = None,
+    readiness_check: ReadinessCheck | None = None,
+    shutdown_timeout: float = 5.0,
+) -> RunningGateway:
+    """Serves the gateway on host:port, dispatching to `backend` (the servicers of this process)."""
+    chosen = options or GatewayOptions()
+    install_log_redaction(logger)
+    app = create_gateway_app(backend, services=services, options=chosen, readiness_check=readiness_check)
+    runner = await _listen(app, host, port, chosen, shutdown_timeout)
+    return RunningGateway(host, int(runner.addresses[0][1]), "", app, runner)

@@ -112,14 +112,19 @@ def _retry_after_seconds(details: Sequence[any_pb2.Any]) -> int:
 def from_rpc_error(error: grpc.aio.AioRpcError) -> GatewayError:
     code = error.code()
     rich = _rich_status(error)
-    details = list(rich.details) if rich is not None else []
+    return from_status(code, error.details() or code.name, list(rich.details) if rich is not None else [])
+
+
+def from_status(code: grpc.StatusCode, message: str, details: Sequence[any_pb2.Any]) -> GatewayError:
+    """The HTTP error of a gRPC status: from a failed call, or from the policy layer directly
+    (the in-process gateway)."""
     headers: dict[str, str] = {}
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         headers["Retry-After"] = str(_retry_after_seconds(details))
     return GatewayError(
         http_status_for(code),
         code.name,
-        error.details() or code.name,
+        message,
         [_render_detail(detail) for detail in details],
         headers,
     )

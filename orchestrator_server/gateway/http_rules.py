@@ -250,6 +250,8 @@ class RouteTable:
     """
 
     routes: list[Route] = field(default_factory=list)
+    #: Resolutions of paths without variables (`/agents/list`): the same few on every request.
+    _literal: dict[tuple[str, str], Resolution] = field(default_factory=dict, repr=False)
 
     def add(self, route: Route) -> None:
         for existing in self.routes:
@@ -260,8 +262,20 @@ class RouteTable:
                 )
         self.routes.append(route)
         self.routes.sort(key=lambda candidate: candidate.template.specificity)
+        self._literal.clear()
 
     def resolve(self, http_method: str, raw_path: str) -> Resolution:
+        key = (http_method, raw_path)
+        known = self._literal.get(key)
+        if known is not None:
+            return known
+        resolution = self._resolve(http_method, raw_path)
+        # Only routed paths that bind nothing are kept: there are as many as literal templates.
+        if resolution.route is not None and not resolution.values and not resolution.route.template.variables:
+            self._literal[key] = resolution
+        return resolution
+
+    def _resolve(self, http_method: str, raw_path: str) -> Resolution:
         best: tuple[int, ...] | None = None
         allowed: list[str] = []
         chosen: Route | None = None

@@ -6,6 +6,9 @@ of series stays bounded whatever callers send; requests that match no route shar
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram
 
 REQUESTS = Counter(
@@ -33,9 +36,21 @@ def _method_label(method: str) -> str:
     return method if method in _KNOWN_METHODS else "OTHER"
 
 
+# `labels()` costs several microseconds a call; the label sets are few (routes x methods x codes;
+# anything else is `unmatched` / `OTHER`), so their children are kept.
+@functools.lru_cache(maxsize=4096)
+def _request_counter(method: str, route: str, status: int) -> Any:
+    return REQUESTS.labels(method=_method_label(method), route=route, code=str(status))
+
+
+@functools.lru_cache(maxsize=4096)
+def _latency_histogram(method: str, route: str) -> Any:
+    return LATENCY.labels(method=_method_label(method), route=route)
+
+
 def count_request(method: str, route: str, status: int) -> None:
-    REQUESTS.labels(method=_method_label(method), route=route, code=str(status)).inc()
+    _request_counter(method, route, status).inc()
 
 
 def observe_latency(method: str, route: str, seconds: float) -> None:
-    LATENCY.labels(method=_method_label(method), route=route).observe(seconds)
+    _latency_histogram(method, route).observe(seconds)

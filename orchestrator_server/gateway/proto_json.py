@@ -4,17 +4,26 @@ json_format walks every field in pure Python on each call; rendering ten agents 
 the gateway's cost per request. This writer builds one converter per field once and reads only the
 fields that are set (`ListFields`, implemented in C), then adds the defaults it precomputed.
 tests/gateway/test_gateway_proto_json.py checks it against json_format on populated messages.
+
+`to_json` writes the bytes of an answer with orjson. List answers (those with repeated message
+fields) are rendered once per content: the whole answer is kept under its serialized bytes, and
+each item's JSON as an `orjson.Fragment` under the item's, so listing 100 agents of which one
+changed renders that one and joins the others, instead of walking 100 messages field by field on
+every request. Equal bytes mean an equal message, so a cached rendering is exactly what rendering
+again would give.
 """
 
 from __future__ import annotations
 
 import base64
+import datetime
 import functools
 import math
 from collections.abc import Callable
 from typing import Any
 
-from google.protobuf import json_format
+import orjson
+from google.protobuf import duration_pb2, json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.internal import type_checkers
 from google.protobuf.message import Message
@@ -32,11 +41,50 @@ _INT64_TYPES = frozenset(
         FieldDescriptor.TYPE_SFIXED64,
     }
 )
+_TIMESTAMP_SECONDS_MIN = -62135596800
+_TIMESTAMP_SECONDS_MAX = 253402300799
+_EPOCH = datetime.datetime(1970, 1, 1)
+
+
+@functools.lru_cache(maxsize=4096)
+def _whole_seconds(seconds: int) -> str:
+    return (_EPOCH + datetime.timedelta(seconds=seconds)).isoformat()
+
+
+def _timestamp(message: Any) -> str:
+    """`Timestamp.ToJsonString()` (which spends most of its time building a datetime), with the
+    date and time of each second formatted once."""
+    seconds, nanos = message.seconds, message.nanos
+    if not (_TIMESTAMP_SECONDS_MIN <= seconds <= _TIMESTAMP_SECONDS_MAX and 0 <= nanos < 1_000_000_000):
+        return str(message.ToJsonString())  # raises ValueError, as json_format does
+    text = _whole_seconds(seconds)
+    if nanos == 0:
+        return text + "Z"
+    if nanos % 1_000_000 == 0:
+        return f"{text}.{nanos // 1_000_000:03d}Z"
+    if nanos % 1_000 == 0:
+        return f"{text}.{nanos // 1_000:06d}Z"
+    return f"{text}.{nanos:09d}Z"
+
+
+@functools.lru_cache(maxsize=1024)
+def _duration_text(seconds: int, nanos: int) -> str:
+    # Durations in answers are few (configured intervals and timeouts).
+    duration = duration_pb2.Duration(seconds=seconds, nanos=nanos)
+    return str(duration.ToJsonString())
+
+
+def _duration(message: Any) -> str:
+    return _duration_text(message.seconds, message.nanos)
+
+
 # Types with a string form of their own; the others among google.protobuf's well-known types
 # (Struct, Value, ListValue, Any, wrappers, Empty) are rare in answers and go through json_format.
-_STRING_FORM_TYPES = frozenset(
-    {"google.protobuf.Timestamp", "google.protobuf.Duration", "google.protobuf.FieldMask"}
-)
+_STRING_FORMS: dict[str, Callable[[Any], str]] = {
+    "google.protobuf.Timestamp": _timestamp,
+    "google.protobuf.Duration": _duration,
+    "google.protobuf.FieldMask": lambda message: str(message.ToJsonString()),
+}
 
 
 def _identity(value: Any) -> Any:
@@ -71,20 +119,91 @@ def _map_key(key: Any) -> str:
     return str(key)
 
 
+#: Rendered list items kept at most (an item is a few hundred bytes of JSON).
+ITEM_CACHE_SIZE = 4096
+#: Whole list answers kept at most, and the largest kept (serialized bytes): a page asked again
+#: while nothing on it changed (a dashboard polling) is one serialization and one lookup.
+ANSWER_CACHE_SIZE = 32
+ANSWER_CACHE_MAX_BYTES = 256 * 1024
+
+
 class ProtoJsonWriter:
     """Renders messages as proto3 JSON dicts; `emit_defaults` matches always_print_fields_with_no_presence."""
 
-    def __init__(self, emit_defaults: bool) -> None:
+    def __init__(self, emit_defaults: bool, item_cache_size: int = ITEM_CACHE_SIZE) -> None:
         self.emit_defaults = emit_defaults
         self._converters: dict[FieldDescriptor, Converter] = {}
         self._defaults: dict[Descriptor, list[tuple[str, Callable[[], Any]]]] = {}
+        self._items: dict[tuple[str, bytes], orjson.Fragment] = {}
+        self._answers: dict[tuple[str, str, bytes], bytes] = {}
+        self._item_cache_size = item_cache_size
+        #: Per message type: its repeated message fields (the items of list answers).
+        self._item_fields: dict[Descriptor, frozenset[str]] = {}
+
+    def to_json(self, message: Message, field: str = "") -> bytes:
+        """The proto3 JSON bytes of `message`, or of its field `field` (a rule's response_body)."""
+        descriptor: Descriptor = message.DESCRIPTOR  # type: ignore[assignment]
+        items = self._item_fields_of(descriptor)
+        if not items:
+            rendered = self.to_dict(message)
+            return orjson.dumps(rendered.get(field) if field else rendered)
+        serialized = message.SerializeToString()
+        key = (descriptor.full_name, field, serialized)
+        answer = self._answers.get(key)
+        if answer is None:
+            answer = self._render_list(message, descriptor, items, field)
+            if len(serialized) <= ANSWER_CACHE_MAX_BYTES:
+                if len(self._answers) >= ANSWER_CACHE_SIZE:
+                    self._answers.clear()
+                self._answers[key] = answer
+        return answer
+
+    def _render_list(
+        self, message: Message, descriptor: Descriptor, items: frozenset[str], field: str
+    ) -> bytes:
+        document: dict[str, Any] = {}
+        for entry, value in message.ListFields():
+            if entry.name in items:
+                document[entry.name] = [self._item(item) for item in value]
+            else:
+                document[entry.name] = self._converter(entry)(value)
+        if self.emit_defaults:
+            for name, make_default in self._defaults_of(descriptor):
+                if name not in document:
+                    document[name] = make_default()
+        return orjson.dumps(document.get(field) if field else document)
+
+    def _item_fields_of(self, descriptor: Descriptor) -> frozenset[str]:
+        fields = self._item_fields.get(descriptor)
+        if fields is None:
+            fields = frozenset(
+                field.name
+                for field in descriptor.fields
+                if field.is_repeated
+                and field.type == FieldDescriptor.TYPE_MESSAGE
+                and not is_map(field)
+                and not message_type_of(field).full_name.startswith("google.protobuf.")
+            )
+            self._item_fields[descriptor] = fields
+        return fields
+
+    def _item(self, item: Message) -> orjson.Fragment:
+        key = (item.DESCRIPTOR.full_name, item.SerializeToString())
+        fragment = self._items.get(key)
+        if fragment is None:
+            if len(self._items) >= self._item_cache_size:
+                self._items.clear()  # items change slowly; a full cache starts over
+            fragment = orjson.Fragment(orjson.dumps(self.to_dict(item)))
+            self._items[key] = fragment
+        return fragment
 
     def to_dict(self, message: Message) -> Any:
         descriptor: Descriptor = message.DESCRIPTOR  # type: ignore[assignment]
         full_name = descriptor.full_name
         if full_name.startswith("google.protobuf."):
-            if full_name in _STRING_FORM_TYPES:
-                return message.ToJsonString()  # type: ignore[attr-defined]
+            string_form = _STRING_FORMS.get(full_name)
+            if string_form is not None:
+                return string_form(message)
             return json_format.MessageToDict(message, preserving_proto_field_name=True)
         rendered: dict[str, Any] = {}
         for field, value in message.ListFields():

@@ -2,48 +2,20 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
-from google.protobuf import any_pb2, duration_pb2
-from google.rpc import error_details_pb2, status_pb2
 from grpc_interceptor.server import AsyncServerInterceptor
 from grpc_status import rpc_status
 
-from orchestrator_server.errors import InvalidArgument, OrchestratorError
-
-log = logging.getLogger(__name__)
+from orchestrator_server.errors import OrchestratorError
+from orchestrator_server.policy import error_status, failure_status
 
 
 def to_status(error: OrchestratorError) -> grpc.Status:
-    """The gRPC status for a domain error, with BadRequest or RetryInfo details where they apply."""
-    details: list[any_pb2.Any] = []
-    if isinstance(error, InvalidArgument):
-        bad_request = error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=field, description=description)
-                for field, description in error.violations
-            ]
-        )
-        packed = any_pb2.Any()
-        packed.Pack(bad_request)
-        details.append(packed)
-    if error.retry_after is not None:
-        delay = duration_pb2.Duration()
-        delay.FromNanoseconds(int(error.retry_after * 1e9))
-        packed = any_pb2.Any()
-        packed.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
-        details.append(packed)
-    if error.reason:
-        packed = any_pb2.Any()
-        packed.Pack(error_details_pb2.ErrorInfo(reason=error.reason, domain="orchestrator.optiinfra"))
-        details.append(packed)
-    status = status_pb2.Status(
-        code=grpc.StatusCode[error.code].value[0], message=error.message, details=details
-    )
-    return rpc_status.to_status(status)
+    """The gRPC status for a domain error, with the details `policy.error_status` gives it."""
+    return rpc_status.to_status(error_status(error))
 
 
 async def abort_with(context: grpc.aio.ServicerContext[Any, Any], error: OrchestratorError) -> None:
@@ -53,16 +25,11 @@ async def abort_with(context: grpc.aio.ServicerContext[Any, Any], error: Orchest
 
 
 async def answer(error: Exception, context: grpc.aio.ServicerContext[Any, Any], method_name: str) -> None:
-    """Ends the call with the status `error` deserves: its own for domain errors, UNIMPLEMENTED for
-    what is not implemented, a bare INTERNAL (and a logged traceback) for anything else."""
+    """Ends the call with the status `error` deserves (`policy.failure_status`)."""
     if isinstance(error, grpc.aio.AbortError):
         raise error  # the call was already ended with a status
-    if isinstance(error, OrchestratorError):
-        await abort_with(context, error)
-    if isinstance(error, NotImplementedError):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method_name} is not implemented")
-    log.error("unexpected error in %s", method_name, exc_info=error)
-    await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+    aio_context: Any = context
+    await aio_context.abort_with_status(rpc_status.to_status(failure_status(error, method_name)))
 
 
 class ErrorInterceptor(AsyncServerInterceptor):
