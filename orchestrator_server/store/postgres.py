@@ -58,7 +58,7 @@ from orchestrator_server.store import (
     Store,
     TaskQuery,
 )
-from orchestrator_server.store.postgres_changes import Collision, apply_change
+from orchestrator_server.store.postgres_changes import Collision, apply_change, insert_events
 from orchestrator_server.store.postgres_schema import Connection, migrate, session_settings
 
 __all__ = ["PostgresStore"]
@@ -114,6 +114,8 @@ class PostgresStore(Store):
             idle_in_transaction_timeout=idle_in_transaction_timeout,
         )
         self._pool: asyncpg.Pool | None = None
+        # Set once the writer has stopped; until then queued writes still go through (close flushes).
+        self._pool_closing = False
         self._jobs: asyncio.Queue[object] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
@@ -162,6 +164,7 @@ class PostgresStore(Store):
     async def _close_pool(self) -> None:
         if self._pool is None:
             return
+        self._pool_closing = True
         try:
             await asyncio.wait_for(self._pool.close(), self._connect_timeout)
         except (TimeoutError, *UNAVAILABLE_ERRORS):
@@ -261,7 +264,7 @@ class PostgresStore(Store):
     async def _connection(self) -> AsyncIterator[Connection]:
         """A pooled connection; any database or network failure becomes Unavailable (the pool
         replaces a broken connection on the next acquire)."""
-        if self._closed or self._pool is None:
+        if self._pool is None or self._pool_closing:
             raise Unavailable("store is closed")
         try:
             async with self._pool.acquire(timeout=self._connect_timeout) as conn:
@@ -285,7 +288,7 @@ class PostgresStore(Store):
             try:
                 if writes:
                     await self._write_batch(writes)
-                else:
+                elif not stop:
                     await self._poll()
             except Exception as exc:  # a defect: its callers fail, the writer goes on
                 log.exception("store writer failed")
@@ -304,8 +307,8 @@ class PostgresStore(Store):
                 current = await conn.fetchval("SELECT value FROM meta WHERE key = 'revision'")
                 if current > self._delivered:
                     self._deliver(await self._events_upto(conn, current))
-        except Unavailable:
-            log.warning("store could not read other processes' commits; retrying", exc_info=True)
+        except Unavailable as exc:
+            log.warning("store could not read other processes' commits (%s); retrying", exc)
 
     async def _write_batch(self, writes: list[_Write]) -> None:
         try:
@@ -369,6 +372,7 @@ class PostgresStore(Store):
                 if savepoint is not None:
                     await savepoint.commit()
             if len(delivered) > first_own:
+                await insert_events(conn, delivered[first_own:])
                 await conn.execute("UPDATE meta SET value = $1 WHERE key = 'revision'", revision)
                 # Delivered at commit, once per batch: NOTIFY serialises notifying commits.
                 await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, str(revision))

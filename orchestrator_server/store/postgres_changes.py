@@ -53,8 +53,9 @@ class Collision(Exception):
 
 
 async def apply_change(conn: Connection, change: Change, revision: int) -> list[event_pb2.Event]:
-    """Checks the change's conditions, then writes it with revisions from `revision` + 1 on;
-    returns its events, stamped. Raises ConditionFailed or ValueError before writing anything,
+    """Checks the change's conditions, then writes its entities with revisions from `revision` + 1
+    on; returns its events, stamped, for the caller to append (`insert_events`, once per batch: no
+    condition reads the log). Raises ConditionFailed or ValueError before writing anything,
     Collision after writing part of the change (the transaction is then aborted)."""
     records = {record.task_id: record for record in change.task_records}
     orphans = records.keys() - {event.task.task_id for event in change.events if event.HasField("task")}
@@ -65,7 +66,6 @@ async def apply_change(conn: Connection, change: Change, revision: int) -> list[
     if change.claims:
         await _check_claims(conn, change.claims)
     stored_tasks: dict[str, task_pb2.Task] = {}
-    event_rows = []
     for event in change.events:
         revision += 1
         stamp(event, revision)
@@ -75,9 +75,6 @@ async def apply_change(conn: Connection, change: Change, revision: int) -> list[
             record = records.get(event.task.task_id, event.task)
             record.revision = revision
             stored_tasks[record.task_id] = record
-        event_rows.append((revision, int(event.type), event.SerializeToString()))
-    if event_rows:
-        await conn.executemany("INSERT INTO events (revision, type, data) VALUES ($1, $2, $3)", event_rows)
     for task in stored_tasks.values():
         await _upsert_task(conn, task, change.idempotency_scopes.get(task.task_id, ""))
     for agent_id, token_hash in change.agent_token_hashes.items():
@@ -85,14 +82,24 @@ async def apply_change(conn: Connection, change: Change, revision: int) -> list[
     return change.events
 
 
-async def _check_expect(conn: Connection, expect: Expect) -> None:
-    actual = await conn.fetchval(
-        "SELECT revision FROM agents WHERE agent_id = $1 FOR UPDATE", expect.entity_id
+async def insert_events(conn: Connection, events: list[event_pb2.Event]) -> None:
+    """Appends a batch's events in one statement."""
+    await conn.execute(
+        "INSERT INTO events (revision, type, data) "
+        "SELECT * FROM unnest($1::bigint[], $2::integer[], $3::bytea[])",
+        [event.revision for event in events],
+        [int(event.type) for event in events],
+        [event.SerializeToString() for event in events],
     )
-    if actual is None:
-        actual = await conn.fetchval(
-            "SELECT revision FROM tasks WHERE task_id = $1 FOR UPDATE", expect.entity_id
-        )
+
+
+async def _check_expect(conn: Connection, expect: Expect) -> None:
+    # An id names an agent or a task, never both; one round trip for either.
+    actual = await conn.fetchval(
+        "SELECT coalesce((SELECT revision FROM agents WHERE agent_id = $1 FOR UPDATE), "
+        "(SELECT revision FROM tasks WHERE task_id = $1 FOR UPDATE))",
+        expect.entity_id,
+    )
     if actual is None:
         if expect.revision != 0:
             raise ConditionFailed(expect.entity_id, "does not exist", expected=expect.revision)
