@@ -17,7 +17,7 @@ from orchestrator_server.errors import Unavailable
 from orchestrator_server.server import OrchestratorServer
 from orchestrator_server.store import Change, open_store
 from orchestrator_server.store.postgres import PostgresStore
-from tests.conftest import Stubs, async_wait_for, make_config, open_session
+from tests.conftest import Stubs, make_config, open_session
 from tests.postgres_cluster import cluster
 from tests.store_contract.builders import Recorder, agent_event, task_event
 
@@ -88,7 +88,9 @@ async def test_a_server_runs_on_postgres_and_finds_its_state_after_a_restart(
         )
         assert done.task.status == task_pb2.TASK_STATUS_SUCCEEDED
         # Queued behind the busy agent's single slot: still pending at the restart.
-        waiting = await stubs.tasks.CreateTask(tasks_pb2.CreateTaskRequest(spec=task_pb2.TaskSpec(type="other")))
+        waiting = await stubs.tasks.CreateTask(
+            tasks_pb2.CreateTaskRequest(spec=task_pb2.TaskSpec(type="other"))
+        )
         revision = (await stubs.health.GetSystemHealth(health_pb2.GetSystemHealthRequest())).revision
         await session.goodbye()
     finally:

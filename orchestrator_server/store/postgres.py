@@ -58,7 +58,8 @@ from orchestrator_server.store import (
     Store,
     TaskQuery,
 )
-from orchestrator_server.store.postgres_changes import Collision, apply_change, insert_events
+from orchestrator_server.store.postgres_changes import Batch, Rows, explain_collision
+from orchestrator_server.store.postgres_changes import write as write_rows
 from orchestrator_server.store.postgres_schema import Connection, migrate, session_settings
 
 __all__ = ["PostgresStore"]
@@ -344,38 +345,51 @@ class PostgresStore(Store):
     async def _apply_batch(
         self, conn: Connection, writes: list[_Write], *, isolate: bool
     ) -> tuple[list[int | BaseException], list[event_pb2.Event]]:
-        """One transaction for the batch: each change's revision or error, and the events to deliver."""
+        """One transaction for the batch: each change's revision or error, and the events to deliver.
+
+        A failed condition writes nothing, so the common case writes the whole batch's rows at the
+        end (a savepoint per change would cost a round trip each); a collision, found only by
+        writing, makes the batch roll back and run again with `isolate`: each change written under
+        a savepoint of its own, to undo that change alone."""
         outcomes: list[int | BaseException] = []
         async with conn.transaction():
             revision = await conn.fetchval("SELECT value FROM meta WHERE key = 'revision' FOR UPDATE")
             # Other processes' commits first: they precede this batch in revision order.
             delivered = await self._events_upto(conn, revision)
             first_own = len(delivered)
+            batch = Batch(revision)
+            await batch.read(conn, [write.change for write in writes])
+            everything = Rows()
             for write in writes:
-                savepoint = conn.transaction() if isolate else None
-                if savepoint is not None:
-                    await savepoint.start()
                 try:
-                    events = await apply_change(conn, write.change, revision)
-                except (ConditionFailed, ValueError) as exc:  # raised before writing
+                    events, rows = batch.stage(write.change)
+                except (ConditionFailed, ValueError) as exc:  # nothing staged
                     outcomes.append(exc)
-                except Collision as collision:
-                    if savepoint is None:
-                        raise _Redo from collision
-                    await savepoint.rollback()
-                    savepoint = None
-                    outcomes.append(await collision.explain(conn))
-                else:
-                    revision += len(events)
-                    delivered.extend(events)
-                    outcomes.append(revision)
-                if savepoint is not None:
+                    continue
+                if isolate:
+                    savepoint = conn.transaction()
+                    await savepoint.start()
+                    try:
+                        await write_rows(conn, rows, events)
+                    except asyncpg.UniqueViolationError as exc:
+                        await savepoint.rollback()
+                        outcomes.append(await explain_collision(conn, rows, exc))
+                        continue
                     await savepoint.commit()
+                else:
+                    everything.add(rows)
+                batch.accept(events, rows)
+                delivered.extend(events)
+                outcomes.append(batch.revision)
+            if not isolate:
+                try:
+                    await write_rows(conn, everything, delivered[first_own:])
+                except asyncpg.UniqueViolationError as exc:
+                    raise _Redo from exc
             if len(delivered) > first_own:
-                await insert_events(conn, delivered[first_own:])
-                await conn.execute("UPDATE meta SET value = $1 WHERE key = 'revision'", revision)
+                await conn.execute("UPDATE meta SET value = $1 WHERE key = 'revision'", batch.revision)
                 # Delivered at commit, once per batch: NOTIFY serialises notifying commits.
-                await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, str(revision))
+                await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, str(batch.revision))
         return outcomes, delivered
 
     async def _events_upto(self, conn: Connection, upto: int) -> list[event_pb2.Event]:
