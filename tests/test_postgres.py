@@ -7,6 +7,7 @@ import asyncio
 import time
 from pathlib import Path
 
+import asyncpg
 import grpc
 import pytest
 from google.protobuf import struct_pb2
@@ -17,6 +18,7 @@ from orchestrator_server.errors import Unavailable
 from orchestrator_server.server import OrchestratorServer
 from orchestrator_server.store import Change, open_store
 from orchestrator_server.store.postgres import PostgresStore
+from orchestrator_server.store.postgres_schema import session_settings
 from tests.conftest import Stubs, make_config, open_session
 from tests.postgres_cluster import cluster
 from tests.store_contract.builders import Recorder, agent_event, task_event
@@ -153,4 +155,31 @@ async def test_the_store_recovers_from_a_postgres_restart_by_itself(database_url
         assert (await store.events_after(2, 1))[0].type == event_pb2.EVENT_TYPE_TASK_CREATED
     finally:
         await other.close()
+        await store.close()
+
+
+async def test_a_writer_frozen_inside_a_transaction_is_cut_off_by_the_timeouts(database_url: str) -> None:
+    """Another process holds the revision counter and stops (a frozen replica): this store's
+    commits fail with Unavailable after `lock_timeout` rather than hang, and the server ends the
+    frozen transaction after `idle_in_transaction_session_timeout`, after which they go through."""
+    store = PostgresStore(database_url, lock_timeout=0.3, idle_in_transaction_timeout=4.0)
+    recorder = Recorder()
+    await store.open(recorder)
+    frozen = await asyncpg.connect(
+        database_url,
+        server_settings=session_settings(
+            statement_timeout=30, lock_timeout=0.3, idle_in_transaction_timeout=4.0
+        ),
+    )
+    try:
+        await frozen.execute("BEGIN")
+        await frozen.execute("SELECT value FROM meta WHERE key = 'revision' FOR UPDATE")
+        started = time.monotonic()
+        with pytest.raises(Unavailable, match="lock"):
+            await store.commit(Change(events=[agent_event("blocked")]))
+        assert time.monotonic() - started < 3.0
+        assert await commit_until_it_works(store, Change(events=[agent_event("after")])) == 1
+        assert recorder.revisions == [1]
+    finally:
+        frozen.terminate()
         await store.close()

@@ -7,17 +7,20 @@ concurrent single-task commits, each with a must-not-exist condition, fsync on):
 1,020 ms with all 2,000 submitted at once); one transaction per commit over a 10-connection pool,
 394 vs 347 commits/s. asyncpg is ~35 % faster where it matters, ships its own pool (psycopg needs
 psycopg-pool besides), and hands a connection's server settings to every pooled connection.
+The store itself (postgres_changes: conditions read once per batch, set-based writes) takes
+5,000 concurrent conditional commits at 7.7k-11.5k commits/s, p99 0.34-0.53 s (all submitted at
+once; a statement per condition and per row made ~2k/s), where the SQLite store makes ~6.2k/s.
 
 **Writes.** Callers queue their changes; one writer task folds every change waiting at that moment
 into one transaction, commits once and answers each caller (group commit: the counter row makes
-writers take turns, so one transaction per commit would queue on its lock, 5-7x slower above).
+writers take turns, so one transaction per commit would queue on its lock, ~6x slower above).
 The transaction first locks the revision counter row (`meta`) `FOR UPDATE`: writers of every
 process take turns there, so revisions are contiguous and follow commit order (a sequence hands
 out numbers at INSERT but they become visible at COMMIT, so a reader following "revision > n" would
 skip some). Holding the lock, the writer reads the events other processes committed since it last
-delivered, then applies each change (conditions checked, rows locked, inside this transaction). A
-failed condition writes nothing; a uniqueness collision aborts the transaction, which then runs
-again with a savepoint per change, so only its caller fails. Every event up to the commit is handed
+delivered, then applies each change (conditions checked against rows it locked, inside this
+transaction; postgres_changes). A failed condition writes nothing; a uniqueness collision aborts
+the transaction, which then runs again with a savepoint per change, so only its caller fails. Every event up to the commit is handed
 to `on_commit` before any caller of the batch is answered.
 
 **Tailing other processes.** Each write batch ends with one `pg_notify` (delivered at commit); a
