@@ -183,3 +183,30 @@ async def test_a_writer_frozen_inside_a_transaction_is_cut_off_by_the_timeouts(d
     finally:
         frozen.terminate()
         await store.close()
+
+
+async def test_another_stores_commits_arrive_by_notify_without_polling(database_url: str) -> None:
+    """With the poll fallback an hour away, only the NOTIFY of the other store's commit batch can
+    wake this store to read the events table."""
+    here = Recorder()
+    store = PostgresStore(database_url, poll_interval=3600)
+    other = PostgresStore(database_url)
+    await store.open(here)
+    await other.open(Recorder())
+    try:
+        listening = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN %'"
+        admin = await asyncpg.connect(database_url)
+        try:
+            deadline = time.monotonic() + 30
+            while await admin.fetchval(listening) < 2:  # both stores' LISTEN connections are up
+                assert time.monotonic() < deadline, "the stores did not LISTEN within 30 s"
+                await asyncio.sleep(0.05)
+        finally:
+            await admin.close()
+        for n in range(1, 4):
+            assert await other.commit(Change(events=[agent_event(f"there-{n}")])) == n
+            await here.reached(n, within=10.0)
+        assert here.revisions == [1, 2, 3]
+    finally:
+        await other.close()
+        await store.close()
