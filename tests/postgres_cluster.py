@@ -9,6 +9,7 @@ package; .ci/run installs it when missing). fsync is off: these databases are th
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import itertools
@@ -88,6 +89,12 @@ class Cluster:
 
 
 _cluster: Cluster | None = None
+
+
+async def new_database() -> str:
+    """A new database in the session's cluster (started, off the event loop, on first use)."""
+    started = _cluster or await asyncio.to_thread(cluster)
+    return await started.create_database()
 
 
 def cluster() -> Cluster:

@@ -20,13 +20,13 @@ from orchestrator_server.store import Change, open_store
 from orchestrator_server.store.postgres import PostgresStore
 from orchestrator_server.store.postgres_schema import session_settings
 from tests.conftest import Stubs, make_config, open_session
-from tests.postgres_cluster import cluster
+from tests.postgres_cluster import cluster, new_database
 from tests.store_contract.builders import Recorder, agent_event, task_event
 
 
 @pytest.fixture
 async def database_url() -> str:
-    return await cluster().create_database()
+    return await new_database()
 
 
 @pytest.mark.parametrize(

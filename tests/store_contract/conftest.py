@@ -14,7 +14,7 @@ import pytest
 from orchestrator_server.store import Store
 from orchestrator_server.store.postgres import PostgresStore
 from orchestrator_server.store.sqlite import SqliteStore
-from tests.postgres_cluster import cluster
+from tests.postgres_cluster import new_database
 
 
 @dataclass
@@ -31,7 +31,7 @@ class Backend:
     async def sibling(self, suffix: str) -> Backend:
         """Another, new database on the same backend."""
         if self.name == "postgres":
-            return Backend(self.name, await cluster().create_database())
+            return Backend(self.name, await new_database())
         return Backend(self.name, f"{self.location}{suffix}")
 
 
@@ -57,7 +57,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 @pytest.fixture
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     if request.param == "postgres":
-        return Backend(request.param, await cluster().create_database())
+        return Backend(request.param, await new_database())
     if request.param == "sqlite-file":
         return Backend(request.param, str(tmp_path / "store.db"))
     return Backend(request.param, ":memory:")
