@@ -1,5 +1,6 @@
-"""Two store instances in two processes on one database (a SQLite file or a PostgreSQL database): the log, the conditions and the
-leases hold across them (the peer is `python -m tests.store_contract.peer`)."""
+"""Two store instances in two processes on one database (a SQLite file, a PostgreSQL database): the
+log, the conditions and the leases hold across them (the peer is `python -m
+tests.store_contract.peer`)."""
 
 from __future__ import annotations
 
