@@ -104,7 +104,8 @@ class PostgresStore(Store):
         connect_timeout: float = 5.0,
         statement_timeout: float = 30.0,
         lock_timeout: float = 10.0,
-        idle_in_transaction_timeout: float = 60.0,
+        # A frozen process holding the revision counter stalls every writer until this cuts it off.
+        idle_in_transaction_timeout: float = 10.0,
     ) -> None:
         self._url = url
         self._event_retention = event_retention
