@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -10,6 +11,7 @@ from typing import TypeVar
 T = TypeVar("T")
 
 ENVIRONMENTS = ("development", "production", "test")
+POSTGRES_SCHEMES = ("postgresql", "postgres")
 SYNCHRONOUS_MODES = ("FULL", "NORMAL", "OFF")
 LOG_FORMATS = ("json", "text")
 SCHEDULING_STRATEGIES = ("least_loaded", "round_robin", "random", "consistent_hash")
@@ -39,6 +41,10 @@ class Config:
     mass_failure_window: float = 5.0
     mass_failure_min_agents: int = 4
     database_path: str = "orchestrator.db"
+    # A postgresql:// URL selects the PostgreSQL store (DATABASE_PATH is then unused); it may carry
+    # a password, so it never appears in the repr.
+    database_url: str = field(default="", repr=False)
+    database_pool_size: int = 10
     db_synchronous: str = "FULL"
     event_retention: int = 100_000
     gateway_enabled: bool = True
@@ -111,6 +117,8 @@ class Config:
                 "MASS_FAILURE_MIN_AGENTS", cls.mass_failure_min_agents, minimum=1
             ),
             database_path=reader.text("DATABASE_PATH", cls.database_path),
+            database_url=reader.postgres_url("DATABASE_URL"),
+            database_pool_size=reader.integer("DATABASE_POOL_SIZE", cls.database_pool_size, minimum=1),
             db_synchronous=reader.choice("DB_SYNCHRONOUS", cls.db_synchronous, SYNCHRONOUS_MODES, upper=True),
             event_retention=reader.integer("EVENT_RETENTION", cls.event_retention, minimum=100),
             gateway_enabled=reader.flag("GATEWAY_ENABLED", cls.gateway_enabled),
@@ -185,6 +193,22 @@ class _Reader:
         if not value and not allow_empty:
             raise ConfigError(name, "must not be empty")
         return value
+
+    def postgres_url(self, name: str) -> str:
+        """A postgresql:// URL or nothing. Only its shape is checked here; the server's first
+        connection says whether the database answers."""
+
+        def parse(raw: str) -> str:
+            try:
+                parts = urllib.parse.urlsplit(raw)
+                parts.port  # noqa: B018 -- raises on a port that is not a number
+            except ValueError as exc:
+                raise ConfigError(name, f"is not a valid URL ({exc})") from None
+            if parts.scheme.lower() not in POSTGRES_SCHEMES:
+                raise ConfigError(name, "must be a postgresql:// URL (or unset for SQLite at DATABASE_PATH)")
+            return raw
+
+        return self._get(name, "", parse)
 
     def integer(
         self, name: str, default: int, *, minimum: int | None = None, maximum: int | None = None

@@ -130,7 +130,10 @@ class OrchestratorServer:
     def __init__(self, config: Config, store: Store | None = None) -> None:
         self.config = config
         self.store = store or open_store(
-            config.database_path, synchronous=config.db_synchronous, event_retention=config.event_retention
+            config.database_url or config.database_path,
+            synchronous=config.db_synchronous,
+            event_retention=config.event_retention,
+            pool_size=config.database_pool_size,
         )
         self.registry = Registry(config, self.store)
         self.tasks = TaskScheduler(config, self.registry, self.store)

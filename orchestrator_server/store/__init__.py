@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from orchestrator.v1 import agent_pb2, event_pb2, task_pb2
+from orchestrator_server.config import POSTGRES_SCHEMES
 
 CommitListener = Callable[[Sequence[event_pb2.Event]], None]
 
@@ -171,8 +172,25 @@ class Store(abc.ABC):
         """Flushes pending writes and closes."""
 
 
-def open_store(path: str, *, synchronous: str = "FULL", event_retention: int = 100_000) -> Store:
-    """The store for a database location (SQLite file path or ':memory:')."""
+def is_postgres_url(location: str) -> bool:
+    return location.partition("://")[0].lower() in POSTGRES_SCHEMES and "://" in location
+
+
+def open_store(
+    location: str, *, synchronous: str = "FULL", event_retention: int = 100_000, pool_size: int = 10
+) -> Store:
+    """The store for a database location: a `postgresql://` URL (the `postgres` extra), else an
+    SQLite file path or ':memory:'. `synchronous` is SQLite's; `pool_size` PostgreSQL's."""
+    if is_postgres_url(location):
+        try:
+            from orchestrator_server.store.postgres import PostgresStore
+        except ImportError as exc:
+            raise RuntimeError(
+                "DATABASE_URL names PostgreSQL, which needs the postgres extra: "
+                "pip install 'optiinfra-orchestrator[server,postgres]'"
+            ) from exc
+
+        return PostgresStore(location, event_retention=event_retention, pool_size=pool_size)
     from orchestrator_server.store.sqlite import SqliteStore
 
-    return SqliteStore(path, synchronous=synchronous, event_retention=event_retention)
+    return SqliteStore(location, synchronous=synchronous, event_retention=event_retention)

@@ -1,5 +1,6 @@
 """Backends the contract runs on. A backend is a database location plus a way to open a store on
-it; add PostgreSQL to BACKENDS (shared) and every contract test runs on it."""
+it; every contract test runs on each backend in BACKENDS (PostgreSQL: a database of its own per
+test, in the session's throwaway cluster, tests/postgres_cluster.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from typing import Any
 import pytest
 
 from orchestrator_server.store import Store
+from orchestrator_server.store.postgres import PostgresStore
 from orchestrator_server.store.sqlite import SqliteStore
+from tests.postgres_cluster import new_database
 
 
 @dataclass
@@ -21,11 +24,19 @@ class Backend:
 
     def make(self, **options: Any) -> Store:
         # Compacting every few commits lets the compaction contract be seen with small logs.
+        if self.name == "postgres":
+            return PostgresStore(self.location, compact_every=10, **options)
         return SqliteStore(self.location, synchronous="NORMAL", compact_every=10, **options)
+
+    async def sibling(self, suffix: str) -> Backend:
+        """Another, new database on the same backend."""
+        if self.name == "postgres":
+            return Backend(self.name, await new_database())
+        return Backend(self.name, f"{self.location}{suffix}")
 
 
 # Backend name -> whether a second store (a reopened one, or one in another process) sees its data.
-BACKENDS = {"sqlite-file": True, "sqlite-memory": False}
+BACKENDS = {"sqlite-file": True, "sqlite-memory": False, "postgres": True}
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -44,7 +55,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 @pytest.fixture
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    if request.param == "postgres":
+        return Backend(request.param, await new_database())
     if request.param == "sqlite-file":
         return Backend(request.param, str(tmp_path / "store.db"))
     return Backend(request.param, ":memory:")

@@ -1,7 +1,7 @@
 """A second store in a process of its own, driven over stdin/stdout (JSON lines), on the same
 database as the test's store:
 
-    python -m tests.store_contract.peer <database>
+    python -m tests.store_contract.peer <database>   (a file path or a postgresql:// URL)
 
 Requests: {"op": "commit", "changes": [change, ...]} commits the changes concurrently, where a
 change is {"events": [base64 Event], "expect": [[id, revision]], "claims": [[task, agent, epoch]]};
@@ -19,8 +19,7 @@ from typing import Any
 
 from orchestrator.v1 import event_pb2
 from orchestrator_server.errors import AlreadyExists
-from orchestrator_server.store import Change, ConditionFailed, Expect, PlacementClaim, Store
-from orchestrator_server.store.sqlite import SqliteStore
+from orchestrator_server.store import Change, ConditionFailed, Expect, PlacementClaim, Store, open_store
 from tests.store_contract.builders import Recorder
 
 
@@ -68,7 +67,7 @@ async def handle(store: Store, recorder: Recorder, request: dict[str, Any]) -> A
 
 async def main(path: str) -> None:
     recorder = Recorder()
-    store = SqliteStore(path, synchronous="NORMAL")
+    store = open_store(path, synchronous="NORMAL")
     await store.open(recorder)
     print(json.dumps("ready"), flush=True)
     while True:

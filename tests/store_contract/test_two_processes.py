@@ -1,10 +1,10 @@
-"""Two store instances in two processes on one database file: the log, the conditions and the
-leases hold across them (the peer is `python -m tests.store_contract.peer`)."""
+"""Two store instances in two processes on one database (a SQLite file, a PostgreSQL database): the
+log, the conditions and the leases hold across them (the peer is `python -m
+tests.store_contract.peer`)."""
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import sys
 from collections.abc import AsyncIterator
@@ -184,9 +184,9 @@ async def test_lease_contention_across_processes(two: tuple[Store, Recorder, Pee
 
 
 async def test_processes_opening_a_new_database_at_once_both_work(backend: Backend) -> None:
-    """Whoever migrates a new file first, the other finds it migrated (no 'table already exists')."""
+    """Whoever migrates a new database first, the other finds it migrated (no 'table already exists')."""
     for attempt in range(5):
-        fresh = dataclasses.replace(backend, location=f"{backend.location}.{attempt}")
+        fresh = await backend.sibling(f".{attempt}")
         store, recorder = fresh.make(), Recorder()
         try:
             _, peer = await asyncio.gather(store.open(recorder), Peer.start(fresh.location))
