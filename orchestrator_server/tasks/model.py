@@ -77,8 +77,9 @@ class ActiveTask:
     run_timer: asyncio.TimerHandle | None = None
     backoff_timer: asyncio.TimerHandle | None = None
     # Commands on one task run one at a time in this process, so they never conflict with each
-    # other; a conflict then means another process changed the task.
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # other; a conflict then means another process changed the task. Made on the first command:
+    # a restart restores every unfinished task, most of which see none for a while.
+    _lock: asyncio.Lock | None = None
     # A placement of this task is being committed: the pass must not pick it again meanwhile.
     placing: bool = False
     # Session epoch the current attempt was last pushed down; a reconnect re-pushes only if older.
@@ -86,15 +87,23 @@ class ActiveTask:
     # Loop time the task last became placeable, for the dispatch latency metric.
     placeable_since: float = 0.0
 
-    @property
-    def group(self) -> GroupKey:
+    # The requirement group: the spec never changes, so it is worked out once.
+    group: GroupKey = field(init=False)
+
+    def __post_init__(self) -> None:
         spec = self.task.spec
-        return (
+        self.group = (
             spec.type,
             frozenset(spec.required_capabilities),
             spec.label_selector.strip(),
             spec.target_agent_id,
         )
+
+    @property
+    def lock(self) -> asyncio.Lock:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        return self._lock
 
     @property
     def current_attempt(self) -> task_pb2.Attempt | None:

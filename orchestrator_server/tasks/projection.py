@@ -235,7 +235,9 @@ class TaskProjection(abc.ABC):
 
     def _arm_queue_timer(self, entry: ActiveTask) -> None:
         spec = entry.task.spec
-        if entry.task.status == RUNNING or spec.queue_timeout.ToNanoseconds() <= 0:
+        if not spec.HasField("queue_timeout") or entry.task.status == RUNNING:
+            return
+        if spec.queue_timeout.ToNanoseconds() <= 0:
             return
         deadline = wall_seconds(entry.task.created_at) + spec.queue_timeout.ToNanoseconds() / 1e9
         entry.queue_timer = self._call_at_wall(deadline, self._queue_timed_out, entry.task.task_id)
@@ -245,7 +247,7 @@ class TaskProjection(abc.ABC):
             entry.run_timer.cancel()
             entry.run_timer = None
         spec = entry.task.spec
-        if spec.run_timeout.ToNanoseconds() <= 0:
+        if not spec.HasField("run_timeout") or spec.run_timeout.ToNanoseconds() <= 0:
             return
         deadline = wall_seconds(attempt.assigned_at) + spec.run_timeout.ToNanoseconds() / 1e9
         entry.run_timer = self._call_at_wall(
