@@ -20,9 +20,13 @@ async def test_bench_sessions_survive_a_refusing_server(servers: Callable[..., A
         opened = await gen.op_open_sessions(interval=0.002, reconnect=True, within=60)
         assert opened["opened"] == 150, opened
         # A reconnect storm: the server ends every session with a status again and again, while
-        # the clients' beats are being written into calls that have just finished.
-        storm_until = time.monotonic() + 4.0
-        while time.monotonic() < storm_until:
+        # the clients' beats are being written into calls that have just finished; it lasts until
+        # sessions ended more often than there are clients (bounded: 60 s on a slow machine).
+        def ended() -> int:
+            return sum(count for kind, count in gen.errors.items() if kind.startswith("session "))
+
+        storm_until = time.monotonic() + 60.0
+        while ended() <= 2 * len(gen.creds) and time.monotonic() < storm_until:
             for cred in gen.creds:
                 session = running.server.registry.session_of(cred.agent_id)
                 if session is not None:
@@ -36,7 +40,6 @@ async def test_bench_sessions_survive_a_refusing_server(servers: Callable[..., A
         assert not crashed, crashed[:3]
         # The storm really happened: sessions ended more often than there are clients. Under load
         # grpc core reports some of those ends as INTERNAL (grpc/grpc#36066), so count every end.
-        ended = sum(count for kind, count in gen.errors.items() if kind.startswith("session "))
-        assert ended > 150 and gen.errors["session UNAVAILABLE"] > 0, gen.errors
+        assert ended() > 2 * len(gen.creds) and gen.errors["session UNAVAILABLE"] > 0, gen.errors
     finally:
         await gen.close()
