@@ -168,13 +168,10 @@ class TaskScheduler(TaskProjection):
         try:
             return await self._command(task_id, decide)
         except TaskNotActive:
-            task = await self.get(task_id)
-            transitions.check_holder_of_finished(task, attempt_id, agent_id)
+            task = await self._finished_for_report(task_id, attempt_id, agent_id)
             if task.status == SUCCEEDED and task.attempts and task.attempts[-1].attempt_id == attempt_id:
                 return task  # a retried report of the completion that already landed
-            raise FailedPrecondition(
-                f"task {task_id} is {task_pb2.TaskStatus.Name(task.status)}, not running"
-            ) from None
+            raise self._not_running(task) from None
 
     async def fail(
         self, task_id: str, attempt_id: str, error: task_pb2.TaskError, agent_id: str | None = None
@@ -189,11 +186,22 @@ class TaskScheduler(TaskProjection):
         try:
             return await self._command(task_id, decide)
         except TaskNotActive:
-            task = await self.get(task_id)
-            transitions.check_holder_of_finished(task, attempt_id, agent_id)
-            raise FailedPrecondition(
-                f"task {task_id} is {task_pb2.TaskStatus.Name(task.status)}, not running"
-            ) from None
+            raise self._not_running(await self._finished_for_report(task_id, attempt_id, agent_id)) from None
+
+    async def _finished_for_report(
+        self, task_id: str, attempt_id: str, agent_id: str | None
+    ) -> task_pb2.Task:
+        """The finished task an agent reports on, if the attempt was its own (PERMISSION_DENIED
+        otherwise: another agent's task is none of its business, finished or not)."""
+        task = await self.get(task_id)
+        transitions.check_holder_of_finished(task, attempt_id, agent_id)
+        return task
+
+    @staticmethod
+    def _not_running(task: task_pb2.Task) -> FailedPrecondition:
+        return FailedPrecondition(
+            f"task {task.task_id} is {task_pb2.TaskStatus.Name(task.status)}, not running"
+        )
 
     async def progress(
         self, task_id: str, attempt_id: str, progress: task_pb2.TaskProgress, agent_id: str | None = None
