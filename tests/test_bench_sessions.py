@@ -19,6 +19,7 @@ async def test_bench_sessions_survive_a_refusing_server(servers: Callable[..., A
         await gen.op_register(count=150, prefix="storm")
         opened = await gen.op_open_sessions(interval=0.002, reconnect=True, within=60)
         assert opened["opened"] == 150, opened
+
         # A reconnect storm: the server ends every session with a status again and again, while
         # the clients' beats are being written into calls that have just finished; it lasts until
         # sessions ended more often than there are clients (bounded: 60 s on a slow machine).
