@@ -108,6 +108,24 @@ class ConditionFailed(Exception):
         self.actual = actual
 
 
+def check_expect(expect: Expect, actual: int | None) -> None:
+    """Raises ConditionFailed unless the entity's stored revision (`actual`, None when it does not
+    exist) is what the command read: the one rule every backend applies."""
+    if actual is None:
+        if expect.revision != 0:
+            raise ConditionFailed(expect.entity_id, "does not exist", expected=expect.revision)
+        return
+    if expect.revision == 0:
+        raise ConditionFailed(expect.entity_id, f"exists already (revision {actual})", actual=actual)
+    if actual != expect.revision:
+        raise ConditionFailed(
+            expect.entity_id,
+            f"changed: revision {actual}, expected {expect.revision}",
+            expected=expect.revision,
+            actual=actual,
+        )
+
+
 @dataclass(frozen=True)
 class Lease:
     """A named lease held by `holder` until `expires_at` (Unix seconds). `term` grows by one each

@@ -23,7 +23,7 @@ import asyncpg
 
 from orchestrator.v1 import event_pb2, task_pb2
 from orchestrator_server.errors import AlreadyExists
-from orchestrator_server.store import Change, ConditionFailed, Expect, PlacementClaim
+from orchestrator_server.store import Change, ConditionFailed, Expect, PlacementClaim, check_expect
 from orchestrator_server.store.postgres_schema import Connection
 from orchestrator_server.store.sqlite_changes import DEREGISTERED, PLACED_STATUSES, placed_agent, stamp
 
@@ -177,20 +177,7 @@ class Batch:
                 self._placed_on[task_id] = task.agent_id
 
     def _check_expect(self, expect: Expect) -> None:
-        actual = self._revisions.get(expect.entity_id)
-        if actual is None:
-            if expect.revision != 0:
-                raise ConditionFailed(expect.entity_id, "does not exist", expected=expect.revision)
-            return
-        if expect.revision == 0:
-            raise ConditionFailed(expect.entity_id, f"exists already (revision {actual})", actual=actual)
-        if actual != expect.revision:
-            raise ConditionFailed(
-                expect.entity_id,
-                f"changed: revision {actual}, expected {expect.revision}",
-                expected=expect.revision,
-                actual=actual,
-            )
+        check_expect(expect, self._revisions.get(expect.entity_id))
 
     def _check_claims(self, claims: list[PlacementClaim]) -> None:
         by_agent: dict[str, list[PlacementClaim]] = {}

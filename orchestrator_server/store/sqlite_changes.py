@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 from orchestrator.v1 import agent_pb2, event_pb2, task_pb2
 from orchestrator_server.errors import AlreadyExists
-from orchestrator_server.store import Change, ConditionFailed, Expect, PlacementClaim
+from orchestrator_server.store import Change, ConditionFailed, Expect, PlacementClaim, check_expect
 
 DEREGISTERED = agent_pb2.AGENT_STATUS_DEREGISTERED
 # The statuses that occupy one of an agent's slots; the `tasks_placed` partial index covers them.
@@ -70,20 +70,7 @@ def _check_expect(conn: sqlite3.Connection, expect: Expect) -> None:
         "SELECT revision FROM agents WHERE agent_id = ? UNION ALL SELECT revision FROM tasks WHERE task_id = ?",
         (expect.entity_id, expect.entity_id),
     ).fetchone()
-    if row is None:
-        if expect.revision != 0:
-            raise ConditionFailed(expect.entity_id, "does not exist", expected=expect.revision)
-        return
-    actual = int(row[0])
-    if expect.revision == 0:
-        raise ConditionFailed(expect.entity_id, f"exists already (revision {actual})", actual=actual)
-    if actual != expect.revision:
-        raise ConditionFailed(
-            expect.entity_id,
-            f"changed: revision {actual}, expected {expect.revision}",
-            expected=expect.revision,
-            actual=actual,
-        )
+    check_expect(expect, int(row[0]) if row is not None else None)
 
 
 def _check_claims(conn: sqlite3.Connection, claims: Iterable[PlacementClaim]) -> None:
