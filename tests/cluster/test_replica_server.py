@@ -265,3 +265,59 @@ async def test_a_replica_cut_off_from_the_database_stops_serving_sessions_until_
             assert (await get_agent(on_b, agent_id)).status == READY
         finally:
             beating.cancel()
+
+
+ADMIN_KEY, AGENT_KEY = "admin-key-0123456789abcdef", "agent-key-0123456789abcdef"
+
+
+def bearer(secret: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {secret}"),)
+
+
+async def test_credentials_and_unary_heartbeats_work_on_every_replica(replicas: Replicas) -> None:
+    """A credential issued by A is accepted by B (its hash is read from the store, never the token
+    from anywhere); unary heartbeats spread over replicas keep the agent READY without a flap (the
+    replica that got the latest beat times the lease), and it goes DOWN once when they stop."""
+    a, b = await replicas.start(2, API_KEYS=f"admin:{ADMIN_KEY},agent:{AGENT_KEY}")
+    async with connect(a) as on_a, connect(b) as on_b:
+        registered = await on_a.registry.RegisterAgent(
+            registry_pb2.RegisterAgentRequest(name="rest-agent", instance_id="1", type="worker"),
+            metadata=bearer(AGENT_KEY),
+        )
+        agent_id, token = registered.agent.agent_id, registered.agent_token
+
+        async def known_to_b() -> agent_pb2.Agent | None:
+            request = registry_pb2.GetAgentRequest(agent_id=agent_id)
+            try:
+                return (await on_b.registry.GetAgent(request, metadata=bearer(ADMIN_KEY))).agent
+            except grpc.aio.AioRpcError:
+                return None
+
+        start = await wait_until(known_to_b, within=10, what="B to hear of the registration")
+        beat = registry_pb2.SendHeartbeatRequest(agent_id=agent_id)
+        replies = []
+        deadline = time.monotonic() + 6.0  # three heartbeat timeouts
+        turn = 0
+        while time.monotonic() < deadline:
+            stubs = (on_a, on_b)[turn % 2]
+            turn += 1
+            replies.append((await stubs.registry.SendHeartbeat(beat, metadata=bearer(token))).status)
+            await asyncio.sleep(0.3)
+        replies.append((await on_b.registry.SendHeartbeat(beat, metadata=bearer(token))).status)
+        assert set(replies) == {READY}
+        now = await get_agent_as_admin(on_b, agent_id)
+        assert now.status == READY and now.transitions == start.transitions
+        assert b.process is not None and now.session.owner.endswith(f":{b.process.pid}")
+
+        async def down() -> agent_pb2.Agent | None:
+            agent = await get_agent_as_admin(on_a, agent_id)
+            return agent if agent.status == DOWN else None
+
+        stopped = await wait_until(down, within=15, what="DOWN after the beats stop")
+        assert stopped.status_reason == "heartbeat timeout"
+        assert stopped.transitions == start.transitions + 1
+
+
+async def get_agent_as_admin(stubs: Stubs, agent_id: str) -> agent_pb2.Agent:
+    request = registry_pb2.GetAgentRequest(agent_id=agent_id)
+    return (await stubs.registry.GetAgent(request, metadata=bearer(ADMIN_KEY))).agent
