@@ -105,10 +105,15 @@ class Replicas:
         self.servers: list[ServerProcess] = []
         self.proxies: list[DatabaseProxy] = []
 
-    async def start(self, count: int, *, via_proxy: tuple[int, ...] = (), **env: Any) -> list[ServerProcess]:
+    async def start(
+        self, count: int, *, via_proxy: tuple[int, ...] = (), sqlite: bool = False, **env: Any
+    ) -> list[ServerProcess]:
         """Starts `count` more replicas (the first call makes the database); those whose index is in
-        `via_proxy` reach the database through a `DatabaseProxy` of their own (`proxy_of`)."""
-        if not self.database_url:
+        `via_proxy` reach the database through a `DatabaseProxy` of their own (`proxies`).
+        `sqlite`: they share one SQLite file instead (the default backend)."""
+        if sqlite:
+            env = {"DATABASE_PATH": str(self.workdir / "shared.db"), **env}
+        elif not self.database_url:
             self.database_url = await new_database()
         started = []
         for _ in range(count):
@@ -120,7 +125,8 @@ class Replicas:
                 proxy = DatabaseProxy(Path(f"/tmp/orch-proxy-{id(self)}-{index}"))
                 self.proxies.append(proxy)
                 url = proxy.url(url)
-            server = ServerProcess(directory, **{**CLUSTER_ENV, "DATABASE_URL": url, **env})
+            database = {} if sqlite else {"DATABASE_URL": url}
+            server = ServerProcess(directory, **{**CLUSTER_ENV, **database, **env})
             self.servers.append(server)
             await asyncio.to_thread(server.start)
             started.append(server)
@@ -134,17 +140,12 @@ class Replicas:
 
 
 @contextlib.asynccontextmanager
-async def connect(server: ServerProcess, metadata: tuple[tuple[str, str], ...] = ()) -> AsyncIterator[Stubs]:
+async def connect(server: ServerProcess) -> AsyncIterator[Stubs]:
     channel = grpc.aio.insecure_channel(server.target)
     try:
         yield Stubs(channel)
     finally:
         await channel.close()
-
-
-def leader_terms(server: ServerProcess) -> list[tuple[float, int]]:
-    """(wall time of the log line if known, term) for each time the replica became leader."""
-    return [(0.0, int(term)) for term in re.findall(r"leads the cluster \(term (\d+)\)", server.log())]
 
 
 async def wait_until(predicate: Any, within: float = 30.0, what: str = "condition") -> Any:

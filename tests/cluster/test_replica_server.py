@@ -9,6 +9,7 @@ import signal
 import time
 
 import grpc
+import pytest
 from google.protobuf import duration_pb2
 from grpc_health.v1 import health_pb2 as grpc_health_pb2
 from grpc_health.v1 import health_pb2_grpc as grpc_health_pb2_grpc
@@ -55,8 +56,11 @@ async def serving_status(server: ServerProcess) -> int:
         return int(answer.status)
 
 
-async def test_task_created_on_one_replica_runs_on_the_agent_of_another(replicas: Replicas) -> None:
-    a, b = await replicas.start(2)
+@pytest.mark.parametrize("backend", ["postgres", "sqlite"])
+async def test_task_created_on_one_replica_runs_on_the_agent_of_another(
+    replicas: Replicas, backend: str
+) -> None:
+    a, b = await replicas.start(2, sqlite=backend == "sqlite")
     async with connect(a) as on_a, connect(b) as on_b:
         registered = await on_a.register("worker", capabilities=["x"])
         agent_id = registered.agent.agent_id
