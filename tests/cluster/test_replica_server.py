@@ -241,6 +241,17 @@ async def test_a_replica_cut_off_from_the_database_stops_serving_sessions_until_
         session = await open_session(on_a.registry, agent_id, registered.agent_token)
         beating = asyncio.create_task(keep_beating(session))
         assert await serving_status(a) == grpc_health_pb2.HealthCheckResponse.SERVING
+
+        # A replica that sees no other keeps serving (nobody to send its agents to): A must have
+        # seen B join before it is cut off.
+        async def a_sees_b() -> bool:
+            assert b.process is not None
+            return any(
+                line.find("replicas now") >= 0 and f":{b.process.pid}'" in line
+                for line in a.log().splitlines()
+            )
+
+        await wait_until(a_sees_b, within=30, what="A to see B")
         cut_at = time.monotonic()
         proxy.cut()
         try:
