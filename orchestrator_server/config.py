@@ -68,6 +68,9 @@ class Config:
     # Streams waiting for their hello at once (they carry no identity yet, so no per-principal cap).
     max_pending_hellos: int = 1000
     process_id: str = field(default_factory=lambda: f"{os.uname().nodename}:{os.getpid()}")
+    # A replica's membership (and the leader's) lease lasts this long and is renewed every third of
+    # it; a replica that cannot renew in time stops serving sessions (cluster.py).
+    replica_ttl: float = 5.0
     # Security (auth.py, limits.py; docs/SECURITY.md). Keys never appear in the repr.
     api_keys: str = field(default="", repr=False)
     api_keys_file: str = ""
@@ -118,6 +121,7 @@ class Config:
             ),
             database_path=reader.text("DATABASE_PATH", cls.database_path),
             database_url=reader.postgres_url("DATABASE_URL"),
+            replica_ttl=reader.number("REPLICA_TTL", cls.replica_ttl, minimum=0.3, maximum=300.0),
             database_pool_size=reader.integer("DATABASE_POOL_SIZE", cls.database_pool_size, minimum=1),
             db_synchronous=reader.choice("DB_SYNCHRONOUS", cls.db_synchronous, SYNCHRONOUS_MODES, upper=True),
             event_retention=reader.integer("EVENT_RETENTION", cls.event_retention, minimum=100),

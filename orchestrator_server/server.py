@@ -38,6 +38,7 @@ from orchestrator.v1 import (
 from orchestrator_server import metrics
 from orchestrator_server.agents import Registry
 from orchestrator_server.auth import Listener, bind
+from orchestrator_server.cluster import Cluster
 from orchestrator_server.config import Config
 from orchestrator_server.discovery import Discovery
 from orchestrator_server.events import RECENT_EVENTS, EventBus
@@ -135,7 +136,8 @@ class OrchestratorServer:
             event_retention=config.event_retention,
             pool_size=config.database_pool_size,
         )
-        self.registry = Registry(config, self.store)
+        self.cluster = Cluster(config, self.store)
+        self.registry = Registry(config, self.store, self.cluster)
         self.tasks = TaskScheduler(config, self.registry, self.store)
         self.discovery = Discovery(self.registry)
         self.bus: EventBus | None = None
@@ -148,6 +150,7 @@ class OrchestratorServer:
         self._stopped = asyncio.Event()
         self._draining = False
         self._fd_limit = 0
+        self._health_update: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
         # Connections held open over HTTP must not run the process out of descriptors for gRPC.
@@ -156,6 +159,8 @@ class OrchestratorServer:
         if self.config.gateway_enabled:
             check_port_free(self.config.bind_host, self.config.http_port, "PORT")
         loaded = await self.store.open(self._publish)
+        # Membership first: which replicas are alive decides who times which restored agent.
+        await self.cluster.start()
         # The in-memory window never reaches further back than the store's log does.
         self.bus = EventBus(
             self.store,
@@ -170,6 +175,7 @@ class OrchestratorServer:
         self.bus.add_listener(self.registry.apply)
         self.bus.add_listener(self.tasks.apply)
         self.registry.observer = self.tasks
+        self.cluster.on_change = self._cluster_changed
         await self.tasks.recover()
         self.registry.on_transition = lambda agent, _previous: TRANSITIONS.labels(
             status_label(agent.status)
@@ -244,8 +250,25 @@ class OrchestratorServer:
         )
         return gateway
 
+    def _cluster_changed(self) -> None:
+        """Membership, leadership or the replicas changed (cluster.py): the projections decide
+        again who acts on what, and a replica that lost its membership is not ready."""
+        self.registry.cluster_changed()
+        self.tasks.cluster_changed(self.cluster.leader)
+        if self._server is not None and not self._draining:
+            status = (
+                health_pb2.HealthCheckResponse.SERVING
+                if self.cluster.serving
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            self._health_update = asyncio.ensure_future(self._set_health(status))
+
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, status)
+
     async def _store_ready(self) -> bool:
-        if self._draining:
+        if self._draining or not self.cluster.serving:
             return False
         try:
             await self.store.ping()
@@ -288,6 +311,7 @@ class OrchestratorServer:
             await self._gateway.stop()
         await self._server.stop(grace)
         self._server = None
+        await self.cluster.stop()
         await self.store.close()
         metrics.untrack(self)
         self._stopped.set()

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from orchestrator.v1 import agent_pb2
 from orchestrator_server.agents.sessions import Session
-from orchestrator_server.agents.status import DEREGISTERED
+from orchestrator_server.agents.status import ALIVE_STATUSES, DEREGISTERED
 from orchestrator_server.errors import InvalidArgument
 from orchestrator_server.selectors import Selector, parse_selector
 from orchestrator_server.validation import Violations, decode_page_token, encode_page_token
@@ -27,6 +27,8 @@ class AgentState:
 
     agent: agent_pb2.Agent
     token_hash: str = ""
+    # The agent's revision when `token_hash` was last read from the store (-1: never).
+    hash_revision: int = -1
     session: Session | None = None
     # Loop time of the last sign of life (any message on the session, or a unary heartbeat).
     last_seen: float = 0.0
@@ -38,10 +40,17 @@ class AgentState:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # A status refresh is queued in the background (coalesces refreshes asked for by beats).
     refresh_pending: bool = False
+    # Another replica times this agent's liveness (it holds its session or got its last unary beat),
+    # so here the agent is as alive as its committed status says.
+    timed_elsewhere: bool = False
+    # Set while this replica, as leader, times an agent whose owner replica was lost: its id.
+    orphan_of: str | None = None
 
     @property
     def alive(self) -> bool:
-        return self.session is not None or self.lease_until > asyncio.get_running_loop().time()
+        if self.session is not None or self.lease_until > asyncio.get_running_loop().time():
+            return True
+        return self.timed_elsewhere and self.agent.status in ALIVE_STATUSES
 
 
 @dataclass(frozen=True)

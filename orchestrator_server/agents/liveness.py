@@ -57,14 +57,34 @@ class Liveness(AgentProjection):
         self, agent_id: str, load: agent_pb2.Load, checks: Sequence[agent_pb2.Check]
     ) -> tuple[agent_pb2.AgentStatus.ValueType, float]:
         """A heartbeat without a stream: the agent lives for one heartbeat timeout.
-        Returns its status and the lease's wall-clock expiry."""
+        Returns its status and the lease's wall-clock expiry.
+
+        The replica that got the latest beat times the lease: when that is a change, the new owner
+        is committed (the agent's session owner), so the previous one stops timing it."""
         validate_beat(load, checks)
+        self._refuse_unless_serving()
         state = self._live_record(agent_id)
+        committed = state.agent.session
+        if state.session is None and committed.streaming and self.cluster.alive(committed.owner):
+            # Its stream lives on another replica, which times it: the beat is only soft state.
+            record_beat(state.agent, load, checks, replace_checks=True)
+            return state.agent.status, time.time() + self._config.heartbeat_timeout
         self._leases.extend(state)
+        state.timed_elsewhere, state.orphan_of = False, None
         record_beat(state.agent, load, checks, replace_checks=True)
-        if state.lock.locked() or derive_status(state.agent, True, "") is not None:
+        if state.session is None and committed.owner != self._me:
+            await self._refresh(state, "heartbeat", claim=True)
+        elif state.lock.locked() or derive_status(state.agent, True, "") is not None:
             await self._refresh(state, "heartbeat")
         return state.agent.status, time.time() + self._config.heartbeat_timeout
+
+    def _refuse_unless_serving(self) -> None:
+        """A replica that lost its membership (the database) takes no sign of life: the agent is
+        told to go to another replica."""
+        if not self.cluster.serving:
+            raise Unavailable(
+                "this replica cannot reach the database; reconnect to another", DRAIN_RETRY_AFTER
+            )
 
     async def open_session(
         self,
@@ -89,7 +109,8 @@ class Liveness(AgentProjection):
         violations.raise_if_any()
         if self._closing:
             raise Unavailable("the orchestrator is shutting down; reconnect shortly", DRAIN_RETRY_AFTER)
-        self.verify_token(agent_id, token)
+        self._refuse_unless_serving()
+        await self.verify_token_fresh(agent_id, token)
         state = self._state(agent_id)
         opened: list[Session] = []
 
@@ -168,6 +189,8 @@ class Liveness(AgentProjection):
         if self._closing:
             return
         self._leases.cancel(state)
+        if not self.cluster.serving:
+            return  # it was asked to reconnect elsewhere; what this replica decides now is stale
         why = GOODBYE if session.goodbye else reason
 
         def decide(state: AgentState) -> Plan | None:
@@ -185,29 +208,41 @@ class Liveness(AgentProjection):
             # Its handler marks the agent DOWN as the stream closes.
             state.session.close(CloseReason.TIMED_OUT, "heartbeat timeout")
             return
+        lost = state.orphan_of
+        if not self.cluster.serving or (lost is not None and not self.cluster.leader):
+            self._time_liveness(state)  # no longer this replica's to decide
+            return
         state.lease_until = 0.0
+        reason = "heartbeat timeout"
+        if lost is not None:
+            reason = f"heartbeat timeout: its replica {lost or '(unknown)'} was lost and it did not reconnect"
         if derive_status(state.agent, False, "") is not None:
-            self._refresh_soon(state, "heartbeat timeout")
+            self._refresh_soon(state, reason)
 
-    def _refresh_decision(self, reason: str) -> Callable[[AgentState], Plan | None]:
+    def _refresh_decision(self, reason: str, claim: bool) -> Callable[[AgentState], Plan | None]:
         def decide(state: AgentState) -> Plan | None:
             state.refresh_pending = False  # a change from here on asks for another refresh
             derived = derive_status(state.agent, state.alive, reason)
-            if derived is None:
+            claiming = claim and state.agent.session.owner != self._me
+            if derived is None and not claiming:
                 return None  # the common case (a unary beat): no copy made
-            event = draft_event(state, event_pb2.EVENT_TYPE_AGENT_STATUS_CHANGED)
-            event.previous_status = state.agent.status
-            set_status(event.agent, *derived)
+            event = draft_event(state, event_pb2.EVENT_TYPE_AGENT_UPDATED)
+            if claiming:
+                event.agent.session.owner, event.agent.session.streaming = self._me, False
+            if derived is not None:
+                note_status(event, state.agent.status)
+                set_status(event.agent, *derived)
             return Plan(event, state.agent.revision)
 
         return decide
 
-    async def _refresh(self, state: AgentState, reason: str) -> None:
+    async def _refresh(self, state: AgentState, reason: str, *, claim: bool = False) -> None:
         """Commits the status the agent's liveness, drain and checks call for, if it changed, until
         it holds: a beat that arrives while a status commits changes only the soft checks, which
-        may call for another status once that commit lands."""
+        may call for another status once that commit lands. `claim`: also records this replica as
+        the one timing the agent's lease (a unary beat arrived here)."""
         for _ in range(COMMAND_ATTEMPTS):
-            if not await decide_and_commit(self._store, state, self._refresh_decision(reason)):
+            if not await decide_and_commit(self._store, state, self._refresh_decision(reason, claim)):
                 return
 
     def _refresh_soon(self, state: AgentState, reason: str) -> None:

@@ -18,8 +18,9 @@ from orchestrator_server.agents import credentials
 from orchestrator_server.agents.index import AgentFilter, AgentIndex, AgentState, build_filter
 from orchestrator_server.agents.sessions import CloseReason, Leases, Session
 from orchestrator_server.agents.status import ALIVE_STATUSES, DEREGISTERED, DOWN, GOODBYE
+from orchestrator_server.cluster import Cluster
 from orchestrator_server.config import Config
-from orchestrator_server.errors import FailedPrecondition, InvalidArgument, NotFound
+from orchestrator_server.errors import FailedPrecondition, InvalidArgument, NotFound, Unauthenticated
 from orchestrator_server.store import Store
 from orchestrator_server.validation import Violations
 
@@ -42,10 +43,16 @@ class AgentObserver(Protocol):
 class AgentProjection:
     """The committed agents in memory, with this process's view of their liveness."""
 
-    def __init__(self, config: Config, store: Store) -> None:
+    def __init__(self, config: Config, store: Store, cluster: Cluster) -> None:
         self._config = config
         self._store = store
+        self.cluster = cluster
+        self._me = cluster.process_id
+        self._was_serving = True
         self._index = AgentIndex()
+        # Agents whose credential hash is to be read from the store (issued by another replica),
+        # read together in the background.
+        self._hashes_wanted: set[str] = set()
         self._leases = Leases(config.heartbeat_timeout, self._lease_expired)
         # Status commits running in the background (beats and timers do not wait for them).
         self._background: set[asyncio.Task[None]] = set()
@@ -59,15 +66,60 @@ class AgentProjection:
     # -- startup -------------------------------------------------------------------------------
 
     def restore(self, agents: Sequence[agent_pb2.Agent], token_hashes: dict[str, str]) -> None:
-        """Rebuilds the cache after a restart. Agents that were alive get a full heartbeat timeout
-        to reconnect before they count as DOWN."""
-        grace_until = asyncio.get_running_loop().time() + self._config.heartbeat_timeout
+        """Rebuilds the cache after a restart. Agents that were alive and whose replica is gone
+        (this process before its restart, or another) are orphans: the leader gives them a full
+        heartbeat timeout to reconnect before they count as DOWN (`_time_liveness`)."""
         for stored in agents:
             state = self._index.add(stored, token_hashes.get(stored.agent_id, ""))
-            state.agent.session.streaming = False
             state.agent.assigned_tasks = 0
-            if state.agent.status in ALIVE_STATUSES:
-                self._leases.grant_until(state, grace_until)
+            self._time_liveness(state)
+
+    def cluster_changed(self) -> None:
+        """The replicas, this replica's leadership or its membership changed: who times which agent
+        is decided again; a replica that lost its membership asks its agents to go elsewhere."""
+        serving = self.cluster.serving
+        if not serving and self._was_serving and not self._closing:
+            for state in self._index.records():
+                if state.session is not None:
+                    message = "this replica lost the database; reconnect to another"
+                    state.session.reconnect(message)
+                    state.session.close(CloseReason.SHUTDOWN, message)
+        self._was_serving = serving
+        for state in self._index.records():
+            self._time_liveness(state)
+
+    def _time_liveness(self, state: AgentState) -> None:
+        """Decides whether this replica times the agent's liveness (see "Replicas" in
+        docs/ARCHITECTURE.md): the replica named as its session's owner does (it holds the stream,
+        or got the latest unary heartbeat); an agent whose owner replica is gone is an orphan, which
+        the leader gives one heartbeat timeout (as after a restart) to reconnect anywhere."""
+        if state.session is not None or self._closing:
+            return  # its stream is here: its lease was armed when the session opened
+        agent = state.agent
+        owner = agent.session.owner
+        if agent.status not in ALIVE_STATUSES:
+            self._not_timed_here(state, timed_elsewhere=False)
+        elif owner == self._me and self.cluster.serving:
+            state.timed_elsewhere, state.orphan_of = False, None
+            if state.last_seen == 0.0:  # not timed here yet: restored, or serving again
+                self._leases.grant_until(
+                    state, asyncio.get_running_loop().time() + self._config.heartbeat_timeout
+                )
+        elif owner != self._me and self.cluster.alive(owner):
+            self._not_timed_here(state)
+        elif self.cluster.leader:
+            if state.orphan_of is None:
+                state.timed_elsewhere, state.orphan_of = False, owner
+                self._leases.grant_until(
+                    state, asyncio.get_running_loop().time() + self._config.heartbeat_timeout
+                )
+        else:
+            self._not_timed_here(state)  # the leader times it
+
+    def _not_timed_here(self, state: AgentState, *, timed_elsewhere: bool = True) -> None:
+        self._leases.cancel(state)
+        state.lease_until = state.last_seen = 0.0
+        state.timed_elsewhere, state.orphan_of = timed_elsewhere, None
 
     # -- the projection ------------------------------------------------------------------------
 
@@ -80,16 +132,24 @@ class AgentProjection:
         if state is None:
             state = self._index.add(committed)
             previous = DOWN  # what a new record starts as
+            if committed.session.owner != self._me:
+                self._want_hash(state)  # registered by another replica: its credential is read
         elif committed.revision and committed.revision <= state.agent.revision:
             return  # already applied
         else:
             previous = state.agent.status
             was_draining = state.agent.draining
+            # Another process's commit (none of this process's commands on the agent is running)
+            # that may have issued a new credential (a registration stamps updated_at).
+            rotated = not state.lock.locked() and committed.updated_at != state.agent.updated_at
             self._index.project(state, committed)
+            if rotated:
+                self._want_hash(state)
             if state.agent.draining != was_draining and state.session is not None:
                 # Whichever process committed the drain, the agent hears it on its session here.
                 state.session.drain(state.agent.draining, state.agent.status_reason)
             self._fence_stale_session(state)
+        self._time_liveness(state)
         agent = state.agent
         if agent.status != previous:
             if self.on_transition is not None:
@@ -167,12 +227,77 @@ class AgentProjection:
 
     def verify_token(self, agent_id: str, token: str, *, authenticated_only: bool = False) -> agent_pb2.Agent:
         """The agent whose credential `token` is; Unauthenticated otherwise (OpenCredential for one
-        issued without authentication when `authenticated_only`)."""
+        issued without authentication when `authenticated_only`). A credential this replica does
+        not know yet (issued by another) is read from the store in the background, once per
+        revision of the agent, for the next call; `verify_token_fresh` waits for it."""
         state = self._index.get(agent_id)
         if state is None or state.agent.status == DEREGISTERED:
             raise NotFound(f"agent {agent_id} is not registered")
-        credentials.verify(agent_id, state.token_hash, token, authenticated_only=authenticated_only)
+        try:
+            credentials.verify(agent_id, state.token_hash, token, authenticated_only=authenticated_only)
+        except credentials.OpenCredential:
+            raise
+        except Unauthenticated:
+            self._want_hash(state)
+            raise
         return state.agent
+
+    async def verify_token_fresh(
+        self, agent_id: str, token: str, *, authenticated_only: bool = False
+    ) -> agent_pb2.Agent:
+        """As `verify_token`, reading the agent's credential from the store first when this
+        replica's copy does not match (the agent registered again on another replica)."""
+        try:
+            return self.verify_token(agent_id, token, authenticated_only=authenticated_only)
+        except credentials.OpenCredential:
+            raise
+        except Unauthenticated:
+            state = self._index.get(agent_id)
+            if state is None or not await self._read_hashes([state]):
+                raise
+        return self.verify_token(agent_id, token, authenticated_only=authenticated_only)
+
+    def _want_hash(self, state: AgentState) -> None:
+        """Reads the agent's credential hash from the store soon (batched), unless it was read at
+        the agent's current revision already: a credential changes only with a commit of its agent."""
+        if state.hash_revision == state.agent.revision or self._closing:
+            return
+        if not self._hashes_wanted:
+            asyncio.get_running_loop().call_soon(self._read_wanted_hashes)
+        self._hashes_wanted.add(state.agent.agent_id)
+
+    def _read_wanted_hashes(self) -> None:
+        states = [state for agent_id in self._hashes_wanted if (state := self._index.get(agent_id))]
+        self._hashes_wanted.clear()
+        task = asyncio.get_running_loop().create_task(self._read_hashes_quietly(states))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _read_hashes_quietly(self, states: Sequence[AgentState]) -> None:
+        await self._read_hashes(states)
+
+    async def _read_hashes(self, states: Sequence[AgentState]) -> bool:
+        """Reads these agents' stored credential hashes; True if one of them changed here. A hash
+        read while a commit of its agent was projected is dropped (it may predate that commit)."""
+        revisions = [
+            (state, state.agent.revision) for state in states if state.hash_revision != state.agent.revision
+        ]
+        if not revisions:
+            return False
+        try:
+            hashes = await self._store.agent_token_hashes([state.agent.agent_id for state, _ in revisions])
+        except Exception as error:  # the next failed check asks again
+            log.warning("could not read agent credentials from the store: %s", error)
+            return False
+        changed = False
+        for state, revision in revisions:
+            stored = hashes.get(state.agent.agent_id)
+            if stored is None or state.agent.revision != revision:
+                continue
+            state.hash_revision = revision
+            if stored != state.token_hash:
+                state.token_hash, changed = stored, True
+        return changed
 
     def set_assigned_tasks(self, agent_id: str, count: int) -> None:
         """The scheduler's count of tasks placed on the agent (soft state, never committed alone)."""

@@ -34,6 +34,7 @@ from orchestrator_server.agents.index import AgentState
 from orchestrator_server.agents.liveness import Liveness
 from orchestrator_server.agents.sessions import refuse_second_holder
 from orchestrator_server.agents.status import DEREGISTERED, DOWN, now_timestamp, refresh_status, set_status
+from orchestrator_server.cluster import Cluster
 from orchestrator_server.config import Config
 from orchestrator_server.errors import Aborted, AlreadyExists
 from orchestrator_server.store import ConditionFailed, Store
@@ -54,8 +55,8 @@ class _KeyLock:
 class Registry(Liveness):
     """Every agent and its liveness. Knows nothing of gRPC."""
 
-    def __init__(self, config: Config, store: Store) -> None:
-        super().__init__(config, store)
+    def __init__(self, config: Config, store: Store, cluster: Cluster) -> None:
+        super().__init__(config, store, cluster)
         # Registrations of one name + instance in this process, one at a time (they would only
         # lose to each other); other processes' collide on the store's uniqueness constraint.
         self._registering: dict[tuple[str, str], _KeyLock] = {}
@@ -66,6 +67,7 @@ class Registry(Liveness):
         """Registers (or re-registers) an agent; returns it, a fresh credential and whether it is new.
         `authenticated`: whether the caller presented a credential (see OPEN_TOKEN_PREFIX)."""
         validate_registration(request)
+        self._refuse_unless_serving()
         key = (request.name, request.instance_id)
         async with self._one_registration(key):
             for _ in range(COMMAND_ATTEMPTS):
@@ -104,6 +106,7 @@ class Registry(Liveness):
         draft.agent_id = new_id("agt_")
         draft.name, draft.instance_id, draft.status = request.name, request.instance_id, DOWN
         draft.registered_at.CopyFrom(now)
+        draft.session.owner = self._me  # this replica times the lease registering grants
         draft.status_changed_at.CopyFrom(now)
         draft.updated_at.CopyFrom(now)
         apply_registration(draft, request)
@@ -140,8 +143,12 @@ class Registry(Liveness):
         apply_registration(draft, request)
         draft.updated_at.GetCurrentTime()
         token, token_hash = credentials.issue(draft.agent_id, authenticated=authenticated)
-        if state.session is None:
-            self._leases.extend(state)  # a sign of life (soft state), see _register_new
+        committed = agent.session
+        if state.session is None and not (committed.streaming and self.cluster.alive(committed.owner)):
+            # A sign of life (soft state, see _register_new), timed here from now on.
+            self._leases.extend(state)
+            state.timed_elsewhere, state.orphan_of = False, None
+            draft.session.owner, draft.session.streaming = self._me, False
         changed = refresh_status(draft, state.alive, "registered")
         if revived:
             event.type = event_pb2.EVENT_TYPE_AGENT_REGISTERED

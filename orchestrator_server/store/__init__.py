@@ -182,6 +182,15 @@ class Store(abc.ABC):
         """Ends `holder`'s lease now (nothing happens if another holder has it)."""
 
     @abc.abstractmethod
+    async def live_leases(self, prefix: str) -> list[Lease]:
+        """The leases whose name starts with `prefix` and that have not expired, by name."""
+
+    @abc.abstractmethod
+    async def agent_token_hashes(self, agent_ids: Sequence[str]) -> dict[str, str]:
+        """The stored credential hashes of these agents (those that exist): a credential issued by
+        another process reaches this one through here, never through the event log."""
+
+    @abc.abstractmethod
     async def ping(self) -> None:
         """Raises if the store cannot answer."""
 

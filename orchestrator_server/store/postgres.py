@@ -44,7 +44,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -212,6 +212,26 @@ class PostgresStore(Store):
                 time.time(),
             )
         )
+
+    async def live_leases(self, prefix: str) -> list[Lease]:
+        rows = await self._run(
+            lambda conn: conn.fetch(
+                "SELECT name, holder, term, expires_at FROM leases "
+                "WHERE left(name, $1) = $2 AND expires_at > $3 ORDER BY name",
+                len(prefix),
+                prefix,
+                time.time(),
+            )
+        )
+        return [Lease(r["name"], r["holder"], int(r["term"]), float(r["expires_at"])) for r in rows]
+
+    async def agent_token_hashes(self, agent_ids: Sequence[str]) -> dict[str, str]:
+        rows = await self._run(
+            lambda conn: conn.fetch(
+                "SELECT agent_id, token_hash FROM agents WHERE agent_id = ANY($1::text[])", list(agent_ids)
+            )
+        )
+        return {row["agent_id"]: row["token_hash"] for row in rows}
 
     # -- reads -------------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -171,6 +171,30 @@ class SqliteStore(Store):
             )
 
         await self._read(run)
+
+    async def live_leases(self, prefix: str) -> list[Lease]:
+        def run(conn: sqlite3.Connection) -> list[Lease]:
+            rows = conn.execute(
+                "SELECT name, holder, term, expires_at FROM leases WHERE substr(name, 1, ?) = ? "
+                "AND expires_at > ? ORDER BY name",
+                (len(prefix), prefix, time.time()),
+            ).fetchall()
+            return [Lease(name, holder, int(term), float(expires)) for name, holder, term, expires in rows]
+
+        return await self._read(run)
+
+    async def agent_token_hashes(self, agent_ids: Sequence[str]) -> dict[str, str]:
+        def run(conn: sqlite3.Connection) -> dict[str, str]:
+            found: dict[str, str] = {}
+            ids = list(agent_ids)
+            for start in range(0, len(ids), 500):  # SQLite bounds the parameters of one statement
+                chunk = ids[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                query = f"SELECT agent_id, token_hash FROM agents WHERE agent_id IN ({marks})"
+                found.update(conn.execute(query, chunk).fetchall())
+            return found
+
+        return await self._read(run)
 
     # -- reads -------------------------------------------------------------------------------
 

@@ -49,6 +49,10 @@ class Failover:
             timer.cancel()
         self.deferred.discard(agent_id)
 
+    def waiting(self, agent_id: str) -> bool:
+        """The agent's work waits for its grace or for a pause to end (it moves later by itself)."""
+        return agent_id in self._timers or agent_id in self.deferred
+
     def agent_lost(self, agent_id: str, *, graceful: bool) -> None:
         """The agent holding work went DOWN (graceful: it said goodbye or was deregistered)."""
         if graceful or self._config.failover_grace == 0:

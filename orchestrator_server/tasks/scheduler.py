@@ -359,6 +359,8 @@ class TaskScheduler(TaskProjection):
         if entry is None or entry.task.status not in (PENDING, ASSIGNED):
             return
         entry.queue_timer = None
+        if not self._registry.cluster.leader:
+            return  # the leader times tasks out (cluster_changed re-arms this if it becomes leader)
         message = "waited longer than its queue timeout"
         if entry.task.status == PENDING:  # say what it waited for
             message += f"; {self._explained(entry).pending_reason.message}"
@@ -375,6 +377,8 @@ class TaskScheduler(TaskProjection):
         entry = self._active.get(task_id)
         if entry is not None:
             entry.run_timer = None
+        if not self._registry.cluster.leader:
+            return  # as for the queue timeout
 
         def decide(current: ActiveTask, draft: task_pb2.Task) -> list[PlacementClaim] | None:
             attempt = current.current_attempt
@@ -419,9 +423,28 @@ class TaskScheduler(TaskProjection):
                 self._spawn(self._lose(task_id, agent_id, "agent reconnected without it"))
         return kept
 
+    def cluster_changed(self, leader: bool) -> None:
+        """On becoming leader (or leading again after a gap): what fell due while no replica led
+        is acted on now. Timers that fired elsewhere were dropped there; they are armed again here
+        (at once if due), and work of agents down with no grace left to wait for moves."""
+        if not leader:
+            return
+        for entry in list(self._active.values()):
+            if entry.queue_timer is None and entry.task.status in (PENDING, ASSIGNED):
+                self._arm_queue_timer(entry)
+            attempt = entry.current_attempt
+            if entry.run_timer is None and attempt is not None:
+                self._arm_run_timer(entry, attempt)
+        for agent_id in self.agents_down_holding_work():
+            if not self._failover.waiting(agent_id):
+                self._move_work(agent_id, "agent down (failover by a new leader)")
+
     async def recover(self) -> None:
         """After `restore`: work held by agents that were already down before the restart moves
-        before the process serves (they had their grace then)."""
+        before the process serves (they had their grace then). Only the leader moves work; a
+        replica that becomes leader later does it then (`cluster_changed`)."""
+        if not self._registry.cluster.leader:
+            return
         moves = [
             self._lose(task_id, agent_id, "agent was down when the orchestrator restarted")
             for agent_id in self.agents_down_holding_work()
@@ -433,6 +456,8 @@ class TaskScheduler(TaskProjection):
             await asyncio.gather(*moves)
 
     def _move_work(self, agent_id: str, reason: str) -> None:
+        if not self._registry.cluster.leader:
+            return  # failover runs once for the cluster, on the leader
         held = list(self._held.get(agent_id, ()))
         for task_id in held:
             self._spawn(self._lose(task_id, agent_id, reason))

@@ -46,3 +46,23 @@ async def test_take_renew_refuse_take_over_and_release(store_factory: StoreFacto
     await store.release_lease("scheduler", "p2")
     again = await store.acquire_lease("scheduler", "p1", 30)
     assert again is not None and again.term == 3  # released at once, and the term still grows
+
+
+async def test_live_leases_by_prefix(store_factory: StoreFactory) -> None:
+    """What a replica lists to see its peers: unexpired leases under a prefix, by name."""
+    store = store_factory()
+    await store.open(Recorder())
+    await store.acquire_lease("replica/b", "b", 30)
+    await store.acquire_lease("replica/a", "a", 30)
+    await store.acquire_lease("leader", "a", 30)
+    short = await store.acquire_lease("replica/c", "c", 0.2)
+    assert short is not None
+    assert [lease.holder for lease in await store.live_leases("replica/")] == ["a", "b", "c"]
+    deadline = time.monotonic() + 30
+    while len(await store.live_leases("replica/")) == 3:
+        assert time.monotonic() < deadline, "an expired lease is still listed"
+        await asyncio.sleep(0.05)
+    assert [lease.name for lease in await store.live_leases("replica/")] == ["replica/a", "replica/b"]
+    await store.release_lease("replica/a", "a")
+    assert [lease.holder for lease in await store.live_leases("replica/")] == ["b"]
+    assert await store.live_leases("nothing/") == []
