@@ -9,6 +9,8 @@ is SIGKILLed (its streams just die) or SIGTERMed (it asks every session to recon
 from __future__ import annotations
 
 import asyncio
+import json
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -169,3 +171,26 @@ async def test_a_fleet_leaving_a_stopped_replica_spreads_over_the_window_and_lan
     # half of the fleet about a second apart; lock-step would put them within milliseconds).
     quarter, three_quarters = times[len(times) // 4], times[(3 * len(times)) // 4]
     assert three_quarters - quarter > 0.3, times
+
+
+async def test_admin_client_and_cli_go_to_the_next_replica_when_one_is_unavailable(
+    replicas: Callable[[int], list[ServerProcess]], agents: list[Agent]
+) -> None:
+    dead, alive = replicas(2)
+    agent = Agent(alive.target, name="seen", instance_id="seen-1", type="sdk-replicas", handle_signals=False)
+    agents.append(agent)
+    await agent.start(connect_timeout=30)
+    dead.kill()
+    async with AdminClient([dead.target, alive.target], timeout=10) as admin:
+        # Whichever replica it started on, every call lands: UNAVAILABLE moves it to the live one.
+        for _ in range(3):
+            assert (await admin.get_agent(agent.agent_id)).name == "seen"
+        assert admin.target == alive.target
+    listing = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "orchestrator_client.cli", "--target", f"{dead.target},{alive.target}",
+        "--json", "agents", "get", agent.agent_id,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(listing.communicate(), 60)
+    assert listing.returncode == 0, err.decode()
+    assert json.loads(out)["name"] == "seen"
