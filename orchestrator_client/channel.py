@@ -8,6 +8,8 @@ from pathlib import Path
 
 import grpc
 
+from orchestrator_client.targets import balances_itself
+
 ChannelOption = tuple[str, int | str]
 
 
@@ -56,7 +58,7 @@ class ConnectionOptions:
             or self.server_name_override is not None
         )
 
-    def channel_options(self) -> list[ChannelOption]:
+    def channel_options(self, target: str = "") -> list[ChannelOption]:
         keepalive_time_ms = int(self.keepalive_time * 1000)
         keepalive_timeout_ms = int(self.keepalive_timeout * 1000)
         reconnect_ms = int(self.max_reconnect_backoff * 1000)
@@ -78,16 +80,22 @@ class ConnectionOptions:
         }
         if self.server_name_override is not None:
             options["grpc.ssl_target_name_override"] = self.server_name_override
+        if balances_itself(target):
+            # Several replicas behind one name (a headless Service): a new call (the agent's next
+            # session) goes to an address that is up, not to the one whose connection just failed
+            # (pick_first, grpc's default, would stay on it).
+            options["grpc.lb_policy_name"] = "round_robin"
         options.update(dict(self.extra_options))
         return list(options.items())
 
     def create_channel(self, target: str) -> grpc.aio.Channel:
-        """Open an asyncio channel to `target` ("host:port") with these settings."""
+        """Open an asyncio channel to `target` ("host:port", or `dns:///name:port` for several
+        replicas behind one name) with these settings."""
         if not self.uses_tls:
-            return grpc.aio.insecure_channel(target, options=self.channel_options())
+            return grpc.aio.insecure_channel(target, options=self.channel_options(target))
         credentials = grpc.ssl_channel_credentials(
             root_certificates=self.root_certificates,
             private_key=self.client_private_key,
             certificate_chain=self.client_certificate_chain,
         )
-        return grpc.aio.secure_channel(target, credentials, options=self.channel_options())
+        return grpc.aio.secure_channel(target, credentials, options=self.channel_options(target))
