@@ -40,7 +40,7 @@ CREATORS = 2
 TASK_WORK_S = 0.5
 REATTACH_TARGET_S = 5.0  # issue 12: every agent of a killed replica re-attached elsewhere within 5 s
 # A failover grace long enough that an agent re-attaching to the survivor keeps its attempts.
-REPLICA_ENV = {"HEARTBEAT_TIMEOUT": "10", "FAILOVER_GRACE": "10", "REPLICA_TTL": "2"}
+REPLICA_ENV = {"HEARTBEAT_TIMEOUT": "10", "FAILOVER_GRACE": "10"}
 
 
 async def _database() -> str:

@@ -27,11 +27,12 @@ from tests.conftest import ROOT, ServerProcess, Stubs
 
 # Short liveness settings so a dead replica's agents are noticed in seconds; a failover grace long
 # enough that agents re-attaching elsewhere keep their running attempts (nothing is re-placed twice).
+# REPLICA_TTL stays at its default (5 s): shorter, a replica on this busy 2-core machine misses its
+# renewal now and then and rightly stops serving sessions, which is not what these tests are about.
 REPLICA_ENV = {
     "HEARTBEAT_TIMEOUT": "3",
     "HEARTBEAT_INTERVAL": "0.5",
     "FAILOVER_GRACE": "10",
-    "REPLICA_TTL": "2",
     "TASK_RETRY_BACKOFF": "0.05",
     "TASK_RETRY_BACKOFF_MAX": "0.2",
 }
@@ -69,11 +70,10 @@ class Replicas:
         return Stubs(self._channels[index])
 
     def kill(self, index: int) -> None:
-        """SIGKILL: no drain, no goodbye, its database connections cut by the kernel."""
+        """SIGKILL: no drain, no goodbye, its database connections cut by the kernel. (Its channel
+        stays open until `close`: closing it would cancel the calls in flight, which must instead
+        fail as a client of a dead replica sees them fail.)"""
         self.members[index].kill()
-        channel = self._channels.pop(index, None)
-        if channel is not None:
-            asyncio.get_running_loop().create_task(channel.close())
 
     def alive(self, index: int) -> bool:
         process = self.members[index].process
