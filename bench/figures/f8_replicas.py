@@ -208,14 +208,31 @@ async def _kill_one(ctx: Context, servers: list[proc.ManagedProcess]) -> dict[st
 async def run(ctx: Context) -> Figure:
     fig = Figure(KEY, "")
     sizes = ctx.sizes
+    phases: dict[str, float] = {}  # seconds each step took (where a run's time goes)
+    started = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal started
+        phases[name] = time.perf_counter() - started
+        started = time.perf_counter()
+
     single = await _replicas(ctx, "1r", 1)
-    rows = {1: {"sessions": await _sessions(ctx, single), "tasks": await _throughput(ctx, single)}}
+    lap("start 1 replica (and PostgreSQL)")
+    one = {"sessions": await _sessions(ctx, single)}
+    lap("1 replica: sessions")
+    one["tasks"] = await _throughput(ctx, single)
+    lap("1 replica: throughput")
     await ctx.stop_servers()
     pair = await _replicas(ctx, "2r", 2)
-    rows[2] = {"sessions": await _sessions(ctx, pair), "tasks": await _throughput(ctx, pair)}
+    lap("start 2 replicas")
+    two = {"sessions": await _sessions(ctx, pair)}
+    lap("2 replicas: sessions")
+    two["tasks"] = await _throughput(ctx, pair)
+    lap("2 replicas: throughput")
     kill = await _kill_one(ctx, pair)
-    one, two = rows[1], rows[2]
-    fig.details |= {"one_replica": one, "two_replicas": two, "kill": kill}
+    lap("kill")
+    rows = {1: one, 2: two}
+    fig.details |= {"one_replica": one, "two_replicas": two, "kill": kill, "phase_s": phases}
     s = sizes.replica_sessions
     fig.metrics += [
         Metric.absolute(f"1 replica: ack p99, {s} sessions at 1 Hz", one["sessions"]["ack_p99_ms"], "ms"),
