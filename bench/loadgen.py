@@ -189,8 +189,6 @@ class AgentSession:
             # The stream ended under the write (its server died): the agent still holds the
             # attempt (its next hello lists it) and finishes it, as a real agent would.
             self.gen.errors["task_update write"] += 1
-            if self.gen.task_mode == "hold":
-                return
         if self.gen.task_mode == "hold":
             return
         if self.gen.task_work_s:
