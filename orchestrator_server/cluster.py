@@ -75,7 +75,7 @@ class Cluster:
     async def start(self) -> None:
         """Takes the membership lease (and the leader lease if it is free) before serving."""
         await self._renew()
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._task = asyncio.get_running_loop().create_task(self._run_later())
 
     async def stop(self) -> None:
         """Hands both leases back, so the others need not wait for them to expire."""
@@ -93,16 +93,25 @@ class Cluster:
                 self._store.release_lease(REPLICA_PREFIX + self.process_id, self.process_id), self._ttl
             )
 
+    async def _run_later(self) -> None:
+        await asyncio.sleep(self._ttl / 3)
+        await self._run()
+
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(self._ttl / 3)
+            # Renewals start every third of the TTL however long the last one took, so a slow
+            # database shortens what is left of the lease, never the number of tries.
+            started = loop.time()
             try:
-                # A renewal that hangs (a frozen database, a dropped network) counts as failed.
-                await asyncio.wait_for(self._renew(), self._ttl / 3)
+                # A renewal that hangs (a frozen database, a dropped network) is given up after a
+                # TTL: the lease has lapsed by then anyway (`_lapsed`).
+                await asyncio.wait_for(self._renew(), self._ttl)
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # the lease lapses by itself; say why
-                log.warning("replica %s could not renew its leases: %s", self.process_id, error)
+                log.warning("replica %s could not renew its leases: %r", self.process_id, error)
+            await asyncio.sleep(max(0.0, started + self._ttl / 3 - loop.time()))
 
     async def _renew(self) -> None:
         loop = asyncio.get_running_loop()
@@ -118,7 +127,11 @@ class Cluster:
         if changed:
             log.warning("replica %s renewed its membership: serving again", self.process_id)
         self._serving = True
-        leader = await self._store.acquire_lease(LEADER_LEASE, self.process_id, self._ttl)
+        # Leadership and the list of replicas are asked for together (one round trip less).
+        leader, live = await asyncio.gather(
+            self._store.acquire_lease(LEADER_LEASE, self.process_id, self._ttl),
+            self._store.live_leases(REPLICA_PREFIX),
+        )
         if leader is not None:
             if self._leader_until <= asked:
                 # Not surely leading until now (promoted, or a renewal came late): what fell due
@@ -130,7 +143,7 @@ class Cluster:
         else:
             changed = changed or self._leader_until > asked
             self._leader_until = 0.0
-        replicas = frozenset(lease.holder for lease in await self._store.live_leases(REPLICA_PREFIX))
+        replicas = frozenset(lease.holder for lease in live)
         if replicas != self.replicas:
             joined, left = sorted(replicas - self.replicas), sorted(self.replicas - replicas)
             log.info("replicas now %s (joined %s, gone %s)", sorted(replicas), joined, left)

@@ -45,6 +45,7 @@ from orchestrator_server.agents.status import (
     set_status,
 )
 from orchestrator_server.errors import Aborted, Unavailable
+from orchestrator_server.store import Change
 from orchestrator_server.validation import Violations
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,11 @@ class Liveness(AgentProjection):
         if self._closing:
             raise Unavailable("the orchestrator is shutting down; reconnect shortly", DRAIN_RETRY_AFTER)
         self._refuse_unless_serving()
+        if self._index.get(agent_id) is None:
+            # Registered on another replica a moment ago? An empty commit delivers every event
+            # committed before it (the store's promise), so the hello is answered from a view at
+            # least as new as the registration.
+            await self._store.commit(Change())
         await self.verify_token_fresh(agent_id, token)
         state = self._state(agent_id)
         opened: list[Session] = []

@@ -166,7 +166,7 @@ class TaskScheduler(TaskProjection):
             return []
 
         try:
-            return await self._command(task_id, decide)
+            return await self._report(task_id, decide)
         except TaskNotActive:
             task = await self._finished_for_report(task_id, attempt_id, agent_id)
             if task.status == SUCCEEDED and task.attempts and task.attempts[-1].attempt_id == attempt_id:
@@ -184,7 +184,7 @@ class TaskScheduler(TaskProjection):
             return []
 
         try:
-            return await self._command(task_id, decide)
+            return await self._report(task_id, decide)
         except TaskNotActive:
             raise self._not_running(await self._finished_for_report(task_id, attempt_id, agent_id)) from None
 
@@ -250,9 +250,19 @@ class TaskScheduler(TaskProjection):
             raise FailedPrecondition(f"task {update.task_id} is not running")
         self._spawn(self._running_command(update.task_id, decide))
 
-    async def _running_command(self, task_id: str, decide: Decide) -> task_pb2.Task:
+    async def _report(self, task_id: str, decide: Decide) -> task_pb2.Task:
+        """An agent's report on its attempt. A task or attempt this replica has not seen may have
+        been created or placed by another replica a moment ago: the report is decided once more
+        after an empty commit, which delivers every event committed before it."""
         try:
             return await self._command(task_id, decide)
+        except (transitions.UnknownAttempt, TaskNotActive):
+            await self._store.commit(Change())
+            return await self._command(task_id, decide)
+
+    async def _running_command(self, task_id: str, decide: Decide) -> task_pb2.Task:
+        try:
+            return await self._report(task_id, decide)
         except TaskNotActive:
             raise FailedPrecondition(f"task {task_id} is not running") from None
 

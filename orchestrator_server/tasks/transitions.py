@@ -47,13 +47,18 @@ def now_timestamp() -> timestamp_pb2.Timestamp:
     return stamp
 
 
+class UnknownAttempt(FailedPrecondition):
+    """An attempt the task does not have, as this process knows it (another replica may have just
+    placed it)."""
+
+
 def holder_attempt(task: task_pb2.Task, attempt_id: str, agent_id: str | None) -> task_pb2.Attempt:
     """The current attempt if it is `attempt_id` (and belongs to `agent_id` when an agent reports);
     FAILED_PRECONDITION for a superseded or unknown attempt, PERMISSION_DENIED for another's."""
     attempt = current_attempt(task)
     if attempt is None or attempt.attempt_id != attempt_id:
         known = find_attempt(task, attempt_id) is not None
-        raise FailedPrecondition(
+        raise (FailedPrecondition if known else UnknownAttempt)(
             f"attempt {attempt_id} is {'superseded' if known else 'not an attempt of this task'}; "
             f"task {task.task_id} is {task_pb2.TaskStatus.Name(task.status)}"
         )
