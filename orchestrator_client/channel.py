@@ -75,6 +75,10 @@ class ConnectionOptions:
             "grpc.initial_reconnect_backoff_ms": min(1000, reconnect_ms),
             "grpc.min_reconnect_backoff_ms": min(1000, reconnect_ms),
             "grpc.max_reconnect_backoff_ms": reconnect_ms,
+            # Each channel has its own connection rather than sharing grpc's global pool: a new
+            # channel then really connects anew, instead of inheriting the reconnect backoff of a
+            # closing channel to the same address.
+            "grpc.use_local_subchannel_pool": 1,
             "grpc.max_receive_message_length": self.max_message_length,
             "grpc.max_send_message_length": self.max_message_length,
         }
