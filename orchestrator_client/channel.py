@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
-from orchestrator_client.targets import balances_itself
+from orchestrator_client.targets import resolves_to_several
 
 ChannelOption = tuple[str, int | str]
+
+_SHUFFLED_PICK_FIRST = json.dumps({"loadBalancingConfig": [{"pick_first": {"shuffleAddressList": True}}]})
 
 
 def read_pem(path: str | Path) -> bytes:
@@ -84,11 +87,12 @@ class ConnectionOptions:
         }
         if self.server_name_override is not None:
             options["grpc.ssl_target_name_override"] = self.server_name_override
-        if balances_itself(target):
-            # Several replicas behind one name (a headless Service): a new call (the agent's next
-            # session) goes to an address that is up, not to the one whose connection just failed
-            # (pick_first, grpc's default, would stay on it).
-            options["grpc.lb_policy_name"] = "round_robin"
+        if resolves_to_several(target):
+            # Several replicas behind one name (a headless Service): each client connects to one
+            # of them, chosen at random (gRFC A62), so a fleet spreads over the replicas; when
+            # that connection fails the next session tries the other addresses. round_robin
+            # would hold a connection to every replica from every agent.
+            options["grpc.service_config"] = _SHUFFLED_PICK_FIRST
         options.update(dict(self.extra_options))
         return list(options.items())
 
