@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
-from orchestrator_client.targets import balances_itself
+from orchestrator_client.targets import resolves_to_several
 
 ChannelOption = tuple[str, int | str]
+
+_SHUFFLED_PICK_FIRST = json.dumps({"loadBalancingConfig": [{"pick_first": {"shuffleAddressList": True}}]})
 
 
 def read_pem(path: str | Path) -> bytes:
@@ -75,16 +78,21 @@ class ConnectionOptions:
             "grpc.initial_reconnect_backoff_ms": min(1000, reconnect_ms),
             "grpc.min_reconnect_backoff_ms": min(1000, reconnect_ms),
             "grpc.max_reconnect_backoff_ms": reconnect_ms,
+            # Each channel has its own connection rather than sharing grpc's global pool: a new
+            # channel then really connects anew, instead of inheriting the reconnect backoff of a
+            # closing channel to the same address.
+            "grpc.use_local_subchannel_pool": 1,
             "grpc.max_receive_message_length": self.max_message_length,
             "grpc.max_send_message_length": self.max_message_length,
         }
         if self.server_name_override is not None:
             options["grpc.ssl_target_name_override"] = self.server_name_override
-        if balances_itself(target):
-            # Several replicas behind one name (a headless Service): a new call (the agent's next
-            # session) goes to an address that is up, not to the one whose connection just failed
-            # (pick_first, grpc's default, would stay on it).
-            options["grpc.lb_policy_name"] = "round_robin"
+        if resolves_to_several(target):
+            # Several replicas behind one name (a headless Service): each client connects to one
+            # of them, chosen at random (gRFC A62), so a fleet spreads over the replicas; when
+            # that connection fails the next session tries the other addresses. round_robin
+            # would hold a connection to every replica from every agent.
+            options["grpc.service_config"] = _SHUFFLED_PICK_FIRST
         options.update(dict(self.extra_options))
         return list(options.items())
 

@@ -4,8 +4,9 @@ A target is what the SDK's callers already pass: `"host:port"`. Several replicas
 (`["10.0.0.1:50051", "10.0.0.2:50051"]`) or the same comma-separated (`"a:50051,b:50051"`, which is
 also what `ORCHESTRATOR_TARGET` / `--target` take). A target grpc resolves to several addresses by
 itself (`dns:///orchestrator.ns.svc:50051`, a Kubernetes headless Service; `ipv4:1.2.3.4:50051,
-1.2.3.5:50051`) stays one entry: its channel balances over the addresses (`round_robin`, see
-`ConnectionOptions`), so a new call skips an address whose connection failed.
+1.2.3.5:50051`) stays one entry: its channel connects to one of the addresses, chosen at random,
+and tries the others when that connection fails (pick_first with a shuffled address list, see
+`ConnectionOptions`).
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ def parse_targets(target: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(parsed))  # a repeated address would only be tried twice in a row
 
 
-def balances_itself(target: str) -> bool:
-    """Whether grpc resolves `target` to a set of addresses it should balance calls over."""
+def resolves_to_several(target: str) -> bool:
+    """Whether grpc may resolve `target` to several addresses (of as many replicas)."""
     return target.startswith(("dns:", *_ADDRESS_LIST_SCHEMES))
 
 
@@ -77,4 +78,4 @@ class Targets:
         return ",".join(self.all)
 
 
-__all__ = ["Targets", "balances_itself", "parse_targets"]
+__all__ = ["Targets", "parse_targets", "resolves_to_several"]

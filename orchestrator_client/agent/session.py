@@ -123,10 +123,15 @@ class _SessionKeeper(_AttemptRunner):
             # agent in a session it can no longer serve. (A forgotten credential is renewed where
             # it was refused.)
             self._targets.advance()
-        if self._targets.current == previous:
-            return False
-        self._open_channel(self._targets.current)
-        return True
+        elsewhere = self._targets.current != previous
+        if elsewhere or not end.reregister:
+            # A fresh channel even to the same server: the old one may sit in grpc core's own
+            # reconnect backoff (up to `max_reconnect_backoff`), failing every call at once until
+            # it ends, so an agent whose pause ended right after the server came back would fail
+            # again and draw another pause. With its own connection (a local subchannel pool) the
+            # new channel connects when the pacing says so.
+            self._open_channel(self._targets.current)
+        return elsewhere
 
     def _api_metadata(self) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self._api_key}"),) if self._api_key else ()

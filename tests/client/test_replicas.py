@@ -194,3 +194,31 @@ async def test_admin_client_and_cli_go_to_the_next_replica_when_one_is_unavailab
     out, err = await asyncio.wait_for(listing.communicate(), 60)
     assert listing.returncode == 0, err.decode()
     assert json.loads(out)["name"] == "seen"
+
+
+async def test_one_name_for_several_replicas_is_resolved_by_grpc_and_the_agent_moves_with_it(
+    replicas: Callable[[int], list[ServerProcess]], agents: list[Agent]
+) -> None:
+    """A target grpc resolves to several addresses (here `ipv4:a,b`, as `dns:///` gives for a
+    headless Service) is one entry: the next session goes to the address that is up."""
+    first, second = replicas(2)
+    assert second.terminate() == 0  # so the agent's first session can only go to `first`
+    agent = Agent(
+        f"ipv4:{first.target},{second.target}",
+        name="by-name",
+        instance_id="by-name-1",
+        type="sdk-replicas",
+        handle_signals=False,
+    )
+    agents.append(agent)
+    await agent.start(connect_timeout=30)
+    assert agent.targets == (f"ipv4:{first.target},{second.target}",)
+    await asyncio.to_thread(second.start)  # back on its port
+    first.kill()
+    async with AdminClient(second.target, timeout=10) as admin:
+
+        async def on_second() -> bool:
+            current = await admin.get_agent(agent.agent_id)
+            return agent.connected and agent.sessions_opened >= 2 and current.session.streaming
+
+        await async_wait_for(on_second, within=20, what="the agent's session on the second address")
