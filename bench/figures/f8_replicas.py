@@ -53,7 +53,7 @@ async def _database() -> str:
 
 async def _completions(server: proc.ManagedProcess) -> Counter[str]:
     """How many times each task entered SUCCEEDED in the cluster's event log (the truth)."""
-    from tests.cluster.harness import completions, event_log
+    from tests.cluster.workload import completions, event_log
 
     return completions(await event_log(server.env["DATABASE_URL"]))
 

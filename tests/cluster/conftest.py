@@ -1,16 +1,18 @@
-"""Fixtures of the multi-replica tests: a fresh database in the session's throwaway PostgreSQL per
-test, replicas started on it, agent processes; everything started here is ended here."""
+"""Fixtures of the multi-replica tests: replicas on a fresh database (`replicas`, from the harness
+tests/cluster/replicas.py), a channel per replica (`clients`) and agent processes (`agent_groups`);
+everything started here is ended here."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.cluster.harness import AgentGroup, Replicas
-from tests.postgres_cluster import new_database
+from tests.cluster.replicas import replicas
+from tests.cluster.workload import AgentGroup, Clients
+
+__all__ = ["replicas"]  # the fixture, for every module here
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -20,19 +22,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 @pytest.fixture
-async def replicas(tmp_path: Path) -> AsyncIterator[Callable[..., Replicas]]:
-    """`replicas(count, **env)`: that many replicas (not started) on a new database."""
-    url = await new_database()
-    made: list[Replicas] = []
-
-    def make(count: int = 3, **env: Any) -> Replicas:
-        cluster = Replicas(tmp_path, url, count, **env)
-        made.append(cluster)
-        return cluster
-
-    yield make
-    for cluster in made:
-        await cluster.close()
+async def clients() -> AsyncIterator[Clients]:
+    made = Clients()
+    yield made
+    await made.close()
 
 
 @pytest.fixture

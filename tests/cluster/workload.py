@@ -1,10 +1,10 @@
-"""Several `orchestrator serve` replicas as real processes on one PostgreSQL database, the raw
-agents that attach to them, and readers of the database's event log (the cluster's truth).
+"""What the multi-replica tests put on the replicas of tests/cluster/replicas.py (the harness that
+starts them): raw agents attached through a list of replicas, a stream of task creates that survives
+a replica's death, and readers of the database's event log (the cluster's truth).
 
-Each replica is a tests.conftest.ServerProcess in its own directory (ready file, log) with
-DATABASE_URL pointing at the test's database. Agents reach "any replica" the way a client behind a
-DNS name with several A records does: a gRPC target listing several addresses (`ipv4:a,b,c`,
-pick_first), so they attach to the first one that answers and move on when it dies.
+Agents reach "any replica" the way a client behind a DNS name with several A records does: a gRPC
+target listing several addresses (`ipv4:a,b,c`, pick_first), so they attach to the first one that
+answers and move on when it dies.
 """
 
 from __future__ import annotations
@@ -27,68 +27,44 @@ from tests.conftest import ROOT, ServerProcess, Stubs
 
 # Short liveness settings so a dead replica's agents are noticed in seconds; a failover grace long
 # enough that agents re-attaching elsewhere keep their running attempts (nothing is re-placed twice).
-# REPLICA_TTL stays at its default (5 s): shorter, a replica on this busy 2-core machine misses its
-# renewal now and then and rightly stops serving sessions, which is not what these tests are about.
+# REPLICA_TTL at its default (5 s): at 2 s a replica on this busy 2-core machine misses a renewal
+# now and then and rightly stops serving sessions, which is not what these tests are about.
 REPLICA_ENV = {
+    "REPLICA_TTL": "5",
     "HEARTBEAT_TIMEOUT": "3",
     "HEARTBEAT_INTERVAL": "0.5",
     "FAILOVER_GRACE": "10",
-    "TASK_RETRY_BACKOFF": "0.05",
-    "TASK_RETRY_BACKOFF_MAX": "0.2",
 }
 SUCCEEDED = task_pb2.TASK_STATUS_SUCCEEDED
 
 
-class Replicas:
-    """N replicas of one cluster; index i is replica "ABC..."[i] in the tests' prose."""
+def target(*servers: ServerProcess) -> str:
+    """One gRPC target over the replicas, first choice first."""
+    return "ipv4:" + ",".join(f"127.0.0.1:{server.grpc_port}" for server in servers)
 
-    def __init__(self, workdir: Path, database_url: str, count: int, **env: Any) -> None:
-        self.database_url = database_url
-        self.members: list[ServerProcess] = []
-        for index in range(count):
-            directory = workdir / f"replica-{index}"
-            directory.mkdir(parents=True, exist_ok=True)
-            self.members.append(ServerProcess(directory, DATABASE_URL=database_url, **{**REPLICA_ENV, **env}))
+
+def alive(server: ServerProcess) -> bool:
+    return server.process is not None and server.process.poll() is None
+
+
+class Clients:
+    """One channel per replica, opened on first use and closed by `close` (a killed replica's
+    channel stays open until then: closing it would cancel the calls in flight, which must instead
+    fail as a client of a dead replica sees them fail)."""
+
+    def __init__(self) -> None:
         self._channels: dict[int, grpc.aio.Channel] = {}
 
-    def __getitem__(self, index: int) -> ServerProcess:
-        return self.members[index]
-
-    async def start(self, *indexes: int) -> None:
-        """Starts the given replicas (default: all) at once and waits for every ready file."""
-        chosen = indexes or tuple(range(len(self.members)))
-        await asyncio.gather(*(asyncio.to_thread(self.members[i].start, 60.0) for i in chosen))
-
-    def target(self, *order: int) -> str:
-        """One gRPC target over the replicas in `order` (first choice first)."""
-        return "ipv4:" + ",".join(f"127.0.0.1:{self.members[i].grpc_port}" for i in order)
-
-    def stubs(self, index: int) -> Stubs:
-        """Stubs on one replica only (a channel per replica, closed by `close`)."""
-        if index not in self._channels:
-            self._channels[index] = grpc.aio.insecure_channel(self.members[index].target)
-        return Stubs(self._channels[index])
-
-    def kill(self, index: int) -> None:
-        """SIGKILL: no drain, no goodbye, its database connections cut by the kernel. (Its channel
-        stays open until `close`: closing it would cancel the calls in flight, which must instead
-        fail as a client of a dead replica sees them fail.)"""
-        self.members[index].kill()
-
-    def alive(self, index: int) -> bool:
-        process = self.members[index].process
-        return process is not None and process.poll() is None
+    def __call__(self, server: ServerProcess) -> Stubs:
+        key = id(server)
+        if key not in self._channels:
+            self._channels[key] = grpc.aio.insecure_channel(server.target)
+        return Stubs(self._channels[key])
 
     async def close(self) -> None:
         for channel in self._channels.values():
             await channel.close()
         self._channels.clear()
-        await asyncio.gather(*(asyncio.to_thread(member.stop) for member in self.members))
-
-    def logs(self) -> str:
-        return "\n".join(
-            f"--- replica {i} ---\n{m.log()[-4000:]}" for i, m in enumerate(self.members) if m.starts
-        )
 
 
 class AgentGroup:
@@ -190,8 +166,11 @@ class CreateStream:
     retried on the next live replica with the same key until it is acknowledged, so an answer lost
     with a replica can never make a second task, and every acknowledged key must complete once."""
 
-    def __init__(self, cluster: Replicas, count: int, rate: float, prefix: str = "k") -> None:
-        self.cluster = cluster
+    def __init__(
+        self, servers: list[ServerProcess], clients: Clients, count: int, rate: float, prefix: str = "k"
+    ) -> None:
+        self.servers = servers
+        self.clients = clients
         self.count = count
         self.rate = rate
         self.prefix = prefix
@@ -199,8 +178,8 @@ class CreateStream:
         self.retries: collections.Counter[str] = collections.Counter()  # by status code
         self.sent = 0
 
-    def live(self) -> list[int]:
-        return [i for i in range(len(self.cluster.members)) if self.cluster.alive(i)]
+    def live(self) -> list[ServerProcess]:
+        return [server for server in self.servers if alive(server)]
 
     async def _create(self, index: int, within: float) -> None:
         key = f"{self.prefix}-{index}"
@@ -212,7 +191,7 @@ class CreateStream:
             replica = live[turn % len(live)]
             turn += 1
             try:
-                created = await self.cluster.stubs(replica).tasks.CreateTask(request, timeout=5)
+                created = await self.clients(replica).tasks.CreateTask(request, timeout=5)
             except grpc.aio.AioRpcError as error:
                 self.retries[error.code().name] += 1
                 await asyncio.sleep(0.1)
