@@ -72,6 +72,8 @@ class AgentProjection:
         for stored in agents:
             state = self._index.add(stored, token_hashes.get(stored.agent_id, ""))
             state.agent.assigned_tasks = 0
+            if not self.cluster.alive(state.agent.session.owner):
+                state.agent.session.streaming = False  # its stream ended with its replica
             self._time_liveness(state)
 
     def cluster_changed(self) -> None:

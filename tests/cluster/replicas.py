@@ -1,7 +1,7 @@
 """Several `orchestrator serve` replicas as real processes on one throwaway PostgreSQL database, and a
 proxy in front of the database that a test can cut (a replica cut off from the database).
 
-`Replicas.start(n)` starts replicas named r0, r1, ... on a new database (tests/postgres_cluster.py);
+`ReplicaProcesses.start(n)` starts replicas named r0, r1, ... on a new database (tests/postgres_cluster.py);
 each is a `ServerProcess` (tests/conftest.py) with its own working directory and log. The proxy
 listens on a unix socket of its own (the cluster listens only on unix sockets) and forwards to the
 cluster's; `cut()` closes every connection through it and refuses new ones until `restore()`.
@@ -25,7 +25,7 @@ from tests.conftest import ServerProcess, Stubs
 from tests.postgres_cluster import cluster, new_database
 
 #: Short enough that a test sees a replica die and a leader change within seconds.
-CLUSTER_ENV = {"REPLICA_TTL": "2", "HEARTBEAT_TIMEOUT": "2", "HEARTBEAT_INTERVAL": "0.3"}
+CLUSTER_ENV = {"REPLICA_TTL": "3", "HEARTBEAT_TIMEOUT": "2", "HEARTBEAT_INTERVAL": "0.3"}
 
 
 class DatabaseProxy:
@@ -98,7 +98,7 @@ class DatabaseProxy:
         self._thread.join(10)
 
 
-class Replicas:
+class ReplicaProcesses:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.database_url = ""
@@ -128,7 +128,7 @@ class Replicas:
             database = {} if sqlite else {"DATABASE_URL": url}
             server = ServerProcess(directory, **{**CLUSTER_ENV, **database, **env})
             self.servers.append(server)
-            await asyncio.to_thread(server.start)
+            await asyncio.to_thread(server.start, 60.0)  # a busy machine starts slowly
             started.append(server)
         return started
 
@@ -161,7 +161,7 @@ async def wait_until(predicate: Any, within: float = 30.0, what: str = "conditio
 
 
 @pytest.fixture
-def replicas(tmp_path: Path) -> Iterator[Replicas]:
-    group = Replicas(tmp_path)
+def replica_processes(tmp_path: Path) -> Iterator[ReplicaProcesses]:
+    group = ReplicaProcesses(tmp_path)
     yield group
     group.stop()

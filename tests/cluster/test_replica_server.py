@@ -1,6 +1,6 @@
-"""Replicas on one PostgreSQL database, as real processes: membership, the leader, liveness across
+"""ReplicaProcesses on one PostgreSQL database, as real processes: membership, the leader, liveness across
 replicas, credentials issued by another replica, placement on the replica holding the session, and
-a replica cut off from the database (docs/ARCHITECTURE.md, "Replicas")."""
+a replica cut off from the database (docs/ARCHITECTURE.md, "ReplicaProcesses")."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ from grpc_health.v1 import health_pb2 as grpc_health_pb2
 from grpc_health.v1 import health_pb2_grpc as grpc_health_pb2_grpc
 
 from orchestrator.v1 import agent_pb2, registry_pb2, task_pb2, tasks_pb2
-from tests.cluster.replicas import Replicas, connect, replicas, wait_until
+from tests.cluster.replicas import ReplicaProcesses, connect, replica_processes, wait_until
 from tests.conftest import ServerProcess, Stubs
 from tests.support import DOWN, READY, SessionClient, open_session, rpc_error
 
-__all__ = ["replicas"]  # the fixture
+__all__ = ["replica_processes"]  # the fixture
 
 
 async def get_agent(stubs: Stubs, agent_id: str) -> agent_pb2.Agent:
@@ -58,9 +58,9 @@ async def serving_status(server: ServerProcess) -> int:
 
 @pytest.mark.parametrize("backend", ["postgres", "sqlite"])
 async def test_task_created_on_one_replica_runs_on_the_agent_of_another(
-    replicas: Replicas, backend: str
+    replica_processes: ReplicaProcesses, backend: str
 ) -> None:
-    a, b = await replicas.start(2, sqlite=backend == "sqlite")
+    a, b = await replica_processes.start(2, sqlite=backend == "sqlite")
     async with connect(a) as on_a, connect(b) as on_b:
         registered = await on_a.register("worker", capabilities=["x"])
         agent_id = registered.agent.agent_id
@@ -94,8 +94,10 @@ async def test_task_created_on_one_replica_runs_on_the_agent_of_another(
             beating.cancel()
 
 
-async def test_a_replica_does_not_mark_down_the_agents_of_another_live_replica(replicas: Replicas) -> None:
-    (a,) = await replicas.start(1)
+async def test_a_replica_does_not_mark_down_the_agents_of_another_live_replica(
+    replica_processes: ReplicaProcesses,
+) -> None:
+    (a,) = await replica_processes.start(1)
     async with connect(a) as on_a:
         registered = await on_a.register("held-by-a")
         agent_id = registered.agent.agent_id
@@ -103,7 +105,7 @@ async def test_a_replica_does_not_mark_down_the_agents_of_another_live_replica(r
         beating = asyncio.create_task(keep_beating(session))
         try:
             # B starts with the agent alive in the store; A holds its session and gets its beats.
-            (b,) = await replicas.start(1)
+            (b,) = await replica_processes.start(1)
             async with connect(b) as on_b:
                 assert (await get_agent(on_b, agent_id)).status == READY
                 # Three heartbeat timeouts (HEARTBEAT_TIMEOUT=2): B never hears a beat.
@@ -118,9 +120,9 @@ async def test_a_replica_does_not_mark_down_the_agents_of_another_live_replica(r
 
 
 async def test_agents_of_a_killed_replica_go_down_once_after_the_grace_unless_they_reconnect(
-    replicas: Replicas,
+    replica_processes: ReplicaProcesses,
 ) -> None:
-    a, b, c = await replicas.start(3)
+    a, b, c = await replica_processes.start(3)
     async with connect(a) as on_a, connect(b) as on_b:
         orphan = await on_a.register("orphan")
         mover = await on_a.register("mover")
@@ -142,8 +144,8 @@ async def test_agents_of_a_killed_replica_go_down_once_after_the_grace_unless_th
 
             down = await wait_until(orphan_down, within=30, what="the orphan DOWN")
             detected = time.monotonic() - killed_at
-            # Not before the replica's lease ran out plus a heartbeat timeout (REPLICA_TTL=1,
-            # HEARTBEAT_TIMEOUT=2); within a few seconds of that.
+            # The replica's lease (REPLICA_TTL=3), a renewal period to notice, then a heartbeat
+            # timeout (HEARTBEAT_TIMEOUT=2) for the orphan, with some slack.
             assert 2.0 <= detected <= 12.0, detected
             assert a.process is not None and f":{a.process.pid} was lost" in down.status_reason
             # Committed once for the cluster (by the leader): one transition, to DOWN.
@@ -159,8 +161,10 @@ async def test_agents_of_a_killed_replica_go_down_once_after_the_grace_unless_th
             beating.cancel()
 
 
-async def test_leader_killed_another_replica_takes_over_and_times_tasks_out_once(replicas: Replicas) -> None:
-    first, second, third = await replicas.start(3)
+async def test_leader_killed_another_replica_takes_over_and_times_tasks_out_once(
+    replica_processes: ReplicaProcesses,
+) -> None:
+    first, second, third = await replica_processes.start(3)
     assert became_leader(first) == 1 and became_leader(second) == became_leader(third) == 0
     async with connect(second) as on_second:
         spec = task_pb2.TaskSpec(type="nobody-handles-this", queue_timeout=seconds(3.0))
@@ -178,7 +182,7 @@ async def test_leader_killed_another_replica_takes_over_and_times_tasks_out_once
 
         await wait_until(taken, within=15, what="a new leader")
         takeover = time.monotonic() - killed_at
-        assert takeover <= 5.0, takeover
+        assert takeover <= 8.0, takeover  # REPLICA_TTL=3 plus a renewal period and some slack
 
         async def timed_out() -> task_pb2.Task | None:
             current = await get_task(on_second, task.task_id)
@@ -193,9 +197,9 @@ async def test_leader_killed_another_replica_takes_over_and_times_tasks_out_once
 
 
 async def test_a_placement_committed_before_its_replica_died_reaches_the_agent_elsewhere(
-    replicas: Replicas,
+    replica_processes: ReplicaProcesses,
 ) -> None:
-    a, b = await replicas.start(2, FAILOVER_GRACE="30")
+    a, b = await replica_processes.start(2, FAILOVER_GRACE="30")
     async with connect(a) as on_a, connect(b) as on_b:
         registered = await on_a.register("worker")
         agent_id = registered.agent.agent_id
@@ -224,10 +228,10 @@ async def test_a_placement_committed_before_its_replica_died_reaches_the_agent_e
 
 
 async def test_a_replica_cut_off_from_the_database_stops_serving_sessions_until_it_reaches_it(
-    replicas: Replicas,
+    replica_processes: ReplicaProcesses,
 ) -> None:
-    a, b = await replicas.start(2, via_proxy=(0,))
-    proxy = replicas.proxies[0]
+    a, b = await replica_processes.start(2, via_proxy=(0,))
+    proxy = replica_processes.proxies[0]
     async with connect(a) as on_a, connect(b) as on_b:
         registered = await on_a.register("worker")
         agent_id = registered.agent.agent_id
@@ -237,11 +241,11 @@ async def test_a_replica_cut_off_from_the_database_stops_serving_sessions_until_
         cut_at = time.monotonic()
         proxy.cut()
         try:
-            # Within about REPLICA_TTL (1 s) A asks the agent to go elsewhere and ends its stream.
+            # Within about REPLICA_TTL (3 s) A asks the agent to go elsewhere and ends its stream.
             reconnect = await session.receive_kind("reconnect", within=15)
             stopped = time.monotonic() - cut_at
             assert "lost the database" in reconnect.reconnect.reason
-            assert stopped <= 5.0, stopped
+            assert stopped <= 8.0, stopped
 
             async def not_serving() -> bool:
                 return await serving_status(a) == grpc_health_pb2.HealthCheckResponse.NOT_SERVING
@@ -278,11 +282,13 @@ def bearer(secret: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {secret}"),)
 
 
-async def test_credentials_and_unary_heartbeats_work_on_every_replica(replicas: Replicas) -> None:
+async def test_credentials_and_unary_heartbeats_work_on_every_replica(
+    replica_processes: ReplicaProcesses,
+) -> None:
     """A credential issued by A is accepted by B (its hash is read from the store, never the token
     from anywhere); unary heartbeats spread over replicas keep the agent READY without a flap (the
     replica that got the latest beat times the lease), and it goes DOWN once when they stop."""
-    a, b = await replicas.start(2, API_KEYS=f"admin:{ADMIN_KEY},agent:{AGENT_KEY}")
+    a, b = await replica_processes.start(2, API_KEYS=f"admin:{ADMIN_KEY},agent:{AGENT_KEY}")
     async with connect(a) as on_a, connect(b) as on_b:
         registered = await on_a.registry.RegisterAgent(
             registry_pb2.RegisterAgentRequest(name="rest-agent", instance_id="1", type="worker"),
