@@ -1,5 +1,5 @@
-"""Fixtures of the multi-replica tests: replicas on a fresh database (`replicas`, from the harness
-tests/cluster/replicas.py), a channel per replica (`clients`) and agent processes (`agent_groups`);
+"""Fixtures of the multi-replica tests: replicas on a fresh database (`replica_processes`, from the
+harness tests/cluster/replicas.py), a channel per replica (`clients`) and agent processes (`agent_groups`);
 everything started here is ended here."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.replicas import replicas
+from tests.cluster.replicas import replica_processes
 from tests.cluster.workload import AgentGroup, Clients
 
-__all__ = ["replicas"]  # the fixture, for every module here
+__all__ = ["replica_processes"]  # the fixture, for every module here
 
 
 def pytest_configure(config: pytest.Config) -> None:

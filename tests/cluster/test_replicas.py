@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from orchestrator.v1 import discovery_pb2, event_pb2, registry_pb2, task_pb2, tasks_pb2
-from tests.cluster.replicas import Replicas
+from tests.cluster.replicas import ReplicaProcesses
 from tests.cluster.workload import (
     REPLICA_ENV,
     SUCCEEDED,
@@ -38,7 +38,7 @@ REATTACH_LIMIT_S = 5.0  # issue 12: every agent of a killed replica re-attached 
 AgentsFactory = Callable[..., AgentGroup]
 
 
-async def welcomed(group: AgentGroup, within: float = 30.0) -> dict[str, str]:
+async def welcomed(group: AgentGroup, within: float = 60.0) -> dict[str, str]:
     """Waits until every agent of the group has a session; returns agent name -> agent id."""
 
     def ids() -> dict[str, str]:
@@ -52,11 +52,13 @@ async def welcomed(group: AgentGroup, within: float = 30.0) -> dict[str, str]:
     return await wait_until(ids, within, f"{group.count} agents welcomed")  # type: ignore[no-any-return]
 
 
-async def three(replicas: Replicas, **env: str) -> list[ServerProcess]:
+async def three(replica_processes: ReplicaProcesses, **env: str) -> list[ServerProcess]:
     """Replicas A, B, C on one new database (the first makes it; the other two start together)."""
     settings = {**REPLICA_ENV, **env}
-    first = await replicas.start(1, **settings)
-    more = await asyncio.gather(replicas.start(1, **settings), replicas.start(1, **settings))
+    first = await replica_processes.start(1, **settings)
+    more = await asyncio.gather(
+        replica_processes.start(1, **settings), replica_processes.start(1, **settings)
+    )
     return [*first, *more[0], *more[1]]
 
 
@@ -82,18 +84,25 @@ async def assert_each_completed_once(database_url: str, task_ids: list[str], wit
     try:
         await wait_until(settled, within, f"{len(task_ids)} tasks completed in the event log")
     finally:
-        counts = completions(await event_log(database_url))
+        log = await event_log(database_url)
+        counts = completions(log)
         lost = [t for t in task_ids if counts[t] == 0]
         twice = {t: n for t, n in counts.items() if n > 1}
         print(f"tasks {len(task_ids)}, lost {len(lost)}, double-completed {len(twice)}")
-    assert not lost, f"{len(lost)} acknowledged tasks never completed: {lost[:5]}"
+    # Where each unfinished task stands in the log: its last status and its attempts.
+    last = {e.task.task_id: e.task for e in log if e.HasField("task") and e.task.task_id in lost}
+    stuck = {
+        t: (last[t].status, [(a.agent_id, a.status) for a in last[t].attempts]) if t in last else "no event"
+        for t in lost[:5]
+    }
+    assert not lost, f"{len(lost)} acknowledged tasks never completed: {stuck}"
     assert not twice, f"tasks completed more than once: {twice}"
 
 
 async def test_a_task_created_on_a_runs_on_an_agent_of_b_and_its_result_is_seen_from_c(
-    replicas: Replicas, clients: Clients, agent_groups: AgentsFactory
+    replica_processes: ReplicaProcesses, clients: Clients, agent_groups: AgentsFactory
 ) -> None:
-    a, b, c = await three(replicas)
+    a, b, c = await three(replica_processes)
     group = agent_groups(target(b), "on-b", 1)
     agent_id = (await welcomed(group))["on-b-0"]
 
@@ -109,7 +118,7 @@ async def test_a_task_created_on_a_runs_on_an_agent_of_b_and_its_result_is_seen_
     # The agent holds one stream, to B: the assignment came down it.
     assert [r["task_id"] for r in group.of_kind("assigned")] == [task_id]
     assert [r["task_id"] for r in group.of_kind("completed")] == [task_id]
-    await assert_each_completed_once(replicas.database_url, [task_id], within=10)
+    await assert_each_completed_once(replica_processes.database_url, [task_id], within=10)
 
 
 async def make_agent_changes(clients: Clients, servers: list[ServerProcess], tag: str) -> None:
@@ -143,10 +152,10 @@ def agent_changes(events: list[event_pb2.Event]) -> list[tuple[int, int, str]]:
 
 
 async def test_a_watcher_on_c_sees_every_replicas_changes_in_order_and_resumes_on_a(
-    replicas: Replicas, clients: Clients
+    replica_processes: ReplicaProcesses, clients: Clients
 ) -> None:
     # Agents without sessions stay READY throughout (no liveness events besides the test's own).
-    servers = await three(replicas, HEARTBEAT_TIMEOUT="120")
+    servers = await three(replica_processes, HEARTBEAT_TIMEOUT="120")
     a, _, c = servers
     await clients(a).register("before-the-watch")
     watch = clients(c).discovery.WatchAgents(discovery_pb2.WatchAgentsRequest())
@@ -155,7 +164,7 @@ async def test_a_watcher_on_c_sees_every_replicas_changes_in_order_and_resumes_o
     start = first.revision
 
     await make_agent_changes(clients, servers, "first")
-    head = (await event_log(replicas.database_url))[-1].revision
+    head = (await event_log(replica_processes.database_url))[-1].revision
     before_resume = await read_deltas(watch, head)
     watch.cancel()
     last = before_resume[-1][0]
@@ -163,23 +172,23 @@ async def test_a_watcher_on_c_sees_every_replicas_changes_in_order_and_resumes_o
     await make_agent_changes(clients, servers, "away")  # committed while nobody watches
     resumed = clients(a).discovery.WatchAgents(discovery_pb2.WatchAgentsRequest(start_revision=last))
     await make_agent_changes(clients, servers, "after")
-    head = (await event_log(replicas.database_url))[-1].revision
+    head = (await event_log(replica_processes.database_url))[-1].revision
     after_resume = await read_deltas(resumed, head)
     resumed.cancel()
 
     # Exactly the agent events of the log, once each, in revision order: no gap, no duplicate.
-    log = [e for e in await event_log(replicas.database_url, after=start) if e.revision <= head]
+    log = [e for e in await event_log(replica_processes.database_url, after=start) if e.revision <= head]
     assert before_resume + after_resume == agent_changes(log)
     assert len(agent_changes(log)) == 3 * 3 * (3 * 2 + 1)
 
 
 async def test_sigkill_of_the_replica_holding_the_agents_reattaches_them_elsewhere_and_loses_nothing(
-    replicas: Replicas, clients: Clients, agent_groups: AgentsFactory
+    replica_processes: ReplicaProcesses, clients: Clients, agent_groups: AgentsFactory
 ) -> None:
     """20 agents hold their sessions on B, each running a task created on A; B is SIGKILLed. Every
     agent is welcomed by A or C within 5 s, keeps its running attempt (FAILOVER_GRACE), and each
     task completes exactly once."""
-    a, b, c = await three(replicas)
+    a, b, c = await three(replica_processes)
     group = agent_groups(target(b, a, c), "held", 20, "--capacity", "1")
     names = await welcomed(group)
     payload = {"sleep": 3.0}
@@ -208,7 +217,7 @@ async def test_sigkill_of_the_replica_holding_the_agents_reattaches_them_elsewhe
     assert reattach <= REATTACH_LIMIT_S, f"the last agent re-attached {reattach:.2f} s after the kill"
 
     await all_succeeded(clients(c), task_ids, within=60)
-    await assert_each_completed_once(replicas.database_url, task_ids, within=10)
+    await assert_each_completed_once(replica_processes.database_url, task_ids, within=10)
     for task_id in task_ids:
         task = (await clients(a).tasks.GetTask(tasks_pb2.GetTaskRequest(task_id=task_id))).task
         assert len(task.attempts) == 1, f"{task_id} was placed again: {task.attempts}"
@@ -217,15 +226,19 @@ async def test_sigkill_of_the_replica_holding_the_agents_reattaches_them_elsewhe
 
 
 async def test_sigkill_of_the_scheduling_replica_mid_placement_completes_every_task_once(
-    replicas: Replicas, clients: Clients, agent_groups: AgentsFactory
+    replica_processes: ReplicaProcesses, clients: Clients, agent_groups: AgentsFactory
 ) -> None:
     """B starts first, so it holds the leader lease (timeouts, failover), and it holds half the
     agents and takes a third of a stream of creates; it is SIGKILLed while tasks are being placed.
     Every acknowledged create completes exactly once and a survivor takes the leader lease."""
-    (b,) = await replicas.start(1, **REPLICA_ENV)
-    holders = await wait_until(lambda: lease_holders(replicas.database_url), 20, "B to take the leader lease")
+    (b,) = await replica_processes.start(1, **REPLICA_ENV)
+    holders = await wait_until(
+        lambda: lease_holders(replica_processes.database_url), 20, "B to take the leader lease"
+    )
     assert "leader" in holders, f"no leader lease: {holders}"
-    (a,), (c,) = await asyncio.gather(replicas.start(1, **REPLICA_ENV), replicas.start(1, **REPLICA_ENV))
+    (a,), (c,) = await asyncio.gather(
+        replica_processes.start(1, **REPLICA_ENV), replica_processes.start(1, **REPLICA_ENV)
+    )
     on_b = agent_groups(target(b, a, c), "on-b", 6, "--capacity", "2", "--work", "0.2")
     on_c = agent_groups(target(c, a, b), "on-c", 6, "--capacity", "2", "--work", "0.2")
     await welcomed(on_b)
@@ -242,9 +255,9 @@ async def test_sigkill_of_the_scheduling_replica_mid_placement_completes_every_t
 
     task_ids = list(stream.acknowledged.values())
     assert len(set(task_ids)) == len(task_ids)  # a retried key never made a second task
-    await assert_each_completed_once(replicas.database_url, task_ids, within=60)
+    await assert_each_completed_once(replica_processes.database_url, task_ids, within=60)
     leader = await wait_until(
-        lambda: _new_leader(replicas.database_url, holders["leader"]),
+        lambda: _new_leader(replica_processes.database_url, holders["leader"]),
         20,
         "a survivor to take the leader lease",
     )
@@ -257,12 +270,12 @@ async def _new_leader(database_url: str, old: str) -> str:
 
 
 async def test_a_postgres_restart_under_load_is_survived_by_every_replica(
-    replicas: Replicas, clients: Clients, agent_groups: AgentsFactory
+    replica_processes: ReplicaProcesses, clients: Clients, agent_groups: AgentsFactory
 ) -> None:
     """PostgreSQL stops (`-m fast`, every connection cut) and starts again on the same data
     directory and socket while tasks are created and run; the replicas recover on their own (same
     processes), and every acknowledged create completes exactly once."""
-    servers = await three(replicas)
+    servers = await three(replica_processes)
     a, b, c = servers
     pids = [server.process.pid for server in servers]  # type: ignore[union-attr]
     on_a = agent_groups(target(a, b, c), "on-a", 4, "--capacity", "2", "--work", "0.1")
@@ -284,7 +297,7 @@ async def test_a_postgres_restart_under_load_is_survived_by_every_replica(
     )
 
     task_ids = list(stream.acknowledged.values())
-    await assert_each_completed_once(replicas.database_url, task_ids, within=60)
+    await assert_each_completed_once(replica_processes.database_url, task_ids, within=60)
     assert [server.process.pid for server in servers] == pids  # type: ignore[union-attr]
     assert all(alive(server) for server in servers), [server.log()[-2000:] for server in servers]
     # Every replica serves sessions and commits again: a task created on each runs.
@@ -294,7 +307,7 @@ async def test_a_postgres_restart_under_load_is_survived_by_every_replica(
             tasks_pb2.CreateTaskRequest(spec=task_pb2.TaskSpec(type="job")), timeout=10
         )
         after.append(created.task.task_id)
-    await assert_each_completed_once(replicas.database_url, after, within=30)
+    await assert_each_completed_once(replica_processes.database_url, after, within=30)
     print(
         f"postgres restarted {restarted_at:.0f}; create retries {dict(stream.retries)}; "
         f"sessions re-opened {len(on_a.of_kind('welcome')) + len(on_b.of_kind('welcome')) - 8}"
