@@ -154,9 +154,21 @@ class Cluster:
             self.on_change()
 
     def _lapsed(self) -> None:
-        """The membership lease ran out before a renewal came back: stop acting on stale state."""
+        """The membership lease ran out before a renewal came back: stop acting on stale state.
+
+        Only when another replica is alive (as last seen) to take the agents over: a replica that
+        is alone (one process on SQLite, or the last one standing) would only send its agents back
+        to itself, so it keeps serving; leadership lapses by itself either way (`leader`)."""
         self._lapse_timer = None
         if asyncio.get_running_loop().time() < self._member_until or not self._serving:
+            return
+        if self.replicas <= {self.process_id}:
+            log.warning(
+                "replica %s has not renewed its membership within REPLICA_TTL %g s; no other replica "
+                "is alive to take its sessions, so it keeps serving them",
+                self.process_id,
+                self._ttl,
+            )
             return
         log.error(
             "replica %s lost its membership lease (no renewal within REPLICA_TTL %g s): "

@@ -255,7 +255,10 @@ class AgentProjection:
             raise
         except Unauthenticated:
             state = self._index.get(agent_id)
-            if state is None or not await self._read_hashes([state]):
+            if state is None:
+                raise
+            state.hash_revision = -1  # read now, whatever a background read found (a caller waits)
+            if not await self._read_hashes([state]):
                 raise
         return self.verify_token(agent_id, token, authenticated_only=authenticated_only)
 

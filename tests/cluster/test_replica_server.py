@@ -21,6 +21,9 @@ from tests.support import DOWN, READY, SessionClient, open_session, rpc_error
 
 __all__ = ["replica_processes"]  # the fixture
 
+# Several replicas start and stop as processes in each test: minutes on a busy machine.
+pytestmark = pytest.mark.timeout(400)
+
 
 async def get_agent(stubs: Stubs, agent_id: str) -> agent_pb2.Agent:
     return (await stubs.registry.GetAgent(registry_pb2.GetAgentRequest(agent_id=agent_id))).agent
