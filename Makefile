@@ -1,16 +1,16 @@
-# One target per habit: make proto | lint | test | run | bench | bench-quick | chaos | chaos-quick | browser | screenshots
+# One target per habit: make proto | lint | test | run | cluster | bench | bench-quick | chaos | chaos-quick | browser | screenshots
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 PROTO_FILES := $(wildcard proto/orchestrator/v1/*.proto)
 GEN_DIR := orchestrator/v1
-PY_DIRS := $(wildcard orchestrator_server orchestrator_client tests bench examples chaos)
+PY_DIRS := $(wildcard orchestrator_server orchestrator_client tests bench examples chaos local_cluster)
 # promtool, unpacked from Debian's prometheus package (no daemon is installed or started): the tests
 # of deploy/prometheus and deploy/grafana run it.
 PROMTOOL := $(VENV)/tools/promtool
 
-.PHONY: setup browser screenshots proto proto-check lint test run bench bench-quick chaos chaos-quick clean
+.PHONY: setup browser screenshots proto proto-check lint test run cluster bench bench-quick chaos chaos-quick clean
 
 # The virtualenv is (re)built whenever pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -74,6 +74,11 @@ test: setup
 
 run: setup
 	$(PY) -m orchestrator_server serve
+
+# A throwaway PostgreSQL and 3 replicas on loopback (gRPC 50051-50053, REST 8080-8082) until Ctrl-C,
+# which stops them and removes the data (docs/DEPLOYMENT.md). CLUSTER_ARGS: e.g. --replicas 2.
+cluster: setup
+	$(PY) -m local_cluster $(CLUSTER_ARGS)
 
 bench: setup
 	$(PY) -m bench

@@ -1,4 +1,4 @@
-"""``python -m bench``: run the baselines and the seven figures, print the table, write the report."""
+"""``python -m bench``: run the baselines and the eight figures, print the table, write the report."""
 
 from __future__ import annotations
 
@@ -17,7 +17,16 @@ from pathlib import Path
 
 from bench import proc, report, workers
 from bench.client import message_sizes
-from bench.figures import f1_detection, f2_failover, f3_capacity, f4_unary, f5_tasks, f6_rest, f7_restart
+from bench.figures import (
+    f1_detection,
+    f2_failover,
+    f3_capacity,
+    f4_unary,
+    f5_tasks,
+    f6_rest,
+    f7_restart,
+    f8_replicas,
+)
 from bench.figures.common import FULL, QUICK, Context, Sizes, unimplemented
 from bench.report import ERROR, FIGURES, NOT_MEASURED, Figure, Report
 
@@ -32,6 +41,7 @@ RUNNERS: dict[str, Callable[[Context], Awaitable[Figure]]] = {
     f5_tasks.KEY: f5_tasks.run,
     f6_rest.KEY: f6_rest.run,
     f7_restart.KEY: f7_restart.run,
+    f8_replicas.KEY: f8_replicas.run,
 }
 
 
@@ -44,7 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="every figure at small sizes (< 2 min)")
     parser.add_argument("--check", action="store_true", help="exit 1 if any figure was not produced")
     parser.add_argument(
-        "--only", default="", help="comma-separated figure numbers to run, e.g. 1,3 (default: all seven)"
+        "--only", default="", help="comma-separated figure numbers to run, e.g. 1,3 (default: all eight)"
     )
     parser.add_argument("--profile", action="store_true", help="py-spy the server during each measured load")
     parser.add_argument(

@@ -28,6 +28,7 @@ EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
 MAX_SAMPLES = 200_000  # bound on latency samples one worker keeps per measurement
 BACKOFF_BASE_S = 0.05
 BACKOFF_CAP_S = 2.0
+COMPLETE_RETRY_S = 30.0  # how long an agent keeps retrying a CompleteTask no server answers
 
 
 def new_session_call(stubs: Stubs) -> Any:
@@ -185,17 +186,20 @@ class AgentSession:
         try:
             await self._write(update)
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+            # The stream ended under the write (its server died): the agent still holds the
+            # attempt (its next hello lists it) and finishes it, as a real agent would.
             self.gen.errors["task_update write"] += 1
-            return
         if self.gen.task_mode == "hold":
             return
+        if self.gen.task_work_s:
+            await asyncio.sleep(self.gen.task_work_s)
         req = tasks_pb2.CompleteTaskRequest(
             task_id=task.task_id,
             attempt_id=assignment.attempt_id,
             result=struct_pb2.Struct(fields={"ok": struct_pb2.Value(bool_value=True)}),
         )
         try:
-            await self.stubs.tasks.CompleteTask(req, metadata=self.cred.metadata(), timeout=30)
+            await self._complete(req)
         except grpc.aio.AioRpcError as exc:
             self.gen.errors[f"CompleteTask {exc.code().name}"] += 1
             return
@@ -203,6 +207,20 @@ class AgentSession:
             self.running.discard(assignment.attempt_id)
         self.gen.done.setdefault(key, now())
         self.gen.completed[task.task_id] += 1
+
+    async def _complete(self, req: tasks_pb2.CompleteTaskRequest) -> None:
+        """CompleteTask, retried while no server answers (its replica died: the channel moves on to
+        the next address), as an agent keeps a finished result until it is taken."""
+        deadline = now() + COMPLETE_RETRY_S
+        while True:
+            try:
+                await self.stubs.tasks.CompleteTask(req, metadata=self.cred.metadata(), timeout=30)
+                return
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or now() > deadline:
+                    raise
+                self.gen.errors["CompleteTask UNAVAILABLE (retried)"] += 1
+                await asyncio.sleep(BACKOFF_BASE_S)
 
     async def close(self, goodbye: bool) -> None:
         self._stop = True
@@ -273,6 +291,7 @@ class LoadGen:
         self.agent_type = "bench"
         self.capabilities: list[str] = ["cpu"]
         self.task_mode = "complete"
+        self.task_work_s = 0.0  # how long an agent works on a task before completing it
         self._channels: dict[tuple[str, int], grpc.aio.Channel] = {}
         self.creds: list[Credential] = []
         self.sessions: list[AgentSession] = []
@@ -378,9 +397,10 @@ class LoadGen:
         reconnect: bool = False,
         task_mode: str = "complete",
         within: float = 120.0,
+        task_work_s: float = 0.0,
     ) -> dict[str, Any]:
         """Open a session for every registered agent that has none; return once each got a welcome."""
-        self.task_mode = task_mode
+        self.task_mode, self.task_work_s = task_mode, task_work_s
         sem = asyncio.Semaphore(open_concurrency)
         start = len(self.sessions)
         pending = self.creds[start:]

@@ -13,7 +13,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-# The seven figures of BRIEF §4, in order; --check requires every one of them to be measured.
+# The seven figures of BRIEF §4 and the replicas of issue 12, in order; --check requires every one of them to be measured.
 FIGURES: dict[str, str] = {
     "1_failure_detection": "Failure detection (SIGKILL -> DOWN at a watcher)",
     "2_failover": "Failover (SIGKILL an agent holding N running tasks)",
@@ -22,6 +22,7 @@ FIGURES: dict[str, str] = {
     "5_task_throughput": "Task throughput and dispatch latency",
     "6_rest_gateway": "REST gateway vs FastAPI (wrk)",
     "7_restart": "Restart (10k agents + 100k tasks in the store)",
+    "8_replicas": "Replicas on PostgreSQL (1 vs 2 replicas; SIGKILL of one)",
 }
 
 MEASURED = "measured"

@@ -22,8 +22,9 @@ from google.protobuf import duration_pb2, field_mask_pb2
 
 from orchestrator_client import v1
 from orchestrator_client.channel import ConnectionOptions
-from orchestrator_client.errors import from_grpc_error
+from orchestrator_client.errors import OrchestratorError, from_grpc_error
 from orchestrator_client.retry import NO_RETRY, TRANSIENT_CODES, Backoff, Retry, Sleep
+from orchestrator_client.targets import Targets
 
 if TYPE_CHECKING:
     from orchestrator_client.v1 import (
@@ -62,7 +63,7 @@ class AdminClient:
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         *,
         api_key: str | None = None,
         connection: ConnectionOptions | None = None,
@@ -71,7 +72,11 @@ class AdminClient:
         watch_backoff: Backoff | None = None,
         sleep: Sleep = asyncio.sleep,
     ) -> None:
-        self.target = target
+        self._targets = Targets(target)
+        self.targets = self._targets.all
+        """Every replica this client may use; it moves to the next when one is UNAVAILABLE."""
+        self.target = self._targets.current
+        """The replica it uses now."""
         self.timeout = timeout
         self._retry = retry or Retry()
         # A watch lives until its caller stops reading: no deadline, and every transient break is
@@ -86,15 +91,30 @@ class AdminClient:
         self._metadata: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {api_key}"),) if api_key else ()
         )
-        self._channel = (connection or ConnectionOptions()).create_channel(target)
+        self._connection = connection or ConnectionOptions()
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._use(self.target)
+
+    def _use(self, target: str) -> None:
+        if target not in self._channels:
+            self._channels[target] = self._connection.create_channel(target)
+        self.target = target
+        self._channel = self._channels[target]
         self.registry: RegistryServiceAsyncStub = v1.RegistryServiceStub(self._channel)
         self.health: HealthServiceAsyncStub = v1.HealthServiceStub(self._channel)
         self.discovery: DiscoveryServiceAsyncStub = v1.DiscoveryServiceStub(self._channel)
         self.tasks: TasksServiceAsyncStub = v1.TasksServiceStub(self._channel)
-        """The raw stubs, for anything the methods below do not cover."""
+        """The raw stubs (of the replica in use), for anything the methods below do not cover."""
+
+    def _move_on(self, error: OrchestratorError | None) -> None:
+        """After UNAVAILABLE (the replica is down, draining or cut off from its database), or a watch
+        the replica ended (it is going away: None), the next call, or the retry of this one, goes
+        to the next replica."""
+        if self._targets.several and (error is None or error.grpc_code == grpc.StatusCode.UNAVAILABLE):
+            self._use(self._targets.advance())
 
     async def close(self) -> None:
-        await self._channel.close(None)
+        await asyncio.gather(*(channel.close(None) for channel in self._channels.values()))
 
     async def __aenter__(self) -> AdminClient:
         return self
@@ -106,14 +126,19 @@ class AdminClient:
 
     async def _unary(
         self,
-        method: grpc.aio.UnaryUnaryMultiCallable[Request, Response],
+        method: Callable[[], grpc.aio.UnaryUnaryMultiCallable[Request, Response]],
         request: Request,
         *,
         timeout: float | None,
         idempotent: bool,
     ) -> Response:
         async def attempt(remaining: float | None) -> Response:
-            return await method(request, timeout=remaining, metadata=self._metadata)
+            try:
+                # `method` is looked up again each time: a retry goes to the replica moved on to.
+                return await method()(request, timeout=remaining, metadata=self._metadata)
+            except grpc.RpcError as err:
+                self._move_on(from_grpc_error(err))
+                raise
 
         policy = self._retry if idempotent else NO_RETRY
         return await policy.with_timeout(self.timeout if timeout is None else timeout).run(attempt)
@@ -152,6 +177,7 @@ class AdminClient:
                     raise error from err
             finally:
                 call.cancel()
+            self._move_on(error)
             # Ended, cleanly (the server shutting down) or not: resume after a jittered pause.
             await self._watch_retry.wait(failures, error)
             failures += 1
@@ -182,11 +208,15 @@ class AdminClient:
             endpoints=endpoints,
             max_concurrent_tasks=max_concurrent_tasks,
         )
-        return await self._unary(self.registry.RegisterAgent, request, timeout=timeout, idempotent=True)
+        return await self._unary(
+            lambda: self.registry.RegisterAgent, request, timeout=timeout, idempotent=True
+        )
 
     async def get_agent(self, agent_id: str, *, timeout: float | None = None) -> v1.Agent:
         request = v1.GetAgentRequest(agent_id=agent_id)
-        response = await self._unary(self.registry.GetAgent, request, timeout=timeout, idempotent=True)
+        response = await self._unary(
+            lambda: self.registry.GetAgent, request, timeout=timeout, idempotent=True
+        )
         return response.agent
 
     def list_agents(
@@ -210,7 +240,9 @@ class AdminClient:
                 page_size=page_size,
                 page_token=page_token,
             )
-            response = await self._unary(self.registry.ListAgents, request, timeout=timeout, idempotent=True)
+            response = await self._unary(
+                lambda: self.registry.ListAgents, request, timeout=timeout, idempotent=True
+            )
             return response.agents, response.next_page_token
 
         return self._paginate(fetch)
@@ -249,23 +281,29 @@ class AdminClient:
         request = v1.UpdateAgentRequest(
             agent_id=agent_id, update=update, update_mask=field_mask_pb2.FieldMask(paths=mask)
         )
-        response = await self._unary(self.registry.UpdateAgent, request, timeout=timeout, idempotent=False)
+        response = await self._unary(
+            lambda: self.registry.UpdateAgent, request, timeout=timeout, idempotent=False
+        )
         return response.agent
 
     async def drain_agent(self, agent_id: str, reason: str = "", *, timeout: float | None = None) -> v1.Agent:
         request = v1.DrainAgentRequest(agent_id=agent_id, reason=reason)
-        response = await self._unary(self.registry.DrainAgent, request, timeout=timeout, idempotent=False)
+        response = await self._unary(
+            lambda: self.registry.DrainAgent, request, timeout=timeout, idempotent=False
+        )
         return response.agent
 
     async def undrain_agent(self, agent_id: str, *, timeout: float | None = None) -> v1.Agent:
         request = v1.UndrainAgentRequest(agent_id=agent_id)
-        response = await self._unary(self.registry.UndrainAgent, request, timeout=timeout, idempotent=False)
+        response = await self._unary(
+            lambda: self.registry.UndrainAgent, request, timeout=timeout, idempotent=False
+        )
         return response.agent
 
     async def deregister_agent(self, agent_id: str, *, timeout: float | None = None) -> v1.Agent:
         request = v1.DeregisterAgentRequest(agent_id=agent_id)
         response = await self._unary(
-            self.registry.DeregisterAgent, request, timeout=timeout, idempotent=False
+            lambda: self.registry.DeregisterAgent, request, timeout=timeout, idempotent=False
         )
         return response.agent
 
@@ -273,7 +311,9 @@ class AdminClient:
 
     async def get_agent_health(self, agent_id: str, *, timeout: float | None = None) -> v1.AgentHealth:
         request = v1.GetAgentHealthRequest(agent_id=agent_id)
-        response = await self._unary(self.health.GetAgentHealth, request, timeout=timeout, idempotent=True)
+        response = await self._unary(
+            lambda: self.health.GetAgentHealth, request, timeout=timeout, idempotent=True
+        )
         return response.health
 
     def list_agent_health(
@@ -289,7 +329,7 @@ class AdminClient:
                 status=status, type=type, page_size=page_size, page_token=page_token
             )
             response = await self._unary(
-                self.health.ListAgentHealth, request, timeout=timeout, idempotent=True
+                lambda: self.health.ListAgentHealth, request, timeout=timeout, idempotent=True
             )
             return response.agents, response.next_page_token
 
@@ -297,7 +337,9 @@ class AdminClient:
 
     async def get_system_health(self, *, timeout: float | None = None) -> v1.GetSystemHealthResponse:
         request = v1.GetSystemHealthRequest()
-        return await self._unary(self.health.GetSystemHealth, request, timeout=timeout, idempotent=True)
+        return await self._unary(
+            lambda: self.health.GetSystemHealth, request, timeout=timeout, idempotent=True
+        )
 
     def watch_agent_health(
         self, *, type: str = "", start_revision: int = 0
@@ -352,7 +394,7 @@ class AdminClient:
         async def fetch(page_token: str) -> tuple[Sequence[v1.Agent], str]:
             request = v1.DiscoverAgentsRequest(query=query, page_size=page_size, page_token=page_token)
             response = await self._unary(
-                self.discovery.DiscoverAgents, request, timeout=timeout, idempotent=True
+                lambda: self.discovery.DiscoverAgents, request, timeout=timeout, idempotent=True
             )
             return response.agents, response.next_page_token
 
@@ -381,7 +423,7 @@ class AdminClient:
                 page_token=page_token,
             )
             response = await self._unary(
-                self.discovery.ListEndpoints, request, timeout=timeout, idempotent=True
+                lambda: self.discovery.ListEndpoints, request, timeout=timeout, idempotent=True
             )
             return response.endpoints, response.next_page_token
 
@@ -406,7 +448,9 @@ class AdminClient:
             hash_key=hash_key,
             endpoint_name=endpoint_name,
         )
-        return await self._unary(self.discovery.ResolveAgent, request, timeout=timeout, idempotent=True)
+        return await self._unary(
+            lambda: self.discovery.ResolveAgent, request, timeout=timeout, idempotent=True
+        )
 
     def watch_agents(
         self,
@@ -474,13 +518,13 @@ class AdminClient:
             spec.payload.update(payload)
         request = v1.CreateTaskRequest(spec=spec)
         response = await self._unary(
-            self.tasks.CreateTask, request, timeout=timeout, idempotent=bool(idempotency_key)
+            lambda: self.tasks.CreateTask, request, timeout=timeout, idempotent=bool(idempotency_key)
         )
         return response.task
 
     async def get_task(self, task_id: str, *, timeout: float | None = None) -> v1.Task:
         request = v1.GetTaskRequest(task_id=task_id)
-        response = await self._unary(self.tasks.GetTask, request, timeout=timeout, idempotent=True)
+        response = await self._unary(lambda: self.tasks.GetTask, request, timeout=timeout, idempotent=True)
         return response.task
 
     def list_tasks(
@@ -498,19 +542,25 @@ class AdminClient:
             request = v1.ListTasksRequest(
                 status=status, type=type, agent_id=agent_id, page_size=page_size, page_token=page_token
             )
-            response = await self._unary(self.tasks.ListTasks, request, timeout=timeout, idempotent=True)
+            response = await self._unary(
+                lambda: self.tasks.ListTasks, request, timeout=timeout, idempotent=True
+            )
             return response.tasks, response.next_page_token
 
         return self._paginate(fetch)
 
     async def assign_task(self, task_id: str, agent_id: str, *, timeout: float | None = None) -> v1.Task:
         request = v1.AssignTaskRequest(task_id=task_id, agent_id=agent_id)
-        response = await self._unary(self.tasks.AssignTask, request, timeout=timeout, idempotent=False)
+        response = await self._unary(
+            lambda: self.tasks.AssignTask, request, timeout=timeout, idempotent=False
+        )
         return response.task
 
     async def cancel_task(self, task_id: str, reason: str = "", *, timeout: float | None = None) -> v1.Task:
         request = v1.CancelTaskRequest(task_id=task_id, reason=reason)
-        response = await self._unary(self.tasks.CancelTask, request, timeout=timeout, idempotent=False)
+        response = await self._unary(
+            lambda: self.tasks.CancelTask, request, timeout=timeout, idempotent=False
+        )
         return response.task
 
     async def watch_task(self, task_id: str) -> AsyncIterator[v1.Task]:

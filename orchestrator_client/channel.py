@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
+from orchestrator_client.targets import resolves_to_several
+
 ChannelOption = tuple[str, int | str]
+
+_SHUFFLED_PICK_FIRST = json.dumps({"loadBalancingConfig": [{"pick_first": {"shuffleAddressList": True}}]})
 
 
 def read_pem(path: str | Path) -> bytes:
@@ -56,7 +61,7 @@ class ConnectionOptions:
             or self.server_name_override is not None
         )
 
-    def channel_options(self) -> list[ChannelOption]:
+    def channel_options(self, target: str = "") -> list[ChannelOption]:
         keepalive_time_ms = int(self.keepalive_time * 1000)
         keepalive_timeout_ms = int(self.keepalive_timeout * 1000)
         reconnect_ms = int(self.max_reconnect_backoff * 1000)
@@ -73,21 +78,32 @@ class ConnectionOptions:
             "grpc.initial_reconnect_backoff_ms": min(1000, reconnect_ms),
             "grpc.min_reconnect_backoff_ms": min(1000, reconnect_ms),
             "grpc.max_reconnect_backoff_ms": reconnect_ms,
+            # Each channel has its own connection rather than sharing grpc's global pool: a new
+            # channel then really connects anew, instead of inheriting the reconnect backoff of a
+            # closing channel to the same address.
+            "grpc.use_local_subchannel_pool": 1,
             "grpc.max_receive_message_length": self.max_message_length,
             "grpc.max_send_message_length": self.max_message_length,
         }
         if self.server_name_override is not None:
             options["grpc.ssl_target_name_override"] = self.server_name_override
+        if resolves_to_several(target):
+            # Several replicas behind one name (a headless Service): each client connects to one
+            # of them, chosen at random (gRFC A62), so a fleet spreads over the replicas; when
+            # that connection fails the next session tries the other addresses. round_robin
+            # would hold a connection to every replica from every agent.
+            options["grpc.service_config"] = _SHUFFLED_PICK_FIRST
         options.update(dict(self.extra_options))
         return list(options.items())
 
     def create_channel(self, target: str) -> grpc.aio.Channel:
-        """Open an asyncio channel to `target` ("host:port") with these settings."""
+        """Open an asyncio channel to `target` ("host:port", or `dns:///name:port` for several
+        replicas behind one name) with these settings."""
         if not self.uses_tls:
-            return grpc.aio.insecure_channel(target, options=self.channel_options())
+            return grpc.aio.insecure_channel(target, options=self.channel_options(target))
         credentials = grpc.ssl_channel_credentials(
             root_certificates=self.root_certificates,
             private_key=self.client_private_key,
             certificate_chain=self.client_certificate_chain,
         )
-        return grpc.aio.secure_channel(target, credentials, options=self.channel_options())
+        return grpc.aio.secure_channel(target, credentials, options=self.channel_options(target))

@@ -10,7 +10,8 @@
     orchestrator watch agents|health [--type T]      (one JSON line per change, until Ctrl-C)
     orchestrator watch task TASK_ID
 
-Target and credentials come from --target / ORCHESTRATOR_TARGET (localhost:50051) and
+Target and credentials come from --target / ORCHESTRATOR_TARGET (localhost:50051; several replicas
+comma-separated, tried in turn when one is unavailable, or dns:///NAME:PORT) and
 --api-key / ORCHESTRATOR_API_KEY. Lists print a table; --json prints one JSON object per line.
 """
 
@@ -194,7 +195,11 @@ def add_common_options(parser: argparse.ArgumentParser, *, with_defaults: bool) 
     def default(value: object) -> object:
         return value if with_defaults else argparse.SUPPRESS
 
-    parser.add_argument("--target", default=default(os.environ.get("ORCHESTRATOR_TARGET", "localhost:50051")))
+    parser.add_argument(
+        "--target",
+        default=default(os.environ.get("ORCHESTRATOR_TARGET", "localhost:50051")),
+        help="host:port of the orchestrator; several replicas comma-separated, or dns:///NAME:PORT",
+    )
     parser.add_argument("--api-key", default=default(os.environ.get("ORCHESTRATOR_API_KEY", "")))
     parser.add_argument("--timeout", type=float, default=default(10.0), help="per-call deadline in seconds")
     parser.add_argument(

@@ -10,6 +10,9 @@ Full jitter (AWS architecture blog, "Exponential Backoff And Jitter"): the n-th 
 uniformly from [0, min(maximum, initial * multiplier**n)]. Spreading every client's retry over the
 whole window is what keeps thousands of agents from reconnecting in lock-step after an orchestrator
 restart. The random source, the sleep and the clock are injectable so tests can see the delays chosen.
+
+`ReconnectPacing` is the agent's use of it: how long to wait before the next session, from how the
+last one ended. It alone shapes how a fleet comes back after a replica dies or restarts.
 """
 
 from __future__ import annotations
@@ -146,6 +149,56 @@ class Retry:
                     raise error from err
                 attempt += 1
                 await self.sleep(pause)
+
+
+@dataclass
+class ReconnectPacing:
+    """The pause before an agent's next session, from how the last one ended.
+
+    * **A planned break** (a `reconnect` request, or UNAVAILABLE with RetryInfo from a draining or
+      cut-off server) reaches every agent of that server at the same moment: each draws its pause
+      uniformly over a window as long as the server's hint (at least `backoff.initial`). Coming back
+      to the same server it never returns before the hint; moving to another replica it need not
+      wait for the old one, so the window starts now. For `planned_window` seconds afterwards the
+      server is known to be restarting, not broken: pauses stay at the first step of the backoff
+      instead of growing.
+    * **A lost session** that had been welcomed: the first retry is fast (full jitter over
+      `backoff.initial`): the replica or its connection died, another replica (or the same one,
+      restarted) can take the agent at once.
+    * **Repeated failures** (no welcome in between): exponential backoff with full jitter up to
+      `backoff.maximum`, never sooner than an error's RetryInfo asks. The cap bounds how long an
+      agent may stay away after the server is back; the jitter spreads the fleet over it.
+    """
+
+    retry: Retry
+    planned_window: float = 60.0
+    clock: Callable[[], float] = field(default=time.monotonic, compare=False)
+    failures: int = 0
+    """Sessions in a row that ended without a welcome."""
+    _planned_until: float = field(default=float("-inf"), repr=False)
+
+    def pause(
+        self,
+        *,
+        welcomed: bool,
+        hint: float | None = None,
+        error: OrchestratorError | None = None,
+        elsewhere: bool = False,
+    ) -> float:
+        """Seconds to wait. `hint`: the server planned the break and asked for this wait;
+        `elsewhere`: the next session goes to another replica than the one that ended."""
+        backoff = self.retry.backoff
+        if welcomed:
+            self.failures = 0
+        if hint is not None:
+            self._planned_until = self.clock() + self.planned_window
+            start = 0.0 if elsewhere else hint
+            return start + backoff.random() * max(backoff.initial, hint)
+        if self.clock() < self._planned_until:
+            return self.retry.delay(0, error)
+        pause = self.retry.delay(self.failures, error)
+        self.failures += 1
+        return pause
 
 
 RetryPolicy = Retry

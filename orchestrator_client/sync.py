@@ -12,7 +12,7 @@ import asyncio
 import concurrent.futures
 import signal
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from types import FrameType
 from typing import Any, TypeVar
 
@@ -37,7 +37,7 @@ class SyncAgent:
     ```
     """
 
-    def __init__(self, target: str, **agent_options: Any) -> None:
+    def __init__(self, target: str | Sequence[str], **agent_options: Any) -> None:
         # Signals are handled here, on the main thread; the loop thread cannot install handlers.
         agent_options["handle_signals"] = False
         self.agent = Agent(target, **agent_options)

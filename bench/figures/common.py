@@ -38,6 +38,11 @@ class Sizes:
     rest_connections: int
     restart_agents: int
     restart_tasks: int
+    replica_sessions: int
+    replica_window_s: float
+    replica_kill_agents: int
+    replica_kill_rate: float
+    replica_kill_s: float
 
 
 FULL = Sizes(
@@ -60,6 +65,11 @@ FULL = Sizes(
     rest_connections=50,
     restart_agents=10000,
     restart_tasks=100000,
+    replica_sessions=2000,
+    replica_window_s=10.0,
+    replica_kill_agents=200,
+    replica_kill_rate=200.0,
+    replica_kill_s=6.0,
 )
 
 QUICK = Sizes(
@@ -82,6 +92,11 @@ QUICK = Sizes(
     rest_connections=16,
     restart_agents=200,
     restart_tasks=2000,
+    replica_sessions=100,
+    replica_window_s=1.5,
+    replica_kill_agents=20,
+    replica_kill_rate=50.0,
+    replica_kill_s=3.0,
 )
 
 

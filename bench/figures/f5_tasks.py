@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from typing import Any
 
 from bench.figures.common import Context, merged, merged_dicts, target_of
@@ -25,11 +26,10 @@ AGENTS_PER_WORKER = 4
 CREATORS = 2
 
 
-async def _wait_done(agents: Pool, keys: set[str], within: float) -> dict[str, dict[str, float]]:
-    """Poll the agents' reports until every key completed (bounded)."""
+async def wait_done(agents: Pool, keys: set[str], within: float) -> dict[str, dict[str, Any]]:
+    """Poll the agents' reports until every key completed (bounded). Also returns how many times
+    CompleteTask was accepted per task id and the agents' errors, summed over the workers."""
     deadline = time.perf_counter() + within
-    pushed: dict[str, float] = {}
-    done: dict[str, float] = {}
     while True:
         reports = await agents.call("task_report", clear=False)
         pushed, done = merged_dicts(reports, "pushed"), merged_dicts(reports, "done")
@@ -37,7 +37,12 @@ async def _wait_done(agents: Pool, keys: set[str], within: float) -> dict[str, d
             break
         await asyncio.sleep(0.05)
     await agents.call("task_report", clear=True)
-    return {"pushed": pushed, "done": done}
+    completed: Counter[str] = Counter()
+    errors: Counter[str] = Counter()
+    for report in reports:
+        completed.update(report["completed"])
+        errors.update(report["errors"])
+    return {"pushed": pushed, "done": done, "completed": dict(completed), "errors": dict(errors)}
 
 
 async def run(ctx: Context) -> Figure:
@@ -60,7 +65,7 @@ async def run(ctx: Context) -> Figure:
             "create_at_rate", rate=sizes.task_rate, count=sizes.task_rate_count, prefix="rate", **task_args
         )
         sent_a: dict[str, float] = rate["sent"]
-        times_a = await _wait_done(agents, set(sent_a), 60)
+        times_a = await wait_done(agents, set(sent_a), 60)
         dispatch = [(times_a["pushed"][k] - t) * 1000 for k, t in sent_a.items() if k in times_a["pushed"]]
         e2e = [(times_a["done"][k] - t) * 1000 for k, t in sent_a.items() if k in times_a["done"]]
         lost_a = len(sent_a) - len(times_a["done"])
@@ -87,7 +92,7 @@ async def run(ctx: Context) -> Figure:
             )
             sent_b = merged_dicts(made, "sent")
             created_ok = sum(r["calls"] for r in made)
-            times_b = await _wait_done(agents, set(sent_b), 120)
+            times_b = await wait_done(agents, set(sent_b), 120)
         done_b = times_b["done"]
         completed = len(done_b)
         span = (max(done_b.values()) - min(sent_b.values())) if done_b else 0.0

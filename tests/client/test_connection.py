@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
@@ -26,6 +27,15 @@ def test_keepalive_sets_the_ping_timeout_too_and_extra_options_win() -> None:
     assert options["grpc.http2.ping_timeout_ms"] == 1500
     assert options["grpc.keepalive_permit_without_calls"] == 1
     assert options["grpc.max_reconnect_backoff_ms"] == 750
+
+
+def test_a_name_for_several_replicas_connects_to_one_at_random_and_a_plain_address_keeps_grpcs_default() -> (
+    None
+):
+    for target in ("dns:///orchestrator-headless.ns.svc:50051", "ipv4:10.0.0.1:50051,10.0.0.2:50051"):
+        config = json.loads(str(dict(ConnectionOptions().channel_options(target))["grpc.service_config"]))
+        assert config == {"loadBalancingConfig": [{"pick_first": {"shuffleAddressList": True}}]}
+    assert "grpc.service_config" not in dict(ConnectionOptions().channel_options("10.0.0.1:50051"))
 
 
 def test_mutual_tls_needs_both_certificate_and_key() -> None:
