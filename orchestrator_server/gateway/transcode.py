@@ -12,6 +12,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
+import orjson
 from google.protobuf import json_format, message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
@@ -181,6 +182,13 @@ def parse_json_body(raw: bytes) -> Any:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise invalid_argument("the request body is not UTF-8 text") from None
+    try:
+        # orjson parses the common body several times faster; what it refuses (NaN, integers past
+        # 64 bits, lone surrogates, deep nesting) or cannot parse, json parses or words the error of,
+        # so answers and refusals stay json's.
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        pass
     try:
         return json.loads(text)
     except RecursionError:
