@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 from collections.abc import Iterator, Sequence
@@ -12,6 +13,10 @@ from orchestrator_server.errors import FailedPrecondition
 from orchestrator_server.validation import Violations, decode_page_token, encode_page_token
 
 Strategy = discovery_pb2.LoadBalancingStrategy
+
+#: The statuses an agent can be routed to in, without and with `include_degraded`.
+_ROUTABLE = frozenset({READY})
+_ROUTABLE_OR_DEGRADED = frozenset({READY, DEGRADED})
 
 
 def load_score(agent: agent_pb2.Agent) -> tuple[float, float, str]:
@@ -53,13 +58,11 @@ class Discovery:
     def candidates(
         self, query: discovery_pb2.AgentQuery, agent_filter: AgentFilter, after: str = ""
     ) -> Iterator[agent_pb2.Agent]:
-        """Matching agents that can be routed to, in registration order, after the id `after`."""
-        allowed = {READY, DEGRADED} if query.include_degraded else {READY}
-        return (
-            agent
-            for agent in self._registry.agents_after(after)
-            if agent.status in allowed and agent_filter.matches(agent)
-        )
+        """Matching agents that can be routed to, in registration order, after the id `after`:
+        the index walks the ready (and degraded) agents or those of the query's type or capability,
+        whichever are fewer, never every agent."""
+        allowed = _ROUTABLE_OR_DEGRADED if query.include_degraded else _ROUTABLE
+        return self._registry.matching(dataclasses.replace(agent_filter, statuses=allowed), after)
 
     def discover(
         self, query: discovery_pb2.AgentQuery, page_size: int, page_token: str

@@ -1,8 +1,9 @@
 """The checks of every call, whichever transport carries it, in the order they run:
 
-1. `Policy.begin` opens the call's record (method, rule from `auth.RULES`, the caller's address).
+1. `Policy.begin` opens the call's record (`calls.Call`: method, rule from `auth.RULES`, the
+   caller's address).
 2. `Policy.audited` records who made each mutating call, what it was and how it ended
-   (logger `orchestrator.audit`), around everything below.
+   (`audit.AuditScope`, logger `orchestrator.audit`), around everything below.
 3. `Policy.admit` authenticates the caller (API key or agent credential) and applies the call's
    rule; a request that could not be decoded ends here as INVALID_ARGUMENT.
 4. `Policy.meter` draws from the caller's token bucket (API calls and session traffic apart);
@@ -12,7 +13,8 @@ Both adapters call these: the gRPC interceptors (`grpc_api/interceptors.py`) and
 gateway's in-process dispatch (`gateway/inprocess.py`), so a REST call and a gRPC call are held to
 the same rules, budgets and audit records. Domain errors become one google.rpc.Status here
 (`error_status`), which each transport writes in its own way. Servicers never check credentials;
-what they take from here is `acting_agent_id()`, `caller_scope()` and `authenticated_caller()`.
+what they take from the call's record is `acting_agent_id()`, `caller_scope()` and
+`authenticated_caller()` (`calls.py`, re-exported here).
 """
 
 from __future__ import annotations
@@ -20,19 +22,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import time
 import weakref
 from collections.abc import Callable, Iterable
-from contextvars import ContextVar, Token
-from dataclasses import dataclass
-from types import TracebackType
+from contextvars import Token
 from typing import Any
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
-from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 
+from orchestrator_server.audit import AuditScope, outcome, sample_refusals
 from orchestrator_server.auth import (
     RULES,
     Access,
@@ -43,10 +42,19 @@ from orchestrator_server.auth import (
     KeyRing,
     Kind,
     Principal,
-    Rule,
     check_security_config,
-    forwarded_peer,
     peer_host,
+)
+from orchestrator_server.calls import (
+    Call,
+    Malformed,
+    StreamSlot,
+    acting_agent_id,
+    authenticated_caller,
+    caller_scope,
+    close_call,
+    current_call,
+    open_call,
 )
 from orchestrator_server.config import Config
 from orchestrator_server.errors import (
@@ -56,81 +64,26 @@ from orchestrator_server.errors import (
     ResourceExhausted,
     Unauthenticated,
 )
-from orchestrator_server.grpc_api import telemetry
-from orchestrator_server.limits import LogSampler, RateLimiter, StreamSlots
+from orchestrator_server.limits import RateLimiter, StreamSlots
 from orchestrator_server.metrics import count_rate_limited
 
+__all__ = [
+    "Call",
+    "Malformed",
+    "Policy",
+    "StreamSlot",
+    "acting_agent_id",
+    "authenticated_caller",
+    "caller_scope",
+    "current_call",
+    "error_status",
+    "failure_status",
+    "outcome",
+]
+
 log = logging.getLogger(__name__)
-audit_log = logging.getLogger("orchestrator.audit")
 
 Metadata = Iterable[tuple[str, str | bytes]]
-
-
-@dataclass
-class Call:
-    """What the policy learned about the call in progress."""
-
-    method: str
-    rule: Rule | None
-    #: The caller's address: the connection's (gRPC), the HTTP client's (the in-process gateway),
-    #: or the one a gateway signed (`auth.forwarded_peer`).
-    peer: str
-    principal: Principal | None = None
-    #: The agent the call acts for: the agent credential's, or a Heartbeat's hello's.
-    agent_id: str = ""
-
-
-@dataclass
-class StreamSlot:
-    """The stream slot of one call: keyed by the principal, or for a session by its agent once the
-    hello is read."""
-
-    key: str | None = None
-    held: bool = False
-
-
-# Each gRPC call runs in its own task; the gateway resets it after each request (`Policy.end`).
-_current: ContextVar[Call | None] = ContextVar("orchestrator_call", default=None)
-
-
-def current_call() -> Call | None:
-    return _current.get()
-
-
-def acting_agent_id() -> str | None:
-    """The agent an agent credential restricts the current call to; None for keys and when
-    authentication is off (then no holder check applies beyond the attempt id)."""
-    call = _current.get()
-    if call is None or call.principal is None or call.principal.kind is not Kind.AGENT:
-        return None
-    return call.principal.agent_id
-
-
-def caller_scope() -> str:
-    """Whose idempotency keys the current call uses: its API key or agent; "" when anonymous
-    (authentication off), so every caller then shares one scope as before."""
-    call = _current.get()
-    if call is None or call.principal is None or call.principal.kind is Kind.ANONYMOUS:
-        return ""
-    return call.principal.name
-
-
-def authenticated_caller() -> bool:
-    """Whether the current call was made with a credential (False when authentication is off):
-    credentials issued to an unauthenticated caller stop working once keys are configured."""
-    call = _current.get()
-    return call is not None and call.principal is not None and call.principal.kind is not Kind.ANONYMOUS
-
-
-class Malformed:
-    """What stands for a request whose bytes are not the method's message."""
-
-    def __init__(self, error: DecodeError) -> None:
-        self.reason = str(error)[:256]
-
-    def error(self) -> InvalidArgument:
-        return InvalidArgument.field("request", f"not a valid message: {self.reason}")
-
 
 # -- errors --------------------------------------------------------------------------------------
 
@@ -182,26 +135,15 @@ def failure_status(error: BaseException, method: str) -> status_pb2.Status:
     return status_pb2.Status(code=grpc.StatusCode.INTERNAL.value[0], message="internal error")
 
 
-def outcome(error: BaseException | None) -> str:
-    """The code name an audit record and the access log give a call that ended with `error`."""
-    if error is None:
-        return "OK"
-    if isinstance(error, OrchestratorError):
-        return error.code
-    if isinstance(error, asyncio.CancelledError):
-        return "CANCELLED"
-    return "INTERNAL"
-
-
 # -- the policy ----------------------------------------------------------------------------------
 
 
 class Policy:
     """Authentication, authorization, rate and stream limits and audit, for every transport."""
 
-    def __init__(self, config: Config, agents: AgentVerifier, *, client_address_secret: str = "") -> None:
+    def __init__(self, config: Config, agents: AgentVerifier) -> None:
         check_security_config(config)
-        _sample_refusals()
+        sample_refusals()
         keys = KeyRing(config)
         if not keys.enabled:
             log.warning(
@@ -227,22 +169,17 @@ class Policy:
             config.rate_limit_session_rate if enabled else 0.0, config.rate_limit_session_burst
         )
         self._slots = StreamSlots(config.max_sessions_per_principal)
-        #: Signs the client address a gateway forwards as metadata (`auth.forwarded_peer`).
-        self._secret = client_address_secret
 
     # -- the call's record ------------------------------------------------------------------------
 
-    def begin(self, method: str, peer: str, metadata: Metadata = ()) -> tuple[Call, Token[Call | None]]:
-        """Opens the call's record; `metadata` may carry a client address a gateway signed.
-        The token resets it (`end`) where one task serves several calls."""
-        if self._secret:
-            peer = forwarded_peer(metadata, self._secret, peer)
+    def begin(self, method: str, peer: str) -> tuple[Call, Token[Call | None]]:
+        """Opens the call's record. The token resets it (`end`) where one task serves several calls."""
         call = Call(method, RULES.get(method), peer)
-        return call, _current.set(call)
+        return call, open_call(call)
 
     @staticmethod
     def end(token: Token[Call | None]) -> None:
-        _current.reset(token)
+        close_call(token)
 
     # -- authentication and authorization ---------------------------------------------------------
 
@@ -311,7 +248,10 @@ class Policy:
     def check_size(self, message: Any, direction: str) -> None:
         """The message size limit (MAX_MESSAGE_BYTES) grpc core applies to gRPC calls, for calls
         that do not pass through it; `direction` is "Received" or "Sent", as grpc words it."""
-        size = message.ByteSize()
+        self.check_length(message.ByteSize(), direction)
+
+    def check_length(self, size: int, direction: str) -> None:
+        """`check_size` of a message whose serialized length is known."""
         if size > self.max_message_bytes:
             raise ResourceExhausted(
                 f"{direction} message larger than max ({size} vs. {self.max_message_bytes})"
@@ -382,130 +322,6 @@ class Policy:
         if rule is None or rule.audit is Audit.NEVER:
             return None
         return AuditScope(call, rule, request, request_id)
-
-
-class AuditScope:
-    """One structured record per mutating call: who, what, target, when, result. Used as a context
-    manager around the call; `response` is what it answered, `code` overrides the outcome (grpc's
-    abort names its own code)."""
-
-    def __init__(self, call: Call, rule: Rule, request: Any, request_id: Callable[[], str]) -> None:
-        self.call = call
-        self.rule = rule
-        self.request = request
-        self.response: Any = None
-        self.code: str | None = None
-        self._request_id = request_id
-        self._started = 0.0
-
-    def __enter__(self) -> AuditScope:
-        self._started = time.monotonic()
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
-    ) -> None:
-        self._write(self.code or outcome(error))
-
-    def _write(self, code: str) -> None:
-        call, principal = self.call, self.call.principal
-        if (
-            self.rule.audit is Audit.OVERRIDE
-            and principal is not None
-            and principal.kind is Kind.AGENT
-            and code != "PERMISSION_DENIED"  # an agent reaching for another's work is worth a record
-        ):
-            return
-        who = principal.name if principal is not None else "unauthenticated"
-        target = " ".join(
-            f"{name}={value}" for name, value in _audit_target(self.request, self.response).items()
-        )
-        rid = telemetry.request_id.get() or self._request_id()
-        audit_log.info(
-            "audit who=%s what=%s %s result=%s peer=%s",
-            who,
-            call.method.rsplit("/", 1)[-1],
-            target or "target=-",
-            code,
-            call.peer,
-            extra={
-                "principal": who,
-                "method": call.method,
-                "target": target,
-                "code": code,
-                "peer": call.peer,
-                "request_id": rid,
-                "duration_ms": round((time.monotonic() - self._started) * 1000, 3),
-                "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            },
-        )
-
-
-def _audit_target(request: Any, response: Any) -> dict[str, str]:
-    """What the call acted on: ids named by the request, and those the server created (a new
-    task's id, a registered agent's id) from the response; with names and types to read by."""
-    target: dict[str, str] = {}
-
-    def put(name: str, value: Any) -> None:
-        if isinstance(value, str) and value and name not in target:
-            # Values of refused requests are unchecked: bounded and without spaces, one token each.
-            target[name] = "".join(
-                char if char.isprintable() and not char.isspace() else "?" for char in value[:128]
-            )
-
-    created = getattr(response, "agent", None) or getattr(response, "task", None)
-    for source in (request, created, getattr(request, "spec", None), getattr(created, "spec", None)):
-        if source is None:
-            continue
-        for name, label in _AUDIT_FIELDS:
-            put(label, getattr(source, name, None))
-    return target
-
-
-#: Fields named in audit records (request or response field, label), in the order written.
-_AUDIT_FIELDS = (
-    ("agent_id", "agent_id"),
-    ("task_id", "task_id"),
-    ("name", "name"),
-    ("instance_id", "instance"),
-    ("type", "type"),
-)
-
-
-class RefusalSampler(logging.Filter):
-    """Samples the log lines of calls refused for want of a credential or of budget
-    (UNAUTHENTICATED, RESOURCE_EXHAUSTED): per logger, peer host and code, the first line of each
-    interval is written and says how many like it were suppressed before it. A credential flood
-    once wrote one line per call (31k calls: 32 MB of log in 15 s). Refusals of authenticated
-    callers (PERMISSION_DENIED) are always written: they name who tried what."""
-
-    CODES = frozenset({"UNAUTHENTICATED", "RESOURCE_EXHAUSTED"})
-
-    def __init__(self, sampler: LogSampler) -> None:
-        super().__init__()
-        self._sampler = sampler
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        code = getattr(record, "code", None)
-        if code not in self.CODES:
-            return True
-        call = _current.get()
-        peer = getattr(record, "peer", None) or (call.peer if call is not None else "")
-        suppressed = self._sampler.admit((record.name, peer_host(str(peer)), str(code)))
-        if suppressed is None:
-            return False
-        if suppressed:
-            record.msg = f"{record.msg} (and {suppressed} more like it from this peer, not logged)"
-        return True
-
-
-_SAMPLER = RefusalSampler(LogSampler(interval=10.0))
-
-
-def _sample_refusals() -> None:
-    for logger in (telemetry.access_log, audit_log):
-        if _SAMPLER not in logger.filters:
-            logger.addFilter(_SAMPLER)
 
 
 def _reload_on_sighup(keys: KeyRing) -> None:

@@ -37,7 +37,7 @@ from orchestrator.v1 import (
 )
 from orchestrator_server import metrics
 from orchestrator_server.agents import Registry
-from orchestrator_server.auth import Listener, bind
+from orchestrator_server.auth import bind
 from orchestrator_server.cluster import Cluster
 from orchestrator_server.config import Config
 from orchestrator_server.discovery import Discovery
@@ -146,7 +146,6 @@ class OrchestratorServer:
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._server: grpc.aio.Server | None = None
         self._gateway: RunningGateway | None = None
-        self._listener: Listener | None = None
         self._stopped = asyncio.Event()
         self._draining = False
         self._fd_limit = 0
@@ -203,8 +202,7 @@ class OrchestratorServer:
         enable_server_reflection(
             (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server
         )
-        self._listener = await bind(server, self.config)
-        self.grpc_port = self._listener.port
+        self.grpc_port = await bind(server, self.config)
         if self.grpc_port == 0:
             raise OSError(f"cannot bind gRPC to {self.config.bind_host}:{self.config.grpc_port}")
         await server.start()

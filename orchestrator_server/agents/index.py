@@ -1,16 +1,22 @@
-"""The committed agents, in memory: by id, by name + instance, in id order, and the queries over them.
+"""The committed agents, in memory: by id, by name + instance, in id order, by type, capability and
+status, and the queries over them.
 
-A projection: records change only when a committed event is applied (`AgentIndex.project`), from
-this process or another, except the soft fields a live session updates between commits (load,
-checks and heartbeat time, ridden along in the next commit) and `assigned_tasks` (the scheduler's).
+A projection: records change only when a committed event is applied (`AgentIndex.add` and
+`AgentIndex.project`), from this process or another, except the soft fields a live session updates
+between commits (load, checks and heartbeat time, ridden along in the next commit) and
+`assigned_tasks` (the scheduler's). Type, capabilities and status are committed fields, so the
+postings by type, capability and status are kept up to date there, one agent at a time: a query
+walks the shortest posting list its filter names (the ready agents of a Discover, the agents of one
+type) instead of every agent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import bisect
+import heapq
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from orchestrator.v1 import agent_pb2
@@ -60,17 +66,30 @@ class AgentFilter:
     capabilities: tuple[str, ...] = ()
     selector: Selector = field(default_factory=Selector)
     include_deregistered: bool = False
+    #: Only agents in one of these statuses (Discovery: the ones that can be routed to); empty: any.
+    statuses: frozenset[int] = frozenset()
+    # Worked out once per query, not once per agent it looks at.
+    _shows_deregistered: bool = field(init=False, repr=False, compare=False)
+    _capability_set: frozenset[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        shows = self.include_deregistered or self.status == DEREGISTERED
+        object.__setattr__(self, "_shows_deregistered", shows)
+        object.__setattr__(self, "_capability_set", frozenset(self.capabilities))
 
     def matches(self, agent: agent_pb2.Agent) -> bool:
-        if agent.status == DEREGISTERED and not (self.include_deregistered or self.status == DEREGISTERED):
+        status = agent.status
+        if status == DEREGISTERED and not self._shows_deregistered:
             return False
         if self.type and agent.type != self.type:
             return False
-        if self.status and agent.status != self.status:
+        if self.status and status != self.status:
             return False
-        if self.capabilities and not set(self.capabilities).issubset(agent.capabilities):
+        if self.statuses and status not in self.statuses:
             return False
-        return self.selector.matches(agent.labels)
+        if self._capability_set and not self._capability_set.issubset(agent.capabilities):
+            return False
+        return not self.selector.requirements or self.selector.matches(agent.labels)
 
 
 def build_filter(
@@ -105,12 +124,47 @@ def _newer_beat(cached: agent_pb2.Agent, committed: agent_pb2.Agent) -> bool:
     return (mine.seconds, mine.nanos) > (theirs.seconds, theirs.nanos)
 
 
+_NO_IDS: list[str] = []
+
+
+class _Postings:
+    """Agent ids per key (a type, a capability, a status), each list sorted: ids sort by
+    registration time, so a list is already in page order."""
+
+    def __init__(self) -> None:
+        self._ids: dict[Hashable, list[str]] = {}
+
+    def add(self, key: Hashable, agent_id: str) -> None:
+        bisect.insort(self._ids.setdefault(key, []), agent_id)
+
+    def remove(self, key: Hashable, agent_id: str) -> None:
+        ids = self._ids.get(key)
+        if ids is None:
+            return
+        position = bisect.bisect_left(ids, agent_id)
+        if position < len(ids) and ids[position] == agent_id:
+            del ids[position]
+            if not ids:
+                del self._ids[key]
+
+    def get(self, key: Hashable) -> list[str]:
+        return self._ids.get(key, _NO_IDS)
+
+
+def _keys(agent: agent_pb2.Agent) -> set[Hashable]:
+    """The posting keys of an agent: its type, each capability and its status."""
+    keys: set[Hashable] = {("type", agent.type), ("status", agent.status)}
+    keys.update(("capability", capability) for capability in agent.capabilities)
+    return keys
+
+
 class AgentIndex:
     def __init__(self) -> None:
         self._records: dict[str, AgentState] = {}
         self._by_name: dict[tuple[str, str], AgentState] = {}
         # Every agent id, sorted: ids sort by registration time, and pages start after an id.
         self._ordered_ids: list[str] = []
+        self._postings = _Postings()
 
     def get(self, agent_id: str) -> AgentState | None:
         return self._records.get(agent_id)
@@ -130,11 +184,35 @@ class AgentIndex:
         for index in range(bisect.bisect_right(ids, after), len(ids)):
             yield self._records[ids[index]].agent
 
+    def matching(self, query: AgentFilter, after: str = "") -> Iterator[agent_pb2.Agent]:
+        """The agents `query` matches, in registration (id) order, after the id `after`. Only the
+        agents of the shortest posting list the query names are looked at. Consume it before the
+        next await: the lists change as events are applied."""
+        ids = self._candidates(query)
+        records, matches = self._records, query.matches
+        for index in range(bisect.bisect_right(ids, after), len(ids)):
+            agent = records[ids[index]].agent
+            if matches(agent):
+                yield agent
+
+    def _candidates(self, query: AgentFilter) -> Sequence[str]:
+        """The ids of the smallest set that holds every agent `query` can match, sorted."""
+        postings = self._postings
+        lists: list[Sequence[str]] = [self._ordered_ids]
+        if query.type:
+            lists.append(postings.get(("type", query.type)))
+        lists.extend(postings.get(("capability", capability)) for capability in query.capabilities)
+        if query.status:
+            lists.append(postings.get(("status", query.status)))
+        shortest = min(lists, key=len)
+        if query.statuses:
+            by_status = [postings.get(("status", status)) for status in query.statuses]
+            if sum(map(len, by_status)) < len(shortest):
+                return by_status[0] if len(by_status) == 1 else list(heapq.merge(*by_status))
+        return shortest
+
     def page(self, query: AgentFilter, page_size: int, page_token: str) -> tuple[list[agent_pb2.Agent], str]:
-        matching = (
-            agent for agent in self.agents_after(decode_page_token(page_token)) if query.matches(agent)
-        )
-        return take_page(matching, page_size)
+        return take_page(self.matching(query, decode_page_token(page_token)), page_size)
 
     def add(self, committed: agent_pb2.Agent, token_hash: str = "") -> AgentState:
         """Indexes an agent not seen before (a copy of `committed`)."""
@@ -144,14 +222,16 @@ class AgentIndex:
         self._records[agent.agent_id] = state
         self._by_name[(agent.name, agent.instance_id)] = state
         bisect.insort(self._ordered_ids, agent.agent_id)
+        for key in _keys(agent):
+            self._postings.add(key, agent.agent_id)
         return state
 
-    @staticmethod
-    def project(state: AgentState, committed: agent_pb2.Agent) -> None:
+    def project(self, state: AgentState, committed: agent_pb2.Agent) -> None:
         """Makes the cached record the committed one, in place (the scheduler holds on to it),
         keeping the soft fields: `assigned_tasks`, and the latest beat (load, checks, heartbeat
         time) when the cached one is newer than the committed copy."""
         agent = state.agent
+        before = _keys(agent)
         assigned = agent.assigned_tasks
         beat = None
         if _newer_beat(agent, committed):
@@ -165,3 +245,9 @@ class AgentIndex:
             del agent.checks[:]
             agent.checks.extend(beat.checks)
             agent.last_heartbeat_at.CopyFrom(beat.last_heartbeat_at)
+        after = _keys(agent)
+        if after != before:
+            for key in before - after:
+                self._postings.remove(key, agent.agent_id)
+            for key in after - before:
+                self._postings.add(key, agent.agent_id)

@@ -205,6 +205,10 @@ class AgentProjection:
         """Agents in registration (id) order, starting after the id `after`."""
         return self._index.agents_after(after)
 
+    def matching(self, query: AgentFilter, after: str = "") -> Iterator[agent_pb2.Agent]:
+        """The agents `query` matches, in registration (id) order, after the id `after` (indexed)."""
+        return self._index.matching(query, after)
+
     def session_of(self, agent_id: str) -> Session | None:
         state = self._index.get(agent_id)
         return state.session if state else None

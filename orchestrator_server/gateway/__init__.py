@@ -15,12 +15,10 @@ from orchestrator_server.gateway.app import (
     DEFAULT_SERVICES,
     GatewayOptions,
     ReadinessCheck,
-    RunningGateway,
     create_gateway_app,
-    start_gateway,
-    start_in_process_gateway,
 )
 from orchestrator_server.gateway.inprocess import InProcessBackend
+from orchestrator_server.gateway.serve import RunningGateway, start_gateway, start_in_process_gateway
 
 __all__ = [
     "DEFAULT_SERVICES",

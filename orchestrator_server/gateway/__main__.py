@@ -21,7 +21,7 @@ from pathlib import Path
 
 import grpc
 
-from orchestrator_server.gateway.app import start_gateway
+from orchestrator_server.gateway.serve import start_gateway
 from orchestrator_server.limits import raise_fd_limit
 
 logger = logging.getLogger("orchestrator_server.gateway")

@@ -1,5 +1,4 @@
-"""The aiohttp application of the REST gateway, and `start_gateway` / `start_in_process_gateway`
-to run it on a socket.
+"""The aiohttp application of the REST gateway (`serve.py` runs it on a socket).
 
 Every HTTP request is transcoded into the request message of its RPC and handed to a backend
 (`backends.py`): inside the server, the servicers themselves under the policy layer the gRPC
@@ -13,11 +12,11 @@ import asyncio
 import json
 import logging
 import math
-import os
+import random
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -25,21 +24,16 @@ import prometheus_client
 from aiohttp import web
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import Message
+from multidict import CIMultiDict
 
 from orchestrator.v1 import discovery_pb2, registry_pb2, tasks_pb2
 from orchestrator.v1 import health_pb2 as orchestrator_health_pb2
 from orchestrator_client.codes import http_status_for
-from orchestrator_server.auth import (
-    CLIENT_ADDRESS_HEADER,
-    CLIENT_SIGNATURE_HEADER,
-    grpc_peer,
-    sign_client_address,
-)
+from orchestrator_server.auth import grpc_peer
 from orchestrator_server.console import mount_console
 from orchestrator_server.gateway import metrics
 from orchestrator_server.gateway.backends import Backend, ChannelBackend, Invocation
 from orchestrator_server.gateway.errors import GatewayError, invalid_argument
-from orchestrator_server.gateway.hardening import CappedTCPSite, install_log_redaction
 from orchestrator_server.gateway.http_rules import Route, RouteTable, build_route_table
 from orchestrator_server.gateway.openapi import MAX_FIELD_SIZE, build_openapi
 from orchestrator_server.gateway.proto_json import ProtoJsonWriter
@@ -71,6 +65,9 @@ _MAX_REQUEST_ID_LENGTH = 128
 
 ReadinessCheck = Callable[[], Awaitable[bool]]
 
+# Copied into each answer: cheaper than aiohttp's handling of `content_type=`.
+_JSON = CIMultiDict({"Content-Type": "application/json"})
+
 _ROUTE_KEY = web.RequestKey("gateway_route", str)
 _REQUEST_ID_KEY = web.RequestKey("gateway_request_id", str)
 _STREAMING_KEY = web.RequestKey("gateway_streaming", bool)
@@ -100,9 +97,6 @@ class GatewayOptions:
     max_connections: int = 4096
     #: Longest request line and header (bytes); longer ones answer 400 (never logged).
     max_field_size: int = MAX_FIELD_SIZE
-    #: Per-process secret signing the client's address forwarded to the in-process gRPC server
-    #: (`auth.forwarded_peer`); empty: not forwarded (a remote gateway).
-    client_address_secret: str = field(default="", repr=False)
 
 
 def _json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -146,8 +140,9 @@ def _parse_timeout(request: web.Request) -> float | None:
 
 
 def _new_request_id() -> str:
-    # The form of uuid4().hex (32 hex digits), at a fraction of its cost.
-    return os.urandom(16).hex()
+    # The form of uuid4().hex (32 hex digits), at a fraction of its cost: an id need not be secret,
+    # and os.urandom is a system call per request.
+    return f"{random.getrandbits(128):032x}"
 
 
 def _request_id(request: web.Request) -> str:
@@ -223,9 +218,7 @@ class Gateway:
         timeout = deadline_seconds if deadline_seconds is not None else self.options.default_timeout
         invocation = Invocation(metadata, grpc_peer(peer), request[_REQUEST_ID_KEY], timeout)
         reply = await self.backend.unary(route, message, invocation)
-        return web.Response(
-            body=self._json_writer.to_json(reply, route.response_body), content_type="application/json"
-        )
+        return web.Response(body=self._json_writer.to_json(reply, route.response_body), headers=_JSON)
 
     async def _read_body(self, request: web.Request) -> bytes:
         limit = self.options.max_body_bytes
@@ -259,13 +252,6 @@ class Gateway:
             if not _PRINTABLE_ASCII.match(value):
                 raise invalid_argument(f"header {name!r} must be printable ASCII", name)
             metadata.append((name, value))
-        secret = self.options.client_address_secret
-        peer = request.transport.get_extra_info("peername") if request.transport is not None else None
-        if secret and peer is not None:
-            # The gRPC server would otherwise see this gateway's own loopback address.
-            address = grpc_peer(peer)
-            metadata.append((CLIENT_ADDRESS_HEADER, address))
-            metadata.append((CLIENT_SIGNATURE_HEADER, sign_client_address(secret, address)))
         return metadata
 
     async def _call_streaming(
@@ -435,89 +421,3 @@ def create_gateway_app(
 
     app.on_shutdown.append(end_streams)
     return app
-
-
-@dataclass
-class RunningGateway:
-    """A gateway listening on a socket; `stop()` closes it (and the channel it opened, if any)."""
-
-    host: str
-    port: int
-    #: The gRPC server it calls; "" when it dispatches in process.
-    grpc_target: str
-    app: web.Application
-    _runner: web.AppRunner
-    _channel: grpc.aio.Channel | None = None
-
-    async def stop(self) -> None:
-        await self._runner.cleanup()
-        if self._channel is not None:
-            await self._channel.close(grace=None)
-
-
-async def _listen(
-    app: web.Application, host: str, port: int, options: GatewayOptions, shutdown_timeout: float
-) -> web.AppRunner:
-    runner = web.AppRunner(
-        app,
-        handler_cancellation=True,
-        access_log=None,
-        shutdown_timeout=shutdown_timeout,
-        keepalive_timeout=options.header_timeout,
-        max_line_size=options.max_field_size,
-        max_field_size=options.max_field_size,
-    )
-    await runner.setup()
-    site = CappedTCPSite(runner, host, port, max_connections=options.max_connections)
-    try:
-        await site.start()
-    except BaseException:
-        await runner.cleanup()
-        raise
-    return runner
-
-
-async def start_gateway(
-    host: str,
-    port: int,
-    grpc_target: str,
-    *,
-    channel_credentials: grpc.ChannelCredentials | None = None,
-    channel_options: Sequence[tuple[str, Any]] = (),
-    services: Iterable[ServiceDescriptor] = DEFAULT_SERVICES,
-    options: GatewayOptions | None = None,
-    readiness_check: ReadinessCheck | None = None,
-    shutdown_timeout: float = 5.0,
-) -> RunningGateway:
-    """Serves the gateway on host:port (0 picks a free port), calling the gRPC server at grpc_target."""
-    chosen = options or GatewayOptions()
-    install_log_redaction(logger)
-    if channel_credentials is None:
-        channel = grpc.aio.insecure_channel(grpc_target, options=list(channel_options))
-    else:
-        channel = grpc.aio.secure_channel(grpc_target, channel_credentials, options=list(channel_options))
-    try:
-        app = create_gateway_app(channel, services=services, options=chosen, readiness_check=readiness_check)
-        runner = await _listen(app, host, port, chosen, shutdown_timeout)
-    except BaseException:
-        await channel.close(grace=None)
-        raise
-    return RunningGateway(host, int(runner.addresses[0][1]), grpc_target, app, runner, channel)
-
-
-async def start_in_process_gateway(
-    host: str,
-    port: int,
-    backend: Backend,
-    *,
-    services: Iterable[ServiceDescriptor] = DEFAULT_SERVICES,
-    options: GatewayOptions | None = None,
-    readiness_check: ReadinessCheck | None = None,
-    shutdown_timeout: float = 5.0,
-) -> RunningGateway:
-    """Serves the gateway on host:port, dispatching to `backend` (the servicers of this process)."""
-    chosen = options or GatewayOptions()
-    install_log_redaction(logger)
-    app = create_gateway_app(backend, services=services, options=chosen, readiness_check=readiness_check)
-    runner = await _listen(app, host, port, chosen, shutdown_timeout)
-    return RunningGateway(host, int(runner.addresses[0][1]), "", app, runner)

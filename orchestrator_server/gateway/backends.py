@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from orchestrator_server.gateway.errors import from_rpc_error
 from orchestrator_server.gateway.http_rules import Route
+from orchestrator_server.gateway.proto_json import Encoded
 
 
 @dataclass(frozen=True)
@@ -34,8 +35,8 @@ class Invocation:
 
 
 class Backend(Protocol):
-    async def unary(self, route: Route, message: Message, invocation: Invocation) -> Message:
-        """The call's response; a GatewayError when it fails."""
+    async def unary(self, route: Route, message: Message, invocation: Invocation) -> Message | Encoded:
+        """The call's response (a message, or its bytes); a GatewayError when it fails."""
         ...
 
     def stream(self, route: Route, message: Message, invocation: Invocation) -> AsyncIterator[Message]:

@@ -24,6 +24,7 @@ from orchestrator_server.errors import OrchestratorError
 from orchestrator_server.gateway.backends import Invocation, not_serving
 from orchestrator_server.gateway.errors import GatewayError, from_status
 from orchestrator_server.gateway.http_rules import Route
+from orchestrator_server.gateway.proto_json import Encoded
 from orchestrator_server.grpc_api import telemetry
 from orchestrator_server.policy import Call, Policy, failure_status, outcome
 
@@ -90,6 +91,8 @@ def _code_of(error: BaseException | None) -> str:
 
 
 Servicer = Callable[[Any, Any], Any]
+#: A unary call's answer: a message, or a list page as its bytes.
+Reply = Message | Encoded
 
 
 class InProcessBackend:
@@ -104,10 +107,16 @@ class InProcessBackend:
         self._methods: dict[str, Servicer] = {}
 
     def _method(self, route: Route) -> Servicer:
+        """The servicer's method of the route's RPC, or the one it offers answering bytes
+        (`grpc_api.pages`: a list answer is then rendered without building its message)."""
         method = self._methods.get(route.grpc_path)
         if method is None:
             servicer = self._servicers.get(route.rpc.containing_service.full_name)
-            method = getattr(servicer, route.rpc.name, None) if servicer is not None else None
+            encoded = getattr(servicer, "encoded_methods", None)
+            if encoded is not None and not route.server_streaming:
+                method = encoded().get(route.rpc.name)
+            if method is None:
+                method = getattr(servicer, route.rpc.name, None) if servicer is not None else None
             if method is None:
                 raise from_status(grpc.StatusCode.UNIMPLEMENTED, "Method not found!", [])
             self._methods[route.grpc_path] = method
@@ -123,14 +132,14 @@ class InProcessBackend:
             raise _error(error, route.grpc_path) from None
         return self._policy.begin(route.grpc_path, invocation.peer)
 
-    async def unary(self, route: Route, message: Message, invocation: Invocation) -> Message:
+    async def unary(self, route: Route, message: Message, invocation: Invocation) -> Message | Encoded:
         method = self._method(route)
         call, call_token = self._begin(route, message, invocation)
         rid_token = telemetry.request_id.set(invocation.request_id)
         started = time.perf_counter()
         failure: BaseException | None = None
         try:
-            return await _within(self._unary(call, method, message, invocation), invocation.timeout)
+            return await _within(self._unary(call, route, method, message, invocation), invocation.timeout)
         except BaseException as error:
             failure = error
             if not isinstance(error, Exception):
@@ -141,20 +150,27 @@ class InProcessBackend:
             telemetry.request_id.reset(rid_token)
             self._policy.end(call_token)
 
-    async def _unary(self, call: Call, method: Servicer, message: Message, invocation: Invocation) -> Message:
+    async def _unary(
+        self, call: Call, route: Route, method: Servicer, message: Message, invocation: Invocation
+    ) -> Message | Encoded:
         policy = self._policy
         context = InProcessContext(invocation, _deadline(invocation))
         scope = policy.audited(call, message, lambda: invocation.request_id)
         if scope is None:
             policy.admit(call, invocation.metadata, message)
             policy.meter(call, message)
-            reply: Message = await method(message, context)
+            reply: Message | bytes = await method(message, context)
         else:
             with scope:
                 policy.admit(call, invocation.metadata, message)
                 policy.meter(call, message)
                 reply = await method(message, context)
-                scope.response = reply
+                scope.response = (
+                    Encoded(route.rpc.output_type, reply).message() if isinstance(reply, bytes) else reply
+                )
+        if isinstance(reply, bytes):
+            policy.check_length(len(reply), "Sent")
+            return Encoded(route.rpc.output_type, reply)
         policy.check_size(reply, "Sent")
         return reply
 
@@ -212,7 +228,7 @@ class InProcessBackend:
         return not_serving(reply)
 
 
-async def _within(step: Coroutine[Any, Any, Message], seconds: float | None) -> Message:
+async def _within(step: Coroutine[Any, Any, Reply], seconds: float | None) -> Reply:
     """`step` under a deadline `seconds` from now, armed only if it has to wait.
 
     Most calls (a heartbeat, a list) answer without ever suspending; arming a loop timer for them
@@ -222,7 +238,7 @@ async def _within(step: Coroutine[Any, Any, Message], seconds: float | None) -> 
     try:
         waiting_on = step.send(None)
     except StopIteration as done:
-        reply: Message = done.value
+        reply: Reply = done.value
         return reply
     when = None if seconds is None else started + seconds
     async with asyncio.timeout_at(when):
@@ -235,11 +251,11 @@ class _Resumed:
 
     __slots__ = ("_step", "_waiting_on")
 
-    def __init__(self, step: Coroutine[Any, Any, Message], waiting_on: Any) -> None:
+    def __init__(self, step: Coroutine[Any, Any, Reply], waiting_on: Any) -> None:
         self._step = step
         self._waiting_on = waiting_on
 
-    def __await__(self) -> Generator[Any, Any, Message]:
+    def __await__(self) -> Generator[Any, Any, Reply]:
         waiting_on = self._waiting_on
         while True:
             try:
@@ -248,7 +264,7 @@ class _Resumed:
                 try:
                     waiting_on = self._step.throw(error)
                 except StopIteration as done:
-                    reply: Message = done.value
+                    reply: Reply = done.value
                     return reply
             else:
                 try:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
-from google.protobuf import duration_pb2, json_format
+from google.protobuf import duration_pb2, json_format, message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.internal import type_checkers
 from google.protobuf.message import Message
@@ -119,6 +119,21 @@ def _map_key(key: Any) -> str:
     return str(key)
 
 
+class Encoded:
+    """An answer as its wire bytes: a list page written from its items' bytes (`grpc_api.pages`),
+    which is rendered without the message ever being built when its rendering is cached."""
+
+    __slots__ = ("data", "descriptor")
+
+    def __init__(self, descriptor: Descriptor, data: bytes) -> None:
+        self.descriptor = descriptor
+        self.data = data
+
+    def message(self) -> Message:
+        parsed: Message = message_factory.GetMessageClass(self.descriptor).FromString(self.data)
+        return parsed
+
+
 #: Rendered list items kept at most (an item is a few hundred bytes of JSON).
 ITEM_CACHE_SIZE = 4096
 #: Whole list answers kept at most, and the largest kept (serialized bytes): a page asked again
@@ -140,18 +155,24 @@ class ProtoJsonWriter:
         #: Per message type: its repeated message fields (the items of list answers).
         self._item_fields: dict[Descriptor, frozenset[str]] = {}
 
-    def to_json(self, message: Message, field: str = "") -> bytes:
-        """The proto3 JSON bytes of `message`, or of its field `field` (a rule's response_body)."""
-        descriptor: Descriptor = message.DESCRIPTOR  # type: ignore[assignment]
-        items = self._item_fields_of(descriptor)
-        if not items:
-            rendered = self.to_dict(message)
+    def to_json(self, reply: Message | Encoded, field: str = "") -> bytes:
+        """The proto3 JSON bytes of `reply`, or of its field `field` (a rule's response_body)."""
+        if isinstance(reply, Encoded):
+            return self._list_json(reply.descriptor, reply.data, reply.message, field)
+        descriptor: Descriptor = reply.DESCRIPTOR  # type: ignore[assignment]
+        if not self._item_fields_of(descriptor):
+            rendered = self.to_dict(reply)
             return orjson.dumps(rendered.get(field) if field else rendered)
-        serialized = message.SerializeToString()
+        return self._list_json(descriptor, reply.SerializeToString(), lambda: reply, field)
+
+    def _list_json(
+        self, descriptor: Descriptor, serialized: bytes, message: Callable[[], Message], field: str
+    ) -> bytes:
+        """A list answer, rendered once per content (its bytes) and otherwise taken from the cache."""
         key = (descriptor.full_name, field, serialized)
         answer = self._answers.get(key)
         if answer is None:
-            answer = self._render_list(message, descriptor, items, field)
+            answer = self._render_list(message(), descriptor, self._item_fields_of(descriptor), field)
             if len(serialized) <= ANSWER_CACHE_MAX_BYTES:
                 if len(self._answers) >= ANSWER_CACHE_SIZE:
                     self._answers.clear()

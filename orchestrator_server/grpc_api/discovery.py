@@ -11,9 +11,11 @@ import grpc
 from orchestrator.v1 import discovery_pb2, discovery_pb2_grpc
 from orchestrator_server.discovery import Discovery
 from orchestrator_server.events import EventBus
+from orchestrator_server.grpc_api.pages import EncodedMethods, PageEncoder
 from orchestrator_server.watches import AgentChange, Resync, Snapshot, watch_agents
 
 Context = grpc.aio.ServicerContext[Any, Any]
+_DISCOVER_AGENTS = PageEncoder(discovery_pb2.DiscoverAgentsResponse.DESCRIPTOR)
 
 
 class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
@@ -26,6 +28,16 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
     ) -> discovery_pb2.DiscoverAgentsResponse:
         agents, token = self._discovery.discover(request.query, request.page_size, request.page_token)
         return discovery_pb2.DiscoverAgentsResponse(agents=agents, next_page_token=token)
+
+    async def _discover_agents_encoded(
+        self, request: discovery_pb2.DiscoverAgentsRequest, context: Context
+    ) -> bytes:
+        agents, token = self._discovery.discover(request.query, request.page_size, request.page_token)
+        return _DISCOVER_AGENTS.encode(agents, token)
+
+    def encoded_methods(self) -> EncodedMethods:
+        """What the in-process gateway may take as bytes (`grpc_api.pages`)."""
+        return {"DiscoverAgents": self._discover_agents_encoded}
 
     async def ListEndpoints(
         self, request: discovery_pb2.ListEndpointsRequest, context: Context

@@ -108,7 +108,7 @@ class PolicyInterceptor(AsyncServerInterceptor):
         self, method: Callable[..., Any], request: Any, context: Context, method_name: str
     ) -> Any:
         metadata = context.invocation_metadata() or ()
-        call, _ = self._policy.begin(method_name, context.peer(), metadata)
+        call, _ = self._policy.begin(method_name, context.peer())
         scope = self._policy.audited(call, request, _request_id_of(context))
         if scope is None:
             return await self._checked(call, metadata, method, request, context)

@@ -179,9 +179,3 @@ def test_redaction_scrubs_credentials_from_any_record() -> None:
     assert RedactingFilter().filter(record)
     text = logging.Formatter().format(record)
     assert ADMIN_KEY not in text and "[redacted]" in text
-
-
-def test_the_client_address_secret_never_shows_in_a_repr() -> None:
-    from orchestrator_server.gateway import GatewayOptions
-
-    assert "s3cr3t-value" not in repr(GatewayOptions(client_address_secret="s3cr3t-value"))

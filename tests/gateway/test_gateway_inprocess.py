@@ -367,3 +367,65 @@ async def test_a_call_that_waits_fails_with_its_own_error_and_hears_a_cancellati
     with pytest.raises(asyncio.CancelledError):
         await task
     assert cleaned.is_set()
+
+
+# -- list pages as bytes: the REST list builds no response message ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("items", "token"),
+    [
+        (0, ""),
+        (3, "next"),
+        (20, "t" * 300),  # a token whose length takes a two-byte varint
+    ],
+)
+def test_a_page_written_from_its_items_is_the_answer(items: int, token: str) -> None:
+    from orchestrator.v1 import discovery_pb2
+    from orchestrator_server.grpc_api.pages import PageEncoder
+
+    agents = [_agent(number) for number in range(items)]
+    if agents:
+        agents[-1].labels.update({f"k{n}": "v" * 100 for n in range(200)})  # an item over 16 KiB
+    for response_class in (registry_pb2.ListAgentsResponse, discovery_pb2.DiscoverAgentsResponse):
+        encoded = PageEncoder(response_class.DESCRIPTOR).encode(agents, token)
+        # Equal as messages (map entries may serialize in another order in a copy).
+        assert response_class.FromString(encoded) == response_class(agents=agents, next_page_token=token)
+
+
+async def test_rest_lists_and_discovers_without_building_the_answer_message(
+    servers: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gateway takes a page's bytes (`encoded_methods`): the gRPC servicer methods, which build
+    the message, are not called, and the JSON is json_format's of the gRPC answer."""
+    running: Running = await servers(gateway_enabled=True)
+    from orchestrator.v1 import discovery_pb2
+    from orchestrator_server.grpc_api.discovery import DiscoveryServicer
+    from orchestrator_server.grpc_api.registry import RegistryServicer
+
+    for number in range(3):
+        registered = await running.stubs.registry.RegisterAgent(
+            registry_pb2.RegisterAgentRequest(name=f"p{number}", instance_id="1", type="pager")
+        )
+        await running.stubs.registry.SendHeartbeat(
+            registry_pb2.SendHeartbeatRequest(agent_id=registered.agent.agent_id)
+        )
+    listed = await running.stubs.registry.ListAgents(registry_pb2.ListAgentsRequest(page_size=2))
+    discovered = await running.stubs.discovery.DiscoverAgents(
+        discovery_pb2.DiscoverAgentsRequest(query=discovery_pb2.AgentQuery(type="pager"), page_size=2)
+    )
+
+    async def built(*args: Any) -> Any:
+        raise AssertionError("the REST gateway built the answer message")
+
+    monkeypatch.setattr(RegistryServicer, "ListAgents", built)
+    monkeypatch.setattr(DiscoveryServicer, "DiscoverAgents", built)
+    async with aiohttp.ClientSession(base_url=_base(running)) as http:
+        async with http.get("/agents/list", params={"page_size": "2"}) as response:
+            assert response.status == 200, await response.text()
+            assert await response.json() == _json_format(listed)
+        async with http.get(
+            "/discovery/agents", params={"query.type": "pager", "page_size": "2"}
+        ) as response:
+            assert response.status == 200, await response.text()
+            assert await response.json() == _json_format(discovered)

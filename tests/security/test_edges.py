@@ -15,7 +15,6 @@ import pytest
 from google.rpc import error_details_pb2
 
 from orchestrator.v1 import registry_pb2, task_pb2, tasks_pb2
-from orchestrator_server.auth import CLIENT_ADDRESS_HEADER, CLIENT_SIGNATURE_HEADER
 from tests.conftest import Running, ServerProcess, Stubs
 from tests.security.conftest import ADMIN_KEY, AGENT_KEY, API_KEYS, bearer, open_stream, register
 from tests.support import SessionClient, error_detail, rpc_error
@@ -178,6 +177,11 @@ async def test_a_hello_without_a_key_cannot_tell_unknown_agents_from_wrong_token
 
 
 # -- item 17: audit targets and the real client address ------------------------------------------
+
+#: Headers a client may send to pose as another address; nothing reads them (a gateway once signed
+#: the HTTP client's address in them for the gRPC server it called).
+CLIENT_ADDRESS_HEADER = "x-orchestrator-client-address"
+CLIENT_SIGNATURE_HEADER = "x-orchestrator-client-signature"
 
 
 async def test_audit_names_created_targets_and_the_rest_clients_address(
