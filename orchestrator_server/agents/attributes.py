@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from orchestrator.v1 import agent_pb2, registry_pb2
+from orchestrator_server.agents.status import stamp_now
 from orchestrator_server.validation import (
     MAX_ADDRESS_LENGTH,
     MAX_CAPABILITIES,
@@ -132,4 +133,4 @@ def record_beat(
     if replace_checks:
         del agent.checks[:]
         agent.checks.extend(checks)
-    agent.last_heartbeat_at.GetCurrentTime()
+    stamp_now(agent.last_heartbeat_at)

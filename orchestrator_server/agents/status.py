@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import TypeAlias
 
 from google.protobuf import timestamp_pb2
@@ -24,9 +25,15 @@ ALIVE_STATUSES = frozenset({READY, DEGRADED, DRAINING})
 GOODBYE = "goodbye"
 
 
+def stamp_now(stamp: timestamp_pb2.Timestamp) -> None:
+    """Sets `stamp` to the current time. Timestamp.GetCurrentTime goes through a datetime and
+    costs ~5 % of a session beat's CPU; the beat path stamps twice (the heartbeat, the ack)."""
+    stamp.seconds, stamp.nanos = divmod(time.time_ns(), 1_000_000_000)
+
+
 def now_timestamp() -> timestamp_pb2.Timestamp:
     stamp = timestamp_pb2.Timestamp()
-    stamp.GetCurrentTime()
+    stamp_now(stamp)
     return stamp
 
 
