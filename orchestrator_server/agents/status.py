@@ -19,6 +19,7 @@ DRAINING = agent_pb2.AGENT_STATUS_DRAINING
 DOWN = agent_pb2.AGENT_STATUS_DOWN
 DEREGISTERED = agent_pb2.AGENT_STATUS_DEREGISTERED
 ALIVE_STATUSES = frozenset({READY, DEGRADED, DRAINING})
+FAILING = agent_pb2.CHECK_STATUS_FAILING
 
 #: The status reason of an agent whose session ended with a goodbye: its loss is graceful (its
 #: work moves at once), for whichever process reads the committed event.
@@ -46,14 +47,14 @@ def derive_status(agent: agent_pb2.Agent, alive: bool, reason: str) -> tuple[Sta
         status = DOWN
     elif agent.draining:
         status = DRAINING
-    elif any(check.status == agent_pb2.CHECK_STATUS_FAILING for check in agent.checks):
+    elif agent.checks and any(check.status == FAILING for check in agent.checks):
         status = DEGRADED
     else:
         status = READY
     if status == agent.status:
         return None
     if status == DEGRADED:
-        failing = [check.name for check in agent.checks if check.status == agent_pb2.CHECK_STATUS_FAILING]
+        failing = [check.name for check in agent.checks if check.status == FAILING]
         reason = f"failing checks: {', '.join(failing)}"
     return status, reason
 
