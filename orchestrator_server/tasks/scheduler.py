@@ -27,6 +27,7 @@ from orchestrator_server.errors import FailedPrecondition, InvalidArgument, NotF
 from orchestrator_server.health import WorkloadSummary
 from orchestrator_server.idempotency import IdempotencyKeys, ScopedKey, check_same_spec
 from orchestrator_server.metrics import FAILOVERS
+from orchestrator_server.selectors import parse_selector
 from orchestrator_server.store import Change, ConditionFailed, Expect, PlacementClaim, Store, TaskQuery
 from orchestrator_server.tasks import transitions
 from orchestrator_server.tasks.changes import event_for
@@ -43,6 +44,7 @@ from orchestrator_server.validation import Violations, decode_position_token, en
 
 log = logging.getLogger(__name__)
 
+CREATED = event_pb2.EVENT_TYPE_TASK_CREATED
 # Times a command decides again after another process changed its task first.
 MAX_CONFLICTS = 8
 # Seconds before the queue is looked at again after the store refused a placement (the agent's
@@ -129,7 +131,7 @@ class TaskScheduler(TaskProjection):
             task = self._new_task(spec)
             self._created_keys[task.task_id] = key
             try:
-                await self._commit(task, event_pb2.EVENT_TYPE_TASK_CREATED, expect_revision=0, key=key)
+                task = await self._commit_created(task, key)
             finally:
                 self._created_keys.pop(task.task_id, None)
         except BaseException as error:
@@ -148,6 +150,27 @@ class TaskScheduler(TaskProjection):
         now = transitions.now_timestamp()
         task.created_at.CopyFrom(now)
         task.updated_at.CopyFrom(now)
+        return task
+
+    async def _commit_created(self, task: task_pb2.Task, key: ScopedKey | None) -> task_pb2.Task:
+        """Commits a new task, placed in the same commit when an agent is free now (one commit,
+        and one wait for the disk, less before the agent has it); if that agent's session or last
+        slot changed meanwhile, the task is committed to wait in the queue like any other."""
+        agent = self._placer.pick_at_once(ActiveTask(task, 0, parse_selector(task.spec.label_selector)))
+        if agent is not None:
+            placed = transitions.draft_of(task)
+            transitions.place(placed, agent.agent_id, new_id("att_"))
+            claim = PlacementClaim(task.task_id, agent.agent_id, agent.session.epoch)
+            try:
+                await self._commit(placed, CREATED, expect_revision=0, claims=[claim], key=key)
+                return placed
+            except ConditionFailed as refusal:
+                if refusal.entity_id == task.task_id:
+                    raise
+                log.debug("placement of new task %s on %s refused: %s", task.task_id, agent.agent_id, refusal)
+            finally:
+                self._placer.unreserve(agent.agent_id)
+        await self._commit(task, CREATED, expect_revision=0, key=key)
         return task
 
     def _live_task(self, task_id: str) -> task_pb2.Task | None:
