@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 
 from google.protobuf import timestamp_pb2
@@ -42,6 +43,12 @@ class TaskNotActive(Exception):
 
 def wall_seconds(stamp: timestamp_pb2.Timestamp) -> float:
     return stamp.seconds + stamp.nanos / 1e9
+
+
+def set_now(stamp: timestamp_pb2.Timestamp) -> None:
+    """Sets `stamp` to now. Protobuf's GetCurrentTime goes through a datetime, which made clock
+    reads a tenth of a command's cost; the integer clock gives the same value without one."""
+    stamp.seconds, stamp.nanos = divmod(time.time_ns(), 1_000_000_000)
 
 
 def stamp_at(seconds: float) -> timestamp_pb2.Timestamp:

@@ -35,6 +35,7 @@ from orchestrator_server.tasks.model import (
     TaskNotActive,
     current_attempt,
     find_attempt,
+    set_now,
     wall_seconds,
 )
 from orchestrator_server.tasks.placement import Placer
@@ -130,6 +131,8 @@ class TaskProjection(abc.ABC):
         self._sequence += 1
         key = self._created_keys.get(task.task_id)
         entry = ActiveTask(task, self._sequence, parse_selector(task.spec.label_selector), key)
+        # Placeable from now on: dispatch latency counts from here for a task placed as it is created.
+        entry.placeable_since = asyncio.get_running_loop().time()
         self._active[task.task_id] = entry
         return entry
 
@@ -290,7 +293,7 @@ class TaskProjection(abc.ABC):
             task.pending_reason.message = (
                 f"waiting for its retry backoff until {task.not_before.ToJsonString()}{waited}"
             )[:1024]
-            task.pending_reason.evaluated_at.GetCurrentTime()
+            set_now(task.pending_reason.evaluated_at)
         else:
             task.pending_reason.CopyFrom(self._placer.explain(self._placer.group_for(entry)))
         return task
