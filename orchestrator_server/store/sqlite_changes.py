@@ -64,7 +64,7 @@ def stamp(event: event_pb2.Event, revision: int) -> None:
         event.task.revision = revision
     if not event.HasField("time"):
         # Not GetCurrentTime: it goes through a datetime and costs ten times as much.
-        event.time.seconds, event.time.nanos = divmod(time.time_ns(), 1_000_000_000)
+        event.time.FromNanoseconds(time.time_ns())
 
 
 def _check_expect(conn: sqlite3.Connection, expect: Expect) -> None:
