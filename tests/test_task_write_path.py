@@ -225,7 +225,7 @@ async def test_events_carry_what_changed_and_records_keep_the_rest(
     created = [event for event in about if event.type == event_pb2.EVENT_TYPE_TASK_CREATED]
     assert len(created) == 1 and created[0].task.spec.payload["blob"] == "x" * 1000
     updates = [event for event in about if event.type == event_pb2.EVENT_TYPE_TASK_UPDATED]
-    assert len(updates) >= 40  # 20 placements, 19 failures, a start
+    assert len(updates) >= 39  # 19 placements (the first rode with the creation), 19 failures, a start
     assert all(not event.task.spec.HasField("payload") and len(event.task.attempts) <= 1 for event in updates)
     assert max(event.ByteSize() for event in updates) < 2_000
 

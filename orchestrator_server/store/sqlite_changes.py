@@ -9,6 +9,7 @@ writing, and then the caller must undo the change's earlier writes (a savepoint)
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterable
 
 from orchestrator.v1 import agent_pb2, event_pb2, task_pb2
@@ -62,7 +63,8 @@ def stamp(event: event_pb2.Event, revision: int) -> None:
     if event.HasField("task"):
         event.task.revision = revision
     if not event.HasField("time"):
-        event.time.GetCurrentTime()
+        # Not GetCurrentTime: it goes through a datetime and costs ten times as much.
+        event.time.FromNanoseconds(time.time_ns())
 
 
 def _check_expect(conn: sqlite3.Connection, expect: Expect) -> None:

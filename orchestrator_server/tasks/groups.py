@@ -49,9 +49,18 @@ class Group:
     reason: task_pb2.PendingReason | None = None
     explained_at: float = float("-inf")
 
+    # Agent id -> (the agent's revision, whether it fits): what `fits` reads changes only with a
+    # commit of the agent, and reading it from the message each time was a tenth of a placement.
+    _fits: dict[str, tuple[int, bool]] = field(default_factory=dict)
+
     def fits(self, agent: agent_pb2.Agent) -> bool:
         """The agent meets the group's static constraints (not whether it is free now)."""
-        return self._mismatch(agent) is None
+        known = self._fits.get(agent.agent_id)
+        if known is not None and known[0] == agent.revision:
+            return known[1]
+        fits = self._mismatch(agent) is None
+        self._fits[agent.agent_id] = (agent.revision, fits)
+        return fits
 
     def _mismatch(self, agent: agent_pb2.Agent) -> str | None:
         if self.target and agent.agent_id != self.target:

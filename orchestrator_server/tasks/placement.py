@@ -107,6 +107,20 @@ class Placer:
             and self._has_session(agent.agent_id)
         )
 
+    def pick_at_once(self, entry: ActiveTask) -> agent_pb2.Agent | None:
+        """The agent a task being created goes to in its creating commit, without waiting for a
+        pass (one commit and one disk flush less before the agent has it), its slot reserved until
+        that commit answers. Only while nothing waits: a new task must not overtake queued ones."""
+        if self.waiting:
+            return None
+        group = self.group_for(entry)
+        candidates = [agent for agent in self._agents() if self.placeable(agent) and group.fits(agent)]
+        if not candidates:
+            return None
+        agent = self.choose(entry, candidates)
+        self.reserve(agent.agent_id)
+        return agent
+
     # -- the pass --------------------------------------------------------------------------------
 
     def kick(self) -> None:

@@ -35,6 +35,7 @@ from orchestrator_server.tasks.model import (
     TaskNotActive,
     current_attempt,
     find_attempt,
+    set_now,
     wall_seconds,
 )
 from orchestrator_server.tasks.placement import Placer
@@ -52,6 +53,9 @@ class TaskProjection(abc.ABC):
         self._held: dict[str, set[str]] = {}  # agent id -> ids of the tasks whose attempt it holds
         self._placed = 0  # tasks held by some agent (the sum of the sets above)
         self._sequence = 0
+        # Whole records of this process's task commits in flight, by task id: when the event of one
+        # is delivered, the record is taken as it is instead of being rebuilt from the event.
+        self._committing: dict[str, task_pb2.Task] = {}
         # Idempotency keys of tasks this process is creating, until their creation is projected.
         self._created_keys: dict[str, ScopedKey | None] = {}
         self._placer = Placer(
@@ -114,22 +118,33 @@ class TaskProjection(abc.ABC):
         """Takes in one committed event (of any process), in revision order."""
         if not event.HasField("task"):
             return
-        entry = self._active.get(event.task.task_id)
+        task_id = event.task.task_id
+        entry = self._active.get(task_id)
         if entry is None:
             if event.task.status in TERMINAL:
                 return  # finished before this process ever held it
-            self._settle(self._track(merge(None, event.task)), None)
+            self._settle(self._track(self._whole(event, None)), None)
             return
         previous = entry.task
         if event.revision <= previous.revision:
             return  # already held (loaded at start after this event was committed)
-        entry.task = merge(previous, event.task)
+        entry.task = self._whole(event, previous)
         self._settle(entry, previous)
+
+    def _whole(self, event: event_pb2.Event, previous: task_pb2.Task | None) -> task_pb2.Task:
+        """The whole task after `event`: the record of this process's own commit (the store stamped
+        it with the event's revision), else rebuilt from the previous state and the event."""
+        local = self._committing.get(event.task.task_id)
+        if local is not None and local.revision == event.revision:
+            return local
+        return merge(previous, event.task)
 
     def _track(self, task: task_pb2.Task) -> ActiveTask:
         self._sequence += 1
         key = self._created_keys.get(task.task_id)
         entry = ActiveTask(task, self._sequence, parse_selector(task.spec.label_selector), key)
+        # Placeable from now on: dispatch latency counts from here for a task placed as it is created.
+        entry.placeable_since = asyncio.get_running_loop().time()
         self._active[task.task_id] = entry
         return entry
 
@@ -290,7 +305,7 @@ class TaskProjection(abc.ABC):
             task.pending_reason.message = (
                 f"waiting for its retry backoff until {task.not_before.ToJsonString()}{waited}"
             )[:1024]
-            task.pending_reason.evaluated_at.GetCurrentTime()
+            set_now(task.pending_reason.evaluated_at)
         else:
             task.pending_reason.CopyFrom(self._placer.explain(self._placer.group_for(entry)))
         return task

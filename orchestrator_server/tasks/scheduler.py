@@ -16,20 +16,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from google.protobuf import struct_pb2
 
 from orchestrator.v1 import agent_pb2, event_pb2, registry_pb2, task_pb2, tasks_pb2
 from orchestrator_server.agents import READY, Registry, new_id
 from orchestrator_server.config import Config
-from orchestrator_server.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from orchestrator_server.errors import FailedPrecondition, InvalidArgument, NotFound
 from orchestrator_server.health import WorkloadSummary
 from orchestrator_server.idempotency import IdempotencyKeys, ScopedKey, check_same_spec
 from orchestrator_server.metrics import FAILOVERS
+from orchestrator_server.selectors import parse_selector
 from orchestrator_server.store import Change, ConditionFailed, Expect, PlacementClaim, Store, TaskQuery
 from orchestrator_server.tasks import transitions
 from orchestrator_server.tasks.changes import event_for
+from orchestrator_server.tasks.commands import Decide, TaskCommands
 from orchestrator_server.tasks.model import ASSIGNED, PENDING, SUCCEEDED, TIMED_OUT, ActiveTask, TaskNotActive
 from orchestrator_server.tasks.projection import TaskProjection
 from orchestrator_server.tasks.validation import (
@@ -43,15 +45,10 @@ from orchestrator_server.validation import Violations, decode_position_token, en
 
 log = logging.getLogger(__name__)
 
-# Times a command decides again after another process changed its task first.
-MAX_CONFLICTS = 8
+CREATED = event_pb2.EVENT_TYPE_TASK_CREATED
 # Seconds before the queue is looked at again after the store refused a placement (the agent's
 # session or capacity changed meanwhile; the change that explains it usually wakes the pass first).
 REFUSED_PLACEMENT_RETRY = 0.05
-
-#: Decides a command on a draft of the committed task: None when there is nothing to commit, else
-#: the placement claims the commit must also satisfy (usually none).
-Decide = Callable[[ActiveTask, task_pb2.Task], "list[PlacementClaim] | None"]
 
 
 class TaskScheduler(TaskProjection):
@@ -64,6 +61,7 @@ class TaskScheduler(TaskProjection):
         super().__init__(config, registry, self._rng)
         self._store = store
         self._keys = IdempotencyKeys(store)
+        self._commands = TaskCommands(self._active, self._commit_draft, self._spawn)
 
     # -- queries -------------------------------------------------------------------------------
 
@@ -129,7 +127,7 @@ class TaskScheduler(TaskProjection):
             task = self._new_task(spec)
             self._created_keys[task.task_id] = key
             try:
-                await self._commit(task, event_pb2.EVENT_TYPE_TASK_CREATED, expect_revision=0, key=key)
+                task = await self._commit_created(task, key)
             finally:
                 self._created_keys.pop(task.task_id, None)
         except BaseException as error:
@@ -148,6 +146,27 @@ class TaskScheduler(TaskProjection):
         now = transitions.now_timestamp()
         task.created_at.CopyFrom(now)
         task.updated_at.CopyFrom(now)
+        return task
+
+    async def _commit_created(self, task: task_pb2.Task, key: ScopedKey | None) -> task_pb2.Task:
+        """Commits a new task, placed in the same commit when an agent is free now (one commit,
+        and one wait for the disk, less before the agent has it); if that agent's session or last
+        slot changed meanwhile, the task is committed to wait in the queue like any other."""
+        agent = self._placer.pick_at_once(ActiveTask(task, 0, parse_selector(task.spec.label_selector)))
+        if agent is not None:
+            placed = transitions.draft_of(task)
+            transitions.place(placed, agent.agent_id, new_id("att_"))
+            claim = PlacementClaim(task.task_id, agent.agent_id, agent.session.epoch)
+            try:
+                await self._commit(placed, CREATED, expect_revision=0, claims=[claim], key=key)
+                return placed
+            except ConditionFailed as refusal:
+                if refusal.entity_id == task.task_id:
+                    raise
+                log.debug("placement of new task %s on %s refused: %s", task.task_id, agent.agent_id, refusal)
+            finally:
+                self._placer.unreserve(agent.agent_id)
+        await self._commit(task, CREATED, expect_revision=0, key=key)
         return task
 
     def _live_task(self, task_id: str) -> task_pb2.Task | None:
@@ -248,21 +267,23 @@ class TaskScheduler(TaskProjection):
             raise InvalidArgument.field("task_update.kind", "is required")
         if update.task_id not in self._active:
             raise FailedPrecondition(f"task {update.task_id} is not running")
-        self._spawn(self._running_command(update.task_id, decide))
+        # STARTED is lazy: a short task's completion, coming right after it, shares its commit.
+        lazy = update.kind == registry_pb2.TASK_UPDATE_KIND_STARTED
+        self._spawn(self._running_command(update.task_id, decide, lazy=lazy))
 
-    async def _report(self, task_id: str, decide: Decide) -> task_pb2.Task:
+    async def _report(self, task_id: str, decide: Decide, *, lazy: bool = False) -> task_pb2.Task:
         """An agent's report on its attempt. A task or attempt this replica has not seen may have
         been created or placed by another replica a moment ago: the report is decided once more
         after an empty commit, which delivers every event committed before it."""
         try:
-            return await self._command(task_id, decide)
+            return await self._command(task_id, decide, lazy=lazy)
         except (transitions.UnknownAttempt, TaskNotActive):
             await self._store.commit(Change())
-            return await self._command(task_id, decide)
+            return await self._command(task_id, decide, lazy=lazy)
 
-    async def _running_command(self, task_id: str, decide: Decide) -> task_pb2.Task:
+    async def _running_command(self, task_id: str, decide: Decide, *, lazy: bool = False) -> task_pb2.Task:
         try:
-            return await self._report(task_id, decide)
+            return await self._report(task_id, decide, lazy=lazy)
         except TaskNotActive:
             raise FailedPrecondition(f"task {task_id} is not running") from None
 
@@ -487,30 +508,15 @@ class TaskScheduler(TaskProjection):
 
     # -- the write path ------------------------------------------------------------------------
 
-    async def _command(self, task_id: str, decide: Decide) -> task_pb2.Task:
-        """Decides on a draft of the committed task and commits it if anything changed; returns
-        the task as committed. Raises TaskNotActive if the task is not unfinished here, and
-        ConditionFailed when a placement claim (not the task) was refused."""
-        for _ in range(MAX_CONFLICTS):
-            entry = self._active.get(task_id)
-            if entry is None:
-                raise TaskNotActive(task_id)
-            async with entry.lock:
-                if self._active.get(task_id) is not entry:
-                    continue  # finished (or restored anew) while we waited for the lock
-                draft = transitions.draft_of(entry.task)
-                claims = decide(entry, draft)
-                if claims is None:
-                    return entry.task
-                try:
-                    await self._commit(draft, expect_revision=entry.task.revision, claims=claims)
-                except ConditionFailed as conflict:
-                    if conflict.entity_id != task_id:
-                        raise
-                    log.info("task %s changed in another process; deciding again", task_id)
-                    continue
-                return self._live_task(task_id) or draft
-        raise Unavailable(f"task {task_id} kept changing while this request was decided; retry", 0.1)
+    async def _command(self, task_id: str, decide: Decide, *, lazy: bool = False) -> task_pb2.Task:
+        """Decides on a draft of the committed task and commits it if anything changed (folded with
+        the commands waiting for the same task); returns the task as committed. Raises
+        TaskNotActive if the task is not unfinished here, and ConditionFailed when a placement
+        claim (not the task) was refused."""
+        return await self._commands.run(task_id, decide, lazy=lazy)
+
+    async def _commit_draft(self, draft: task_pb2.Task, revision: int, claims: list[PlacementClaim]) -> None:
+        await self._commit(draft, expect_revision=revision, claims=claims)
 
     async def _commit(
         self,
@@ -529,7 +535,12 @@ class TaskScheduler(TaskProjection):
         )
         if key is not None:
             change.idempotency_scopes[task.task_id] = key[0]
-        await self._store.commit(change)
+        self._committing[task.task_id] = task
+        try:
+            await self._store.commit(change)
+        finally:
+            if self._committing.get(task.task_id) is task:
+                del self._committing[task.task_id]
 
     def _on_finished(self, entry: ActiveTask) -> None:
         if entry.key is not None:

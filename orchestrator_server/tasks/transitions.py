@@ -28,6 +28,7 @@ from orchestrator_server.tasks.model import (
     TIMED_OUT,
     current_attempt,
     find_attempt,
+    set_now,
     stamp_at,
 )
 
@@ -43,7 +44,7 @@ def draft_of(task: task_pb2.Task) -> task_pb2.Task:
 
 def now_timestamp() -> timestamp_pb2.Timestamp:
     stamp = timestamp_pb2.Timestamp()
-    stamp.GetCurrentTime()
+    set_now(stamp)
     return stamp
 
 
@@ -104,16 +105,16 @@ def mark_running(task: task_pb2.Task, attempt: task_pb2.Attempt) -> bool:
     if attempt.status != task_pb2.ATTEMPT_STATUS_ASSIGNED:
         return False
     attempt.status = task_pb2.ATTEMPT_STATUS_RUNNING
-    attempt.started_at.GetCurrentTime()
+    set_now(attempt.started_at)
     task.status = RUNNING
-    task.updated_at.GetCurrentTime()
+    set_now(task.updated_at)
     return True
 
 
 def report_progress(task: task_pb2.Task, attempt: task_pb2.Attempt, progress: task_pb2.TaskProgress) -> None:
     mark_running(task, attempt)
     task.progress.CopyFrom(progress)
-    task.progress.reported_at.GetCurrentTime()
+    set_now(task.progress.reported_at)
 
 
 def complete(task: task_pb2.Task, attempt: task_pb2.Attempt, result: struct_pb2.Struct) -> None:
@@ -166,11 +167,11 @@ def lose(task: task_pb2.Task, reason: str) -> None:
     attempt = current_attempt(task)
     if attempt is not None:
         attempt.status = task_pb2.ATTEMPT_STATUS_LOST
-        attempt.finished_at.GetCurrentTime()
+        set_now(attempt.finished_at)
         attempt.error.CopyFrom(task_pb2.TaskError(message=reason, reason="LOST"))
     task.status = PENDING
     task.current_attempt_id = ""
-    task.updated_at.GetCurrentTime()
+    set_now(task.updated_at)
     task.ClearField("not_before")
 
 
