@@ -4,7 +4,6 @@ through a channel). The application itself is `app.create_gateway_app`."""
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -43,12 +42,7 @@ class RunningGateway:
 
 
 async def _listen(
-    app: web.Application,
-    host: str,
-    port: int,
-    options: GatewayOptions,
-    shutdown_timeout: float,
-    sock: socket.socket | None = None,
+    app: web.Application, host: str, port: int, options: GatewayOptions, shutdown_timeout: float
 ) -> web.AppRunner:
     runner = web.AppRunner(
         app,
@@ -60,7 +54,7 @@ async def _listen(
         max_field_size=options.max_field_size,
     )
     await runner.setup()
-    site = CappedTCPSite(runner, host, port, max_connections=options.max_connections, sock=sock)
+    site = CappedTCPSite(runner, host, port, max_connections=options.max_connections)
     try:
         await site.start()
     except BaseException:
@@ -106,12 +100,10 @@ async def start_in_process_gateway(
     options: GatewayOptions | None = None,
     readiness_check: ReadinessCheck | None = None,
     shutdown_timeout: float = 5.0,
-    sock: socket.socket | None = None,
 ) -> RunningGateway:
-    """Serves the gateway on host:port, dispatching to `backend` (the servicers of this process);
-    on `sock` instead when given (a socket the caller bound and listens on already)."""
+    """Serves the gateway on host:port, dispatching to `backend` (the servicers of this process)."""
     chosen = options or GatewayOptions()
     install_log_redaction(logger)
     app = create_gateway_app(backend, services=services, options=chosen, readiness_check=readiness_check)
-    runner = await _listen(app, host, port, chosen, shutdown_timeout, sock)
+    runner = await _listen(app, host, port, chosen, shutdown_timeout)
     return RunningGateway(host, int(runner.addresses[0][1]), "", app, runner)

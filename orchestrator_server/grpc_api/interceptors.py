@@ -10,8 +10,7 @@ context: `read()` passes every message through the hooks registered here.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -37,9 +36,7 @@ __all__ = [
 ]
 
 Context = grpc.aio.ServicerContext[Any, Any]
-# A check on one message of a client stream: raises to refuse it, returns the seconds to wait
-# before it is handled (pacing; 0.0 nearly always, so the beat path awaits nothing extra).
-Hook = Callable[[Any], float]
+Hook = Callable[[Any], Awaitable[None]]
 # End-of-stream marker of context.read(); missing from the type stubs.
 EOF: Any = getattr(grpc.aio, "EOF")  # noqa: B009
 
@@ -69,21 +66,18 @@ class _HookedContext:
         message = await self._context.read()
         if message is not EOF:
             for hook in self.hooks:
-                delay = hook(message)
-                if delay > 0:
-                    await asyncio.sleep(delay)
+                await hook(message)
         return message
 
 
-def _reject_malformed(message: Any) -> float:
+async def _reject_malformed(message: Any) -> None:
     if isinstance(message, Malformed):
         raise message.error()
-    return 0.0
 
 
 async def _parsed(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
     async for message in requests:
-        _reject_malformed(message)
+        await _reject_malformed(message)
         yield message
 
 
@@ -157,12 +151,12 @@ class PolicyInterceptor(AsyncServerInterceptor):
     def _session_hook(self, call: Call, slot: StreamSlot) -> Hook:
         first = True
 
-        def check(message: Any) -> float:
+        async def check(message: Any) -> None:
             nonlocal first
             if first:
                 first = False
                 self._policy.check_hello(call, message)
-            return self._policy.pace(call, slot)
+            await self._policy.pace(call, slot)
 
         return check
 
