@@ -153,7 +153,9 @@ async def test_a_slow_health_watcher_on_a_real_server_gets_the_latest_status_and
     """A gRPC watcher whose client stops reading (a small HTTP/2 window, so the server really
     blocks) while one agent flaps more often than the old per-watcher backlog of 10,000 events:
     no resync, fewer messages than transitions, and the last one is the agent's final status."""
-    running: Running = await servers(rate_limit_enabled=False)  # the flood is ours, on purpose
+    # The flood is ours, on purpose. The agents never beat: their lease must outlast the flapping
+    # (up to 300 s below on a loaded machine), or the flapper ends DOWN instead of DRAINING.
+    running: Running = await servers(rate_limit_enabled=False, heartbeat_timeout=600.0)
     stubs = running.stubs
     bus = running.server.bus
     assert bus is not None
