@@ -192,3 +192,51 @@ async def test_sigkill_of_agent_process_is_seen_by_a_watcher(
     print(f"SIGKILL -> DOWN at watcher: {elapsed_ms:.1f} ms")  # recorded, not asserted: speed is benchmarked
     assert delta.delta.agent.status_reason == "stream closed"
     watch.cancel()
+
+
+def _session_path_tasks() -> list[asyncio.Task[Any]]:
+    """Tasks running code of the session path itself (not grpc's handler tasks, not clients)."""
+    return [
+        task
+        for task in asyncio.all_tasks()
+        if getattr(task.get_coro(), "__qualname__", "").startswith(("RegistryServicer.", "StreamPort."))
+    ]
+
+
+async def test_an_idle_session_is_served_by_its_handler_alone(running: Running) -> None:
+    """Issue 14: a second asyncio task per session (a writer waiting on a queue) cost a task
+    switch and a queue round trip per ack, and memory per agent; acks are now written by the
+    stream's handler, and a flusher task lives only while pushes are being written."""
+    sessions = []
+    for index in range(20):
+        session, _ = await open_session(running.stubs, name=f"idle-{index}")
+        session.send(beat=registry_pb2.SessionBeat(sequence=1))
+        assert (await session.receive()).ack.sequence == 1
+        sessions.append(session)
+    assert _session_path_tasks() == []
+    for session in sessions:
+        session.close()
+
+
+async def test_pushes_and_acks_keep_their_order_under_a_burst(running: Running) -> None:
+    """Pushes made while an ack is being written wait for it and go out in the order made; every
+    beat is acked, whichever write is in flight when it arrives."""
+    session, agent_id = await open_session(running.stubs)
+    pushed = running.server.registry.session_of(agent_id)
+    assert pushed is not None
+    count = 50
+    for sequence in range(1, count + 1):
+        session.send(beat=registry_pb2.SessionBeat(sequence=sequence))
+        pushed.drain(sequence % 2 == 0, f"notice {sequence}")
+    acks: list[int] = []
+    notices: list[str] = []
+    while len(acks) < count or len(notices) < count:
+        message = await session.receive()
+        if message.HasField("ack"):
+            acks.append(message.ack.sequence)
+        elif message.HasField("drain"):
+            notices.append(message.drain.reason)
+    assert acks == list(range(1, count + 1))
+    assert notices == [f"notice {sequence}" for sequence in range(1, count + 1)]
+    await async_wait_for(lambda: not _session_path_tasks(), 10, "the flusher to end once the outbox is empty")
+    session.close()
