@@ -11,6 +11,7 @@ import grpc
 import pytest
 
 from orchestrator.v1 import agent_pb2, discovery_pb2, event_pb2, registry_pb2
+from orchestrator_server.agents import CloseReason
 from tests.conftest import AgentProcess, Running, SessionClient, Stubs, async_wait_for, open_session
 
 DOWN = agent_pb2.AGENT_STATUS_DOWN
@@ -149,6 +150,40 @@ async def test_beats_keep_a_session_alive_past_the_timeout(servers: Callable[...
     agent = await _status_is(running.stubs, agent_id, READY)
     assert agent is not None
     assert agent.transitions == opened.transitions, "the agent flapped while its session beat in time"
+
+
+async def test_a_session_closed_while_opening_ends_with_its_status(running: Running) -> None:
+    """A session the server ends while its opening is still being committed (a shutdown, a fence,
+    a storm of them) gets its welcome and then its status. Its handler used to be cancelled as it
+    wrote the welcome; the write's operation stayed pending in grpc core, the status could not be
+    sent (GRPC_CALL_ERROR_TOO_MANY_OPERATIONS), and the client waited for ever on a dead session."""
+    stubs = running.stubs
+    registered = await stubs.register("closed-while-opening")
+    agent_id = registered.agent.agent_id
+    epochs_at_close: list[int] = []
+
+    async def close_as_soon_as_it_opens() -> None:
+        # Looks at every turn of the loop (no event marks a session opening), so the close lands
+        # while the open's commit is still pending.
+        while True:
+            session = running.server.registry.session_of(agent_id)
+            if session is not None:
+                epochs_at_close.append(running.server.registry.get(agent_id).session.epoch)
+                session.close(CloseReason.SHUTDOWN, "closed while opening")
+                return
+            await asyncio.sleep(0)
+
+    closer = asyncio.create_task(close_as_soon_as_it_opens())
+    try:
+        session = SessionClient(stubs.registry, agent_id, registered.agent_token)
+        assert (await session.receive()).HasField("welcome")
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await session.receive()
+    finally:
+        closer.cancel()
+    assert epochs_at_close == [0], "the close landed after the session's opening was committed"
+    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert ended.value.details() == "closed while opening"
 
 
 async def test_newer_session_fences_the_older(stubs: Stubs) -> None:

@@ -79,11 +79,14 @@ class StreamPort:
         self._session: Session | None = None
 
     def attach(self, handler: asyncio.Task[object] | None, session: Session) -> None:
-        """The task serving the stream, cancelled to end it (at once if the session already ended)."""
+        """The task serving the stream, which `close` cancels to end it from now on.
+
+        A session closed before this (while it was opening) is not cancelled here: the handler's
+        next await is the welcome's write, and a write cancelled in flight leaves the call unable
+        to send its status, so the client would hang after the welcome. The handler sees `ended`
+        once the welcome is out and ends the call with its status."""
         self._handler = handler
         self._session = session
-        if self.ended is not None and handler is not None:
-            handler.cancel()
 
     def assign(self, task: task_pb2.Task, attempt_id: str) -> None:
         assignment = registry_pb2.TaskAssignment(task=task, attempt_id=attempt_id)
