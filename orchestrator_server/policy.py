@@ -302,16 +302,20 @@ class Policy:
             slot.held = False
             self._slots.release(slot.key)
 
-    async def pace(self, call: Call, slot: StreamSlot) -> None:
+    def pace(self, call: Call, slot: StreamSlot) -> float:
         """Session traffic is paced, not refused: a burst of task updates slows that agent's own
-        stream while every other stream goes on at full speed. The first message (the hello) makes
-        the stream count against its agent."""
-        self.open_stream(slot, f"agent:{call.agent_id}" if call.agent_id else f"peer:{call.peer}")
+        stream while every other stream goes on at full speed. Returns how long the stream waits
+        before its message is handled (0.0 nearly always: no sleep, no await on the beat path).
+        The first message (the hello) makes the stream count against its agent."""
+        if slot.key is None:
+            self.open_stream(slot, f"agent:{call.agent_id}" if call.agent_id else f"peer:{call.peer}")
+        else:
+            self.open_stream(slot)
         assert slot.key is not None
         delay = self._session.reserve(slot.key)
         if delay > 0:
             count_rate_limited("session messages")
-            await asyncio.sleep(delay)
+        return delay
 
     # -- audit ------------------------------------------------------------------------------------
 

@@ -202,16 +202,31 @@ class OrchestratorServer:
         enable_server_reflection(
             (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server
         )
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        # The REST port is bound (and listening) now, so the ready file can name it; the gateway
+        # behind it (aiohttp's import alone takes ~0.5 s) starts after gRPC serves. A REST
+        # connection made meanwhile waits in the listen backlog and is answered once it has.
+        http_socket = self._bind_http() if self.config.gateway_enabled else None
         self.grpc_port = await bind(server, self.config)
         if self.grpc_port == 0:
+            if http_socket is not None:
+                http_socket.close()
             raise OSError(f"cannot bind gRPC to {self.config.bind_host}:{self.config.grpc_port}")
         await server.start()
         self._server = server
-        for name in ("", *SERVICE_NAMES):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        if self.config.gateway_enabled:
-            self._gateway = await self._start_gateway(dict(zip(SERVICE_NAMES, servicers, strict=True)))
-            self.http_port = self._gateway.port if self._gateway else 0
+        if http_socket is not None:
+            self.http_port = http_socket.getsockname()[1]
+        # Ready as soon as gRPC serves: from here every await lets reconnecting agents' hellos in,
+        # and a restart with thousands of them must not push readiness back (figure 7).
+        if self.config.ready_file:
+            self._write_ready_file()
+        if http_socket is not None:
+            self._gateway = await self._start_gateway(
+                dict(zip(SERVICE_NAMES, servicers, strict=True)), http_socket
+            )
+            if self._gateway is None:
+                self.http_port = 0
         log.info(
             "orchestrator serving gRPC on %s:%d%s (database %s)",
             self.config.bind_host,
@@ -219,19 +234,36 @@ class OrchestratorServer:
             f", REST on port {self.http_port}" if self._gateway else "",
             self.config.database_path,
         )
-        if self.config.ready_file:
-            self._write_ready_file()
+
+    def _bind_http(self) -> socket.socket:
+        host, port = self.config.bind_host, self.config.http_port
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp's listener does
+            sock.bind((host, port))
+            sock.listen(128)
+            sock.setblocking(False)
+        except OSError as error:
+            sock.close()
+            if error.errno == errno.EADDRINUSE:
+                raise PortInUse(port, "PORT") from error
+            raise
+        return sock
 
     def _interceptors(self) -> Sequence[Any]:
         # Outermost first: telemetry sees the final status whoever set it; the policy raises
         # domain errors for ErrorInterceptor to turn into statuses.
         return [TelemetryInterceptor(), ErrorInterceptor(), PolicyInterceptor(self.policy)]
 
-    async def _start_gateway(self, servicers: dict[str, object]) -> RunningGateway | None:
-        """The REST gateway, calling the servicers in process (no loopback gRPC call)."""
+    async def _start_gateway(
+        self, servicers: dict[str, object], sock: socket.socket
+    ) -> RunningGateway | None:
+        """The REST gateway on `sock`, calling the servicers in process (no loopback gRPC call)."""
         try:
             gateway_module = importlib.import_module("orchestrator_server.gateway")
         except ImportError:
+            sock.close()
             log.info("REST gateway not available in this build")
             return None
         gateway: RunningGateway = await gateway_module.start_in_process_gateway(
@@ -245,6 +277,7 @@ class OrchestratorServer:
                 # At most half the descriptors, whatever is configured: the rest stay for gRPC.
                 max_connections=min(self.config.gateway_max_connections, max(1, self._fd_limit // 2)),
             ),
+            sock=sock,
         )
         return gateway
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from bench.loadgen import LoadGen
 from orchestrator_server.agents import CloseReason
-from tests.conftest import Running
+from tests.conftest import Running, async_wait_for
 
 
 async def test_bench_sessions_survive_a_refusing_server(servers: Callable[..., Any]) -> None:
@@ -42,5 +42,13 @@ async def test_bench_sessions_survive_a_refusing_server(servers: Callable[..., A
         # The storm really happened: sessions ended more often than there are clients. Under load
         # grpc core reports some of those ends as INTERNAL (grpc/grpc#36066), so count every end.
         assert ended() > 2 * len(gen.creds) and gen.errors["session UNAVAILABLE"] > 0, gen.errors
+        # Every client came back: one whose call the server ended without a status would wait on
+        # it for ever and drop out of the storm (it did, closed while its session was opening).
+        registry = running.server.registry
+        await async_wait_for(
+            lambda: all(registry.session_of(cred.agent_id) is not None for cred in gen.creds),
+            30,
+            "every client to be in a session again after the storm",
+        )
     finally:
         await gen.close()

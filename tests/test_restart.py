@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
 
 import grpc
 from google.protobuf import field_mask_pb2
@@ -15,7 +18,8 @@ from grpc_health.v1 import health_pb2 as grpc_health_pb2
 from grpc_health.v1 import health_pb2_grpc as grpc_health_pb2_grpc
 
 from orchestrator.v1 import agent_pb2, discovery_pb2, event_pb2, health_pb2, registry_pb2
-from tests.conftest import ServerProcess, Stubs, async_wait_for
+from orchestrator_server.server import OrchestratorServer
+from tests.conftest import ServerProcess, Stubs, async_wait_for, make_config
 from tests.support import (
     DEREGISTERED,
     DOWN,
@@ -233,3 +237,38 @@ async def test_sigterm_ends_open_watches_cleanly_and_quickly(
         assert await watch.code() == grpc.StatusCode.OK
         assert time.monotonic() - started < 20
     assert await asyncio.to_thread(server.process.wait, 30) == 0  # type: ignore[union-attr]
+
+
+async def test_ready_once_grpc_serves_before_the_gateway_starts(tmp_path: Path) -> None:
+    """Issue 14 (restart): readiness no longer waits for the REST gateway (aiohttp's import and
+    start took ~0.5-0.7 s of the startup, while reconnecting agents' hellos were already being
+    served). The ready file names the REST port, bound before; REST answers once the gateway runs."""
+    ready_file = tmp_path / "ready.json"
+    seen: dict[str, Any] = {}
+
+    class Observed(OrchestratorServer):
+        async def _start_gateway(self, *args: Any) -> Any:
+            seen["ready"] = json.loads(ready_file.read_text()) if ready_file.exists() else None
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{self.grpc_port}") as channel:
+                health = await Stubs(channel).health.GetSystemHealth(
+                    health_pb2.GetSystemHealthRequest(), timeout=10
+                )
+            seen["serving"] = health.store_status
+            return await super()._start_gateway(*args)
+
+    server = Observed(make_config(tmp_path, gateway_enabled=True, ready_file=str(ready_file)))
+    await server.start()
+    try:
+        assert seen["ready"] == {
+            "grpc_port": server.grpc_port,
+            "http_port": server.http_port,
+            "pid": os.getpid(),
+        }
+        assert server.http_port != 0
+        assert seen["serving"]
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.http_port)
+        writer.write(b"GET /livez HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"HTTP/1.1 200")
+        writer.close()
+    finally:
+        await server.stop(0.1)

@@ -167,7 +167,7 @@ def push_raw(session: Session, message: registry_pb2.HeartbeatResponse) -> None:
     """Queues `message` on the session's stream as it is, past the domain's port methods."""
     port = session.port
     assert isinstance(port, StreamPort)
-    port.outbox.put_nowait(message)
+    port.push(message)
 
 
 class SilentStream:

@@ -11,6 +11,7 @@ import grpc
 import pytest
 
 from orchestrator.v1 import agent_pb2, discovery_pb2, event_pb2, registry_pb2
+from orchestrator_server.agents import CloseReason
 from tests.conftest import AgentProcess, Running, SessionClient, Stubs, async_wait_for, open_session
 
 DOWN = agent_pb2.AGENT_STATUS_DOWN
@@ -151,6 +152,40 @@ async def test_beats_keep_a_session_alive_past_the_timeout(servers: Callable[...
     assert agent.transitions == opened.transitions, "the agent flapped while its session beat in time"
 
 
+async def test_a_session_closed_while_opening_ends_with_its_status(running: Running) -> None:
+    """A session the server ends while its opening is still being committed (a shutdown, a fence,
+    a storm of them) gets its welcome and then its status. Its handler used to be cancelled as it
+    wrote the welcome; the write's operation stayed pending in grpc core, the status could not be
+    sent (GRPC_CALL_ERROR_TOO_MANY_OPERATIONS), and the client waited for ever on a dead session."""
+    stubs = running.stubs
+    registered = await stubs.register("closed-while-opening")
+    agent_id = registered.agent.agent_id
+    epochs_at_close: list[int] = []
+
+    async def close_as_soon_as_it_opens() -> None:
+        # Looks at every turn of the loop (no event marks a session opening), so the close lands
+        # while the open's commit is still pending.
+        while True:
+            session = running.server.registry.session_of(agent_id)
+            if session is not None:
+                epochs_at_close.append(running.server.registry.get(agent_id).session.epoch)
+                session.close(CloseReason.SHUTDOWN, "closed while opening")
+                return
+            await asyncio.sleep(0)
+
+    closer = asyncio.create_task(close_as_soon_as_it_opens())
+    try:
+        session = SessionClient(stubs.registry, agent_id, registered.agent_token)
+        assert (await session.receive()).HasField("welcome")
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await session.receive()
+    finally:
+        closer.cancel()
+    assert epochs_at_close == [0], "the close landed after the session's opening was committed"
+    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert ended.value.details() == "closed while opening"
+
+
 async def test_newer_session_fences_the_older(stubs: Stubs) -> None:
     registered = await stubs.register()
     agent_id, token = registered.agent.agent_id, registered.agent_token
@@ -192,3 +227,51 @@ async def test_sigkill_of_agent_process_is_seen_by_a_watcher(
     print(f"SIGKILL -> DOWN at watcher: {elapsed_ms:.1f} ms")  # recorded, not asserted: speed is benchmarked
     assert delta.delta.agent.status_reason == "stream closed"
     watch.cancel()
+
+
+def _session_path_tasks() -> list[asyncio.Task[Any]]:
+    """Tasks running code of the session path itself (not grpc's handler tasks, not clients)."""
+    return [
+        task
+        for task in asyncio.all_tasks()
+        if getattr(task.get_coro(), "__qualname__", "").startswith(("RegistryServicer.", "StreamPort."))
+    ]
+
+
+async def test_an_idle_session_is_served_by_its_handler_alone(running: Running) -> None:
+    """Issue 14: a second asyncio task per session (a writer waiting on a queue) cost a task
+    switch and a queue round trip per ack, and memory per agent; acks are now written by the
+    stream's handler, and a flusher task lives only while pushes are being written."""
+    sessions = []
+    for index in range(20):
+        session, _ = await open_session(running.stubs, name=f"idle-{index}")
+        session.send(beat=registry_pb2.SessionBeat(sequence=1))
+        assert (await session.receive()).ack.sequence == 1
+        sessions.append(session)
+    assert _session_path_tasks() == []
+    for session in sessions:
+        session.close()
+
+
+async def test_pushes_and_acks_keep_their_order_under_a_burst(running: Running) -> None:
+    """Pushes made while an ack is being written wait for it and go out in the order made; every
+    beat is acked, whichever write is in flight when it arrives."""
+    session, agent_id = await open_session(running.stubs)
+    pushed = running.server.registry.session_of(agent_id)
+    assert pushed is not None
+    count = 50
+    for sequence in range(1, count + 1):
+        session.send(beat=registry_pb2.SessionBeat(sequence=sequence))
+        pushed.drain(sequence % 2 == 0, f"notice {sequence}")
+    acks: list[int] = []
+    notices: list[str] = []
+    while len(acks) < count or len(notices) < count:
+        message = await session.receive()
+        if message.HasField("ack"):
+            acks.append(message.ack.sequence)
+        elif message.HasField("drain"):
+            notices.append(message.drain.reason)
+    assert acks == list(range(1, count + 1))
+    assert notices == [f"notice {sequence}" for sequence in range(1, count + 1)]
+    await async_wait_for(lambda: not _session_path_tasks(), 10, "the flusher to end once the outbox is empty")
+    session.close()

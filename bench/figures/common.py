@@ -21,6 +21,8 @@ class Sizes:
 
     kills: int
     kill_batch: int
+    # Figure 3: SIGKILLs while the largest level of sessions beats (detection under load).
+    loaded_kills: int
     failover_tasks: int
     failover_rounds: int
     capacity_levels: tuple[int, ...]
@@ -48,6 +50,7 @@ class Sizes:
 FULL = Sizes(
     kills=60,
     kill_batch=20,
+    loaded_kills=40,
     failover_tasks=100,
     failover_rounds=3,
     capacity_levels=(1000, 5000, 10000),
@@ -75,6 +78,7 @@ FULL = Sizes(
 QUICK = Sizes(
     kills=8,
     kill_batch=8,
+    loaded_kills=4,
     failover_tasks=100,
     failover_rounds=1,
     capacity_levels=(200, 500),

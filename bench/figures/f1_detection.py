@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import time
 
+from bench import proc
 from bench.client import Stubs, channel
 from bench.figures.common import Context, target_of
 from bench.report import Figure, Metric
@@ -81,10 +82,11 @@ class Watchers:
                 raise task.exception()  # type: ignore[misc]
 
 
-async def run(ctx: Context) -> Figure:
-    fig = Figure(KEY, "")
-    sizes = ctx.sizes
-    server = await ctx.start_server("f1")
+async def kill_victims(
+    ctx: Context, server: proc.ManagedProcess, fig: Figure, kills: int, batch: int, label: str = "kills"
+) -> tuple[dict[str, list[float]], int]:
+    """SIGKILLs `kills` one-agent processes (`batch` alive at a time), one at a time; returns the
+    kill -> DOWN latencies (ms) on each watch stream and how many DOWNs were not seen within 5 s."""
     target = target_of(server)
     ch = channel(target)
     watchers = Watchers(Stubs.of(ch))
@@ -93,10 +95,10 @@ async def run(ctx: Context) -> Figure:
     missed = 0
     try:
         await watchers.wait_ready(15)
-        remaining = sizes.kills
+        remaining = kills
         batch_no = 0
         while remaining > 0:
-            n = min(sizes.kill_batch, remaining)
+            n = min(batch, remaining)
             pool = Pool.start(f"victim{batch_no}-", n, {"target": target, "max_lifetime": 300})
             try:
                 regs = await pool.call(
@@ -105,7 +107,7 @@ async def run(ctx: Context) -> Figure:
                 opened = await pool.call("open_sessions", interval=1.0)
                 if sum(o["opened"] for o in opened) != n:
                     raise RuntimeError(f"victim sessions not opened: {opened}")
-                async with ctx.profiled(fig, server, f"kills{batch_no}"):
+                async with ctx.profiled(fig, server, f"{label}{batch_no}"):
                     for worker, reg in zip(pool.workers, regs, strict=True):
                         agent_id = reg["creds"][0][0]
                         t_kill = time.perf_counter()
@@ -123,6 +125,14 @@ async def run(ctx: Context) -> Figure:
     finally:
         await watchers.close()
         await ch.close(None)
+    return latencies, missed
+
+
+async def run(ctx: Context) -> Figure:
+    fig = Figure(KEY, "")
+    sizes = ctx.sizes
+    server = await ctx.start_server("f1")
+    latencies, missed = await kill_victims(ctx, server, fig, sizes.kills, sizes.kill_batch)
     for stream, values in latencies.items():
         s = summarize(values)
         fig.details[stream] = s.as_dict() if s else None

@@ -15,6 +15,7 @@ from typing import Any
 
 from bench import proc
 from bench.figures.common import Context, merged, target_of
+from bench.figures.f1_detection import kill_victims
 from bench.report import Figure, Metric
 from bench.stats import summarize
 from bench.workers import Pool, split
@@ -116,8 +117,37 @@ async def _levels(
         )
         if lat is None or lat.p99 > SATURATED_ACK_P99_MS or levels[-1]["alive"] < k:
             saturated_at = k  # more sessions would only pile up a backlog: stop growing
+    if not echo and levels:
+        await _detection_under_load(ctx, server, fig, _last_measured(levels))
     await pool.call("close_sessions", goodbye=False, wait=120)
     return levels
+
+
+def _last_measured(levels: list[dict[str, Any]]) -> dict[str, Any]:
+    return next(level for level in reversed(levels) if "not_reached" not in level)
+
+
+async def _detection_under_load(
+    ctx: Context, server: proc.ManagedProcess, fig: Figure, level: dict[str, Any]
+) -> None:
+    """Figure 1's SIGKILL -> DOWN at a watcher, while the level's sessions keep beating: whether
+    one busy event loop still notices a dead stream at once."""
+    kills = ctx.sizes.loaded_kills
+    try:
+        latencies, missed = await kill_victims(
+            ctx, server, fig, kills, min(kills, ctx.sizes.kill_batch), "loaded"
+        )
+    except Exception as error:  # a saturated server may not even open the victims' sessions
+        level["detection"] = {"kills": kills, "error": f"{type(error).__name__}: {str(error)[:200]}"}
+        return
+    summary = summarize(latencies["WatchAgents"])
+    health = summarize(latencies["WatchAgentHealth"])
+    level["detection"] = {
+        "kills": kills,
+        "missed": missed,
+        "WatchAgents": summary.as_dict() if summary else None,
+        "WatchAgentHealth": health.as_dict() if health else None,
+    }
 
 
 async def run(ctx: Context) -> Figure:
@@ -158,6 +188,35 @@ async def run(ctx: Context) -> Figure:
                     baseline_name=f"echo, {k} streams",
                 )
             )
+    for level in levels:
+        if "detection" in level:
+            detection = level["detection"]
+            k = level["sessions"]
+            if "error" in detection:
+                fig.notes.append(f"detection while {k} sessions beat: not measured, {detection['error']}")
+            for stream in ("WatchAgents", "WatchAgentHealth"):
+                p99 = detection[stream]["p99"] if detection.get(stream) else None
+                fig.metrics.append(
+                    Metric.absolute(
+                        f"SIGKILL -> DOWN at a {stream} watcher while {k} sessions beat: p99",
+                        p99,
+                        "ms",
+                        at_most=25,
+                    )
+                )
+            fig.metrics.append(
+                Metric.absolute(
+                    f"DOWN not seen within 5 s while {k} sessions beat",
+                    detection.get("missed"),
+                    "events",
+                    equals=0,
+                )
+            )
+            if detection.get("WatchAgents"):
+                fig.notes.append(
+                    f"detection while {k} sessions beat: {detection['kills']} SIGKILLs of one-agent processes "
+                    f"(as figure 1), WatchAgents p50 {_ms(detection['WatchAgents']['p50'])}"
+                )
     fig.metrics.append(
         Metric.compare(
             "saturation beats/s", product["per_s"], "/s", echo["per_s"], "echo round trips/s", min_ratio=0.7

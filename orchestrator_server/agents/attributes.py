@@ -3,10 +3,10 @@ draft. No state here."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Sequence
 
 from orchestrator.v1 import agent_pb2, registry_pb2
+from orchestrator_server.agents.status import stamp_now
 from orchestrator_server.validation import (
     MAX_ADDRESS_LENGTH,
     MAX_CAPABILITIES,
@@ -54,6 +54,8 @@ def validate_update(update: registry_pb2.AgentUpdate, paths: Sequence[str]) -> N
 
 
 def validate_beat(load: agent_pb2.Load, checks: Sequence[agent_pb2.Check]) -> None:
+    if not checks and load.active_tasks >= 0 and 0.0 <= load.cpu <= 1.0 and 0.0 <= load.memory <= 1.0:
+        return  # the common beat (every second from every agent): valid, no report built
     violations = Violations()
     if load.active_tasks < 0:
         violations.add("load.active_tasks", "must not be negative")
@@ -133,5 +135,4 @@ def record_beat(
     if replace_checks:
         del agent.checks[:]
         agent.checks.extend(checks)
-    # GetCurrentTime's value (microseconds), without the datetime it builds: a tenth of a REST beat.
-    agent.last_heartbeat_at.FromMicroseconds(time.time_ns() // 1000)
+    stamp_now(agent.last_heartbeat_at)

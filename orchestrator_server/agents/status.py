@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import TypeAlias
 
 from google.protobuf import timestamp_pb2
@@ -18,15 +19,22 @@ DRAINING = agent_pb2.AGENT_STATUS_DRAINING
 DOWN = agent_pb2.AGENT_STATUS_DOWN
 DEREGISTERED = agent_pb2.AGENT_STATUS_DEREGISTERED
 ALIVE_STATUSES = frozenset({READY, DEGRADED, DRAINING})
+FAILING = agent_pb2.CHECK_STATUS_FAILING
 
 #: The status reason of an agent whose session ended with a goodbye: its loss is graceful (its
 #: work moves at once), for whichever process reads the committed event.
 GOODBYE = "goodbye"
 
 
+def stamp_now(stamp: timestamp_pb2.Timestamp) -> None:
+    """Sets `stamp` to the current time. Timestamp.GetCurrentTime goes through a datetime and
+    costs ~5 % of a session beat's CPU; the beat path stamps twice (the heartbeat, the ack)."""
+    stamp.seconds, stamp.nanos = divmod(time.time_ns(), 1_000_000_000)
+
+
 def now_timestamp() -> timestamp_pb2.Timestamp:
     stamp = timestamp_pb2.Timestamp()
-    stamp.GetCurrentTime()
+    stamp_now(stamp)
     return stamp
 
 
@@ -39,14 +47,14 @@ def derive_status(agent: agent_pb2.Agent, alive: bool, reason: str) -> tuple[Sta
         status = DOWN
     elif agent.draining:
         status = DRAINING
-    elif any(check.status == agent_pb2.CHECK_STATUS_FAILING for check in agent.checks):
+    elif agent.checks and any(check.status == FAILING for check in agent.checks):
         status = DEGRADED
     else:
         status = READY
     if status == agent.status:
         return None
     if status == DEGRADED:
-        failing = [check.name for check in agent.checks if check.status == agent_pb2.CHECK_STATUS_FAILING]
+        failing = [check.name for check in agent.checks if check.status == FAILING]
         reason = f"failing checks: {', '.join(failing)}"
     return status, reason
 

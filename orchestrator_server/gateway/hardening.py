@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import socket
 from typing import Any, cast
 
 from aiohttp import web
@@ -91,11 +92,20 @@ class CappedTCPSite(web.BaseSite):
     and is closed, so held connections cannot exhaust the process's file descriptors."""
 
     def __init__(
-        self, runner: web.BaseRunner, host: str, port: int, *, max_connections: int, backlog: int = 128
+        self,
+        runner: web.BaseRunner,
+        host: str,
+        port: int,
+        *,
+        max_connections: int,
+        backlog: int = 128,
+        sock: socket.socket | None = None,
     ) -> None:
         super().__init__(runner, backlog=backlog)
         self._host = host
         self._port = port
+        # A socket bound (and listening) before the gateway started: see `bind_listener`.
+        self._sock = sock
         self.max_connections = max_connections
         #: Connections refused since start (tests and metrics read it).
         self.refused = 0
@@ -121,6 +131,9 @@ class CappedTCPSite(web.BaseSite):
     async def start(self) -> None:
         await super().start()
         loop = asyncio.get_running_loop()
+        if self._sock is not None:
+            self._server = await loop.create_server(self._protocol, sock=self._sock, backlog=self._backlog)
+            return
         self._server = await loop.create_server(
             self._protocol, self._host, self._port, backlog=self._backlog, reuse_address=True
         )

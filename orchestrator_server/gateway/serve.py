@@ -4,6 +4,7 @@ through a channel). The application itself is `app.create_gateway_app`."""
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,7 +43,12 @@ class RunningGateway:
 
 
 async def _listen(
-    app: web.Application, host: str, port: int, options: GatewayOptions, shutdown_timeout: float
+    app: web.Application,
+    host: str,
+    port: int,
+    options: GatewayOptions,
+    shutdown_timeout: float,
+    sock: socket.socket | None = None,
 ) -> web.AppRunner:
     runner = web.AppRunner(
         app,
@@ -54,7 +60,7 @@ async def _listen(
         max_field_size=options.max_field_size,
     )
     await runner.setup()
-    site = CappedTCPSite(runner, host, port, max_connections=options.max_connections)
+    site = CappedTCPSite(runner, host, port, max_connections=options.max_connections, sock=sock)
     try:
         await site.start()
     except BaseException:
@@ -100,10 +106,12 @@ async def start_in_process_gateway(
     options: GatewayOptions | None = None,
     readiness_check: ReadinessCheck | None = None,
     shutdown_timeout: float = 5.0,
+    sock: socket.socket | None = None,
 ) -> RunningGateway:
-    """Serves the gateway on host:port, dispatching to `backend` (the servicers of this process)."""
+    """Serves the gateway on host:port, dispatching to `backend` (the servicers of this process);
+    on `sock` instead when given (a socket the caller bound and listens on already)."""
     chosen = options or GatewayOptions()
     install_log_redaction(logger)
     app = create_gateway_app(backend, services=services, options=chosen, readiness_check=readiness_check)
-    runner = await _listen(app, host, port, chosen, shutdown_timeout)
+    runner = await _listen(app, host, port, chosen, shutdown_timeout, sock)
     return RunningGateway(host, int(runner.addresses[0][1]), "", app, runner)

@@ -10,7 +10,8 @@ context: `read()` passes every message through the hooks registered here.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import asyncio
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -36,7 +37,9 @@ __all__ = [
 ]
 
 Context = grpc.aio.ServicerContext[Any, Any]
-Hook = Callable[[Any], Awaitable[None]]
+# A check on one message of a client stream: raises to refuse it, returns the seconds to wait
+# before it is handled (pacing; 0.0 nearly always, so the beat path awaits nothing extra).
+Hook = Callable[[Any], float]
 # End-of-stream marker of context.read(); missing from the type stubs.
 EOF: Any = getattr(grpc.aio, "EOF")  # noqa: B009
 
@@ -66,18 +69,21 @@ class _HookedContext:
         message = await self._context.read()
         if message is not EOF:
             for hook in self.hooks:
-                await hook(message)
+                delay = hook(message)
+                if delay > 0:
+                    await asyncio.sleep(delay)
         return message
 
 
-async def _reject_malformed(message: Any) -> None:
+def _reject_malformed(message: Any) -> float:
     if isinstance(message, Malformed):
         raise message.error()
+    return 0.0
 
 
 async def _parsed(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
     async for message in requests:
-        await _reject_malformed(message)
+        _reject_malformed(message)
         yield message
 
 
@@ -151,12 +157,12 @@ class PolicyInterceptor(AsyncServerInterceptor):
     def _session_hook(self, call: Call, slot: StreamSlot) -> Hook:
         first = True
 
-        async def check(message: Any) -> None:
+        def check(message: Any) -> float:
             nonlocal first
             if first:
                 first = False
                 self._policy.check_hello(call, message)
-            await self._policy.pace(call, slot)
+            return self._policy.pace(call, slot)
 
         return check
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 from typing import Any
@@ -12,6 +13,7 @@ from google.protobuf.message import Error as ProtobufError
 
 from orchestrator.v1 import registry_pb2, registry_pb2_grpc, task_pb2
 from orchestrator_server.agents import DRAIN_RETRY_AFTER, CloseReason, Registry, Session
+from orchestrator_server.agents.status import stamp_now
 from orchestrator_server.config import Config
 from orchestrator_server.errors import (
     FailedPrecondition,
@@ -33,6 +35,8 @@ Context = grpc.aio.ServicerContext[Any, Any]
 WRITER_FLUSH_TIMEOUT = 1.0
 # End-of-stream marker of context.read(); missing from the type stubs.
 EOF: Any = getattr(grpc.aio, "EOF")  # noqa: B009
+# The metric child of stream beats, looked up once (labels() costs a lookup per call).
+STREAM_HEARTBEATS = HEARTBEATS.labels("stream")
 
 
 # `labels()` costs microseconds, a tenth of a REST heartbeat.
@@ -50,43 +54,137 @@ CLOSE_CODES = {
 
 
 class StreamPort:
-    """The domain's `SessionPort` over one Heartbeat stream: what the domain pushes goes to the
-    outbox the stream's writer drains; closing cancels the handler, which ends the call with the
-    status the reason maps to."""
+    """The domain's `SessionPort` over one Heartbeat stream, and the one way anything is written to it.
 
-    def __init__(self) -> None:
-        # None marks the end of what is to be written.
-        self.outbox: asyncio.Queue[registry_pb2.HeartbeatResponse | None] = asyncio.Queue()
+    grpc allows one write in flight per call. The stream's reader writes each ack itself, awaiting it
+    (as a bare echo loop does): no second task per session and no queue round trip per beat. What
+    the domain pushes meanwhile (assignments, cancellations, drain, reconnect) waits in the outbox;
+    whoever finishes a write hands the outbox to a short-lived flusher task, which writes it in order
+    and ends. Closing cancels the handler, which ends the call with the status the reason maps to,
+    except in the middle of its own write (cancelling a write leaves its operation pending in grpc
+    core, and the call's status then never reaches the client): it stops when the write is done."""
+
+    def __init__(self, agent_id: str, context: Context) -> None:
+        self._agent_id = agent_id
+        self._context = context
+        self._outbox: collections.deque[registry_pb2.HeartbeatResponse] = collections.deque()
+        # Someone owns the stream's one write: the handler (until its welcome is out, then while it
+        # writes an ack) or the flusher. Pushes made meanwhile wait in the outbox.
+        self._writing = True
+        self._handler_writing = False
+        self._flusher: asyncio.Task[None] | None = None
+        self._stopped = False
         self.ended: tuple[grpc.StatusCode, str] | None = None
         self._handler: asyncio.Task[object] | None = None
+        self._session: Session | None = None
 
-    def attach(self, handler: asyncio.Task[object] | None) -> None:
-        """The task serving the stream, cancelled to end it (at once if the session already ended)."""
+    def attach(self, handler: asyncio.Task[object] | None, session: Session) -> None:
+        """The task serving the stream, which `close` cancels to end it from now on.
+
+        A session closed before this (while it was opening) is not cancelled here: the handler's
+        next await is the welcome's write, and a write cancelled in flight leaves the call unable
+        to send its status, so the client would hang after the welcome. The handler sees `ended`
+        once the welcome is out and ends the call with its status."""
         self._handler = handler
-        if self.ended is not None and handler is not None:
-            handler.cancel()
+        self._session = session
 
     def assign(self, task: task_pb2.Task, attempt_id: str) -> None:
         assignment = registry_pb2.TaskAssignment(task=task, attempt_id=attempt_id)
-        self.outbox.put_nowait(registry_pb2.HeartbeatResponse(assignment=assignment))
+        self.push(registry_pb2.HeartbeatResponse(assignment=assignment))
 
     def cancel(self, task_id: str, attempt_id: str, reason: str) -> None:
         cancellation = registry_pb2.TaskCancellation(task_id=task_id, attempt_id=attempt_id, reason=reason)
-        self.outbox.put_nowait(registry_pb2.HeartbeatResponse(cancellation=cancellation))
+        self.push(registry_pb2.HeartbeatResponse(cancellation=cancellation))
 
     def drain(self, draining: bool, reason: str) -> None:
         notice = registry_pb2.DrainNotice(draining=draining, reason=reason)
-        self.outbox.put_nowait(registry_pb2.HeartbeatResponse(drain=notice))
+        self.push(registry_pb2.HeartbeatResponse(drain=notice))
 
     def reconnect(self, reason: str) -> None:
         request = registry_pb2.ReconnectRequest(reason=reason)
-        self.outbox.put_nowait(registry_pb2.HeartbeatResponse(reconnect=request))
+        self.push(registry_pb2.HeartbeatResponse(reconnect=request))
 
     def close(self, reason: CloseReason, message: str) -> None:
         if self.ended is None:
             self.ended = (CLOSE_CODES[reason], message)
-            if self._handler is not None and not self._handler.done():
+            if self._handler is not None and not self._handler.done() and not self._handler_writing:
                 self._handler.cancel()
+
+    async def send(self, message: registry_pb2.HeartbeatResponse) -> None:
+        """Written by the handler itself (the welcome, then each ack), or queued behind a push."""
+        if self._writing and not self._handler_writing and self._flusher is not None:
+            self._outbox.append(message)  # the flusher is busy: it writes this in turn
+            return
+        self._writing = self._handler_writing = True
+        try:
+            await self._write(message)
+        finally:
+            self._handler_writing = False
+            self._release()
+
+    async def flush(self) -> None:
+        """Lets the flusher write what is queued and finish its write in flight before the call ends.
+
+        Cancelling it mid-write leaves the write's operation pending in grpc core; ending the call
+        then fails with GRPC_CALL_ERROR_TOO_MANY_OPERATIONS and the client never gets a status."""
+        flusher = self._flusher
+        if flusher is None:
+            self._stopped = True
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(flusher), WRITER_FLUSH_TIMEOUT)
+        except TimeoutError:
+            flusher.cancel()  # a peer that does not read: give up on it
+        except asyncio.CancelledError:
+            flusher.cancel()
+            raise
+        finally:
+            self._stopped = True  # a push after the end would start a flusher nobody awaits
+
+    def push(self, message: registry_pb2.HeartbeatResponse) -> None:
+        """Queues `message` for the stream; written in order after whatever is being written."""
+        self._outbox.append(message)
+        if not self._writing:
+            self._release()
+
+    def _release(self) -> None:
+        """The write is done: the outbox goes to a flusher, or the stream is free."""
+        if self._outbox and not self._stopped:
+            self._writing = True
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_outbox())
+        else:
+            self._writing = False
+
+    async def _flush_outbox(self) -> None:
+        try:
+            while self._outbox and not self._stopped:
+                await self._write(self._outbox.popleft())
+        finally:
+            self._flusher = None
+            self._writing = False
+
+    async def _write(self, message: registry_pb2.HeartbeatResponse) -> None:
+        """A message that cannot be delivered ends the session (the agent goes DOWN and reconnects):
+        a session that silently lost its pushes would otherwise stay READY with nothing arriving."""
+        if self._stopped:
+            return
+        try:
+            if message.WhichOneof("message") == "assignment":
+                _check_readable(message)
+            await self._context.write(message)
+        except asyncio.CancelledError:
+            raise
+        except ProtobufError as error:
+            # The stream works but this message cannot cross it: end the session so it shows.
+            log.warning("session %s: cannot deliver %s: %s", self._agent_id, _kind(message), error)
+            self._stopped = True
+            if self._session is not None:
+                self._session.close(
+                    CloseReason.UNDELIVERABLE, f"the session could not deliver a {_kind(message)}: {error}"
+                )
+        except Exception as error:  # the stream is gone; the reader sees it end too
+            log.debug("session %s: write failed: %s", self._agent_id, error)
+            self._stopped = True
 
 
 @functools.lru_cache(maxsize=64)
@@ -110,9 +208,6 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         self._awaiting_hello = 0
         # Set when the server begins to drain: new sessions are refused with a reconnect hint.
         self._refusing_sessions = False
-        # Session writers, held strongly until they finish: a writer the loop only references
-        # weakly is collected mid-await when its call dies ("Task was destroyed but it is pending").
-        self._writers: set[asyncio.Task[None]] = set()
 
     @property
     def pending_hellos(self) -> int:
@@ -201,7 +296,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         hello = await self._read_hello(context)
         if hello is None:
             return  # the client left before its hello: nobody to answer
-        port = StreamPort()
+        port = StreamPort(hello.agent_id, context)
         session, kept = await self._registry.open_session(
             hello.agent_id,
             hello.agent_token,
@@ -217,15 +312,14 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             kept_attempt_ids=kept,
             agent=self._registry.get(session.agent_id),
         )
-        writer = asyncio.create_task(
-            self._pump(session, port, context, registry_pb2.HeartbeatResponse(welcome=welcome))
-        )
-        self._writers.add(writer)
-        writer.add_done_callback(self._writers.discard)
         reason = "stream closed"
-        port.attach(asyncio.current_task())
+        port.attach(asyncio.current_task(), session)
         try:
-            await self._serve(session, port, context)
+            await port.send(registry_pb2.HeartbeatResponse(welcome=welcome))
+            if port.ended is None:
+                await self._serve(session, port, context)
+            if port.ended is not None:
+                reason = port.ended[1]
         except asyncio.CancelledError:
             if port.ended is None:
                 reason = "stream cancelled"
@@ -236,7 +330,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 current.uncancel()
             reason = port.ended[1]
         finally:
-            await self._end(session, port, reason, writer)
+            await self._end(session, port, reason)
         if port.ended is not None:
             try:
                 await context.abort(*port.ended)
@@ -245,15 +339,15 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             except Exception as error:  # the peer left as the server ended it: nobody to tell
                 log.debug("session %s: could not send its end: %s", session.agent_id, error)
 
-    async def _end(self, session: Session, port: StreamPort, reason: str, writer: asyncio.Task[None]) -> None:
-        """Marks the agent DOWN (unless fenced) and stops the writer, even if the call is cancelled
-        again meanwhile: a killed peer's call may be cancelled more than once, and neither step
-        may be skipped (a DOWN never recorded, a writer left pending)."""
+    async def _end(self, session: Session, port: StreamPort, reason: str) -> None:
+        """Marks the agent DOWN (unless fenced) and lets queued pushes out, even if the call is
+        cancelled again meanwhile: a killed peer's call may be cancelled more than once, and neither
+        step may be skipped (a DOWN never recorded, a flusher left pending)."""
         closing = asyncio.ensure_future(self._registry.close_session(session, reason))
         try:
             await asyncio.shield(closing)
         finally:
-            await self._stop_writer(port, writer)
+            await port.flush()
 
     async def _read_hello(self, context: Context) -> registry_pb2.SessionHello | None:
         limit = self._config.max_pending_hellos
@@ -280,6 +374,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         return hello
 
     async def _serve(self, session: Session, port: StreamPort, context: Context) -> None:
+        beats = STREAM_HEARTBEATS
         while True:
             message = await context.read()
             if message is EOF:
@@ -287,13 +382,15 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             kind = message.WhichOneof("message")
             try:
                 if kind == "beat":
-                    HEARTBEATS.labels("stream").inc()
-                    status = self._registry.session_beat(session, message.beat)
-                    ack = registry_pb2.HeartbeatResponse(
-                        ack=registry_pb2.SessionAck(sequence=message.beat.sequence, status=status)
-                    )
-                    ack.ack.server_time.GetCurrentTime()
-                    port.outbox.put_nowait(ack)
+                    beats.inc()
+                    beat = message.beat
+                    ack = registry_pb2.HeartbeatResponse()
+                    ack.ack.sequence = beat.sequence
+                    ack.ack.status = self._registry.session_beat(session, beat)
+                    stamp_now(ack.ack.server_time)
+                    await port.send(ack)
+                    if port.ended is not None:
+                        return  # closed while the ack was being written
                 elif kind == "task_update":
                     if self._registry.touch(session):
                         self._tasks.session_update(session.agent_id, message.task_update)
@@ -307,47 +404,6 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 log.info("session %s: refused %s: %s", session.agent_id, kind, error.message)
             except OrchestratorError as error:
                 log.info("session %s: %s failed: %s", session.agent_id, kind, error.message)
-
-    @staticmethod
-    async def _stop_writer(port: StreamPort, writer: asyncio.Task[None]) -> None:
-        """Lets the writer flush what is queued and finish its write in flight before the call ends.
-
-        Cancelling it mid-write leaves the write's operation pending in grpc core; ending the call
-        then fails with GRPC_CALL_ERROR_TOO_MANY_OPERATIONS and the client never gets a status."""
-        port.outbox.put_nowait(None)
-        try:
-            await asyncio.wait_for(asyncio.shield(writer), WRITER_FLUSH_TIMEOUT)
-        except TimeoutError:
-            writer.cancel()  # a peer that does not read: give up on it
-        except asyncio.CancelledError:
-            writer.cancel()
-            raise
-
-    @staticmethod
-    async def _pump(
-        session: Session, port: StreamPort, context: Context, first: registry_pb2.HeartbeatResponse
-    ) -> None:
-        """Writes the welcome, then everything pushed to the session, in order, until None.
-
-        A message that cannot be delivered ends the session (the agent goes DOWN and reconnects):
-        a session whose writer died would otherwise stay READY with nobody writing to it."""
-        message: registry_pb2.HeartbeatResponse | None = first
-        try:
-            while message is not None:
-                if message.WhichOneof("message") == "assignment":
-                    _check_readable(message)
-                await context.write(message)
-                message = await port.outbox.get()
-        except asyncio.CancelledError:
-            raise
-        except ProtobufError as error:
-            # The stream works but this message cannot cross it: end the session so it shows.
-            log.warning("session %s: cannot deliver %s: %s", session.agent_id, _kind(message), error)
-            session.close(
-                CloseReason.UNDELIVERABLE, f"the session could not deliver a {_kind(message)}: {error}"
-            )
-        except Exception as error:  # the stream is gone; the reader sees it end too
-            log.debug("session %s: write failed: %s", session.agent_id, error)
 
 
 def _kind(message: registry_pb2.HeartbeatResponse | None) -> str:
