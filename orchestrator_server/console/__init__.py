@@ -1,7 +1,7 @@
 """The operator console: a few static files served under `/ui` by the gateway's HTTP port.
 
 The page calls only the public REST API (the same routes curl uses), so it needs nothing from the
-server beyond these files; `mount_console` adds their routes to the gateway's aiohttp application.
+server beyond these files; the gateway hands `Console` the requests under `/ui`.
 See docs/CONSOLE.md.
 """
 
@@ -44,29 +44,27 @@ def _load_files() -> dict[str, tuple[bytes, str]]:
     }
 
 
-def mount_console(app: web.Application) -> None:
-    """Adds GET `/ui` (the page) and `/ui/<file>`; call it before the gateway's catch-all route."""
-    files = _load_files()
+class Console:
+    """Answers every path under `/ui`: GET `/ui` redirects to `/ui/` (the page), `/ui/<file>` is one
+    of its files. The gateway hands it the requests no API route takes (docs/CONSOLE.md)."""
 
-    def respond(name: str) -> web.Response:
-        body, content_type = files[name]
-        return web.Response(body=body, content_type=content_type, headers=_SECURITY_HEADERS)
+    def __init__(self) -> None:
+        self._files = _load_files()
 
-    async def index(_: web.Request) -> web.Response:
-        return respond("index.html")
+    @staticmethod
+    def owns(path: str) -> bool:
+        return path == PREFIX or path.startswith(PREFIX + "/")
 
-    # Answers are returned, not raised: the gateway's middleware turns a raised HTTPException into
-    # its JSON error shape, which would drop the Location header.
-    async def redirect(_: web.Request) -> web.Response:
-        # Relative module and style URLs in the page resolve against /ui/, not /.
-        return web.Response(status=301, headers={"Location": f"{PREFIX}/"})
-
-    async def asset(request: web.Request) -> web.Response:
-        name = request.match_info["name"]
-        if name not in files:
+    def answer(self, path: str) -> web.Response:
+        """The answer for `path` (decoded, under `/ui`). Answers are returned, never raised: the
+        gateway turns a raised HTTPException into its JSON error shape, which would drop the
+        Location header."""
+        if path == PREFIX:
+            # Relative module and style URLs in the page resolve against /ui/, not /.
+            return web.Response(status=301, headers={"Location": f"{PREFIX}/"})
+        name = path[len(PREFIX) + 1 :] or "index.html"
+        found = self._files.get(name)
+        if found is None:
             return web.Response(status=404, text=f"no file {name!r} in the console")
-        return respond(name)
-
-    app.router.add_get(PREFIX, redirect)
-    app.router.add_get(f"{PREFIX}/", index)
-    app.router.add_get(PREFIX + "/{name}", asset)
+        body, content_type = found
+        return web.Response(body=body, content_type=content_type, headers=_SECURITY_HEADERS)

@@ -13,20 +13,22 @@ As its own process toward a gRPC server (`start_gateway` over a channel):
 
 from orchestrator_server.gateway.app import (
     DEFAULT_SERVICES,
+    Gateway,
     GatewayOptions,
     ReadinessCheck,
-    create_gateway_app,
+    create_gateway,
 )
 from orchestrator_server.gateway.inprocess import InProcessBackend
 from orchestrator_server.gateway.serve import RunningGateway, start_gateway, start_in_process_gateway
 
 __all__ = [
     "DEFAULT_SERVICES",
+    "Gateway",
     "GatewayOptions",
     "InProcessBackend",
     "ReadinessCheck",
     "RunningGateway",
-    "create_gateway_app",
+    "create_gateway",
     "start_gateway",
     "start_in_process_gateway",
 ]

@@ -1,4 +1,4 @@
-"""The aiohttp application of the REST gateway (`serve.py` runs it on a socket).
+"""The REST gateway: `Gateway.handle` answers every HTTP request (`serve.py` runs it on a socket).
 
 Every HTTP request is transcoded into the request message of its RPC and handed to a backend
 (`backends.py`): inside the server, the servicers themselves under the policy layer the gRPC
@@ -30,7 +30,7 @@ from orchestrator.v1 import discovery_pb2, registry_pb2, tasks_pb2
 from orchestrator.v1 import health_pb2 as orchestrator_health_pb2
 from orchestrator_client.codes import http_status_for
 from orchestrator_server.auth import grpc_peer
-from orchestrator_server.console import mount_console
+from orchestrator_server.console import Console
 from orchestrator_server.gateway import metrics
 from orchestrator_server.gateway.backends import Backend, ChannelBackend, Invocation
 from orchestrator_server.gateway.errors import GatewayError, invalid_argument
@@ -72,6 +72,7 @@ _ROUTE_KEY = web.RequestKey("gateway_route", str)
 _REQUEST_ID_KEY = web.RequestKey("gateway_request_id", str)
 _STREAMING_KEY = web.RequestKey("gateway_streaming", bool)
 _UNMATCHED_ROUTE = "unmatched"
+_CONSOLE_ROUTE = "/ui"
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ def error_response(error: GatewayError) -> web.Response:
     return _json_response(error.body(), error.http_status, error.headers)
 
 
-def _parse_timeout(request: web.Request) -> float | None:
+def _parse_timeout(request: web.BaseRequest) -> float | None:
     """The client's deadline: `grpc-timeout` (gRPC syntax) or `x-request-timeout` (seconds)."""
     grpc_timeout = request.headers.get("grpc-timeout")
     if grpc_timeout is not None:
@@ -145,7 +146,7 @@ def _new_request_id() -> str:
     return f"{random.getrandbits(128):032x}"
 
 
-def _request_id(request: web.Request) -> str:
+def _request_id(request: web.BaseRequest) -> str:
     given = request.headers.get(REQUEST_ID_HEADER)
     if given is None or not given.strip():
         return _new_request_id()
@@ -170,7 +171,8 @@ class Gateway:
         self._openapi_body = json.dumps(openapi_document, indent=1).encode()
         self._json_writer = ProtoJsonWriter(options.emit_defaults)
         self._open_stream_handlers: set[asyncio.Task[Any]] = set()
-        self._operations: dict[str, Callable[[web.Request], Awaitable[web.StreamResponse]]] = {
+        self._console = Console()
+        self._operations: dict[str, Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]] = {
             "/livez": self._livez,
             "/readyz": self._readyz,
             "/metrics": self._metrics,
@@ -179,7 +181,41 @@ class Gateway:
 
     # -- dispatch ---------------------------------------------------------------------------------
 
-    async def dispatch(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Answers one HTTP request: aiohttp's low-level request handler (`web.Server`). Sets the
+        request id, turns every error into the JSON shape (never an HTML page), counts the request."""
+        started = time.perf_counter()
+        request_id = _request_id(request)
+        request[_REQUEST_ID_KEY] = request_id
+        try:
+            if len(request_id) > _MAX_REQUEST_ID_LENGTH or not _PRINTABLE_ASCII.match(request_id):
+                request[_REQUEST_ID_KEY] = _new_request_id()
+                raise invalid_argument(
+                    f"header x-request-id must be at most {_MAX_REQUEST_ID_LENGTH} printable ASCII characters",
+                    REQUEST_ID_HEADER,
+                )
+            response = await self.dispatch(request)
+        except GatewayError as error:
+            response = error_response(error)
+        except web.HTTPException as error:
+            # aiohttp's own errors (e.g. a body it cannot decode) get the same JSON shape as ours.
+            response = error_response(
+                GatewayError(error.status, "INVALID_ARGUMENT", error.reason, headers={})
+            )
+        except Exception:
+            logger.exception("gateway request failed", extra={"request_id": request[_REQUEST_ID_KEY]})
+            response = error_response(
+                GatewayError(http_status_for(grpc.StatusCode.INTERNAL), "INTERNAL", "internal gateway error")
+            )
+        if not response.prepared:
+            response.headers[REQUEST_ID_HEADER] = request[_REQUEST_ID_KEY]
+        route = request.get(_ROUTE_KEY, _UNMATCHED_ROUTE)
+        metrics.count_request(request.method, route, response.status)
+        if not request.get(_STREAMING_KEY, False):
+            metrics.observe_latency(request.method, route, time.perf_counter() - started)
+        return response
+
+    async def dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
         raw_path = request.rel_url.raw_path
         operation = self._operations.get(raw_path)
         if operation is not None:
@@ -192,6 +228,8 @@ class Gateway:
         resolution = self.routes.resolve(request.method, raw_path)
         route, path_values = resolution.route, resolution.values
         if route is None:
+            if self._console.owns(raw_path):
+                return self._answer_console(request)
             allowed = resolution.allowed_methods
             if allowed:
                 raise GatewayError(
@@ -220,7 +258,19 @@ class Gateway:
         reply = await self.backend.unary(route, message, invocation)
         return web.Response(body=self._json_writer.to_json(reply, route.response_body), headers=_JSON)
 
-    async def _read_body(self, request: web.Request) -> bytes:
+    def _answer_console(self, request: web.BaseRequest) -> web.Response:
+        # The operator console at /ui (docs/CONSOLE.md): the paths no API route takes.
+        request[_ROUTE_KEY] = _CONSOLE_ROUTE
+        if request.method not in ("GET", "HEAD"):
+            raise GatewayError(
+                405,
+                "METHOD_NOT_ALLOWED",
+                f"{request.rel_url.path} only answers GET",
+                headers={"Allow": "GET, HEAD"},
+            )
+        return self._console.answer(request.rel_url.path)
+
+    async def _read_body(self, request: web.BaseRequest) -> bytes:
         limit = self.options.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             raise self._too_large()
@@ -243,7 +293,7 @@ class Gateway:
     def _too_large(self) -> GatewayError:
         return invalid_argument(f"the request body exceeds the limit of {self.options.max_body_bytes} bytes")
 
-    def _metadata(self, request: web.Request) -> list[tuple[str, str]]:
+    def _metadata(self, request: web.BaseRequest) -> list[tuple[str, str]]:
         metadata: list[tuple[str, str]] = []
         for name in FORWARDED_HEADERS:
             value = request[_REQUEST_ID_KEY] if name == REQUEST_ID_HEADER else request.headers.get(name)
@@ -255,7 +305,7 @@ class Gateway:
         return metadata
 
     async def _call_streaming(
-        self, request: web.Request, route: Route, message: Message, invocation: Invocation
+        self, request: web.BaseRequest, route: Route, message: Message, invocation: Invocation
     ) -> web.StreamResponse:
         """Streams the RPC's messages as newline-delimited JSON until the RPC ends or the client leaves.
 
@@ -314,10 +364,10 @@ class Gateway:
 
     # -- operations -------------------------------------------------------------------------------
 
-    async def _livez(self, request: web.Request) -> web.Response:
+    async def _livez(self, request: web.BaseRequest) -> web.Response:
         return _json_response({"status": "ok"})
 
-    async def _readyz(self, request: web.Request) -> web.Response:
+    async def _readyz(self, request: web.BaseRequest) -> web.Response:
         reason = await self._not_ready_reason()
         if reason is not None:
             return _json_response({"status": "NOT_SERVING", "reason": reason}, status=503)
@@ -337,48 +387,14 @@ class Gateway:
                 return "readiness check failed"
         return None
 
-    async def _metrics(self, request: web.Request) -> web.Response:
+    async def _metrics(self, request: web.BaseRequest) -> web.Response:
         return web.Response(
             body=prometheus_client.generate_latest(prometheus_client.REGISTRY),
             headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST},
         )
 
-    async def _openapi(self, request: web.Request) -> web.Response:
+    async def _openapi(self, request: web.BaseRequest) -> web.Response:
         return web.Response(body=self._openapi_body, content_type="application/json")
-
-
-async def _observe(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """Request id, JSON errors for everything (never an HTML page) and request metrics."""
-    started = time.perf_counter()
-    request_id = _request_id(request)
-    request[_REQUEST_ID_KEY] = request_id
-    try:
-        if len(request_id) > _MAX_REQUEST_ID_LENGTH or not _PRINTABLE_ASCII.match(request_id):
-            request[_REQUEST_ID_KEY] = _new_request_id()
-            raise invalid_argument(
-                f"header x-request-id must be at most {_MAX_REQUEST_ID_LENGTH} printable ASCII characters",
-                REQUEST_ID_HEADER,
-            )
-        response = await handler(request)
-    except GatewayError as error:
-        response = error_response(error)
-    except web.HTTPException as error:
-        # aiohttp's own errors (e.g. a body it cannot decode) get the same JSON shape as ours.
-        response = error_response(GatewayError(error.status, "INVALID_ARGUMENT", error.reason, headers={}))
-    except Exception:
-        logger.exception("gateway request failed", extra={"request_id": request[_REQUEST_ID_KEY]})
-        response = error_response(
-            GatewayError(http_status_for(grpc.StatusCode.INTERNAL), "INTERNAL", "internal gateway error")
-        )
-    if not response.prepared:
-        response.headers[REQUEST_ID_HEADER] = request[_REQUEST_ID_KEY]
-    route = request.get(_ROUTE_KEY, _UNMATCHED_ROUTE)
-    metrics.count_request(request.method, route, response.status)
-    if not request.get(_STREAMING_KEY, False):
-        metrics.observe_latency(request.method, route, time.perf_counter() - started)
-    return response
 
 
 async def _close(messages: AsyncIterator[Message]) -> None:
@@ -387,37 +403,23 @@ async def _close(messages: AsyncIterator[Message]) -> None:
         await aclose()
 
 
-def create_gateway_app(
+def create_gateway(
     backend: Backend | grpc.aio.Channel,
     *,
     services: Iterable[ServiceDescriptor] = DEFAULT_SERVICES,
     options: GatewayOptions | None = None,
     readiness_check: ReadinessCheck | None = None,
-) -> web.Application:
-    """The gateway as an aiohttp application calling `backend`: the servicers of this process
-    (`inprocess.InProcessBackend`), or a gRPC server through a channel.
+) -> Gateway:
+    """The gateway calling `backend`: the servicers of this process (`inprocess.InProcessBackend`),
+    or a gRPC server through a channel.
 
-    Run it with `web.AppRunner(app, handler_cancellation=True)`: that cancellation is what ends a
-    watch's call when its HTTP client goes away. `start_gateway` does this for you.
+    Serve `Gateway.handle` with aiohttp's low-level server, `web.Server(gateway.handle,
+    handler_cancellation=True)`: that cancellation is what ends a watch's call when its HTTP client
+    goes away; call `cancel_streams()` at shutdown. `start_gateway` does both for you.
     """
     chosen = options or GatewayOptions()
     service_list = list(services)
     routes = build_route_table(service_list)
     if isinstance(backend, grpc.aio.Channel):
         backend = ChannelBackend(backend, routes.routes)
-    gateway = Gateway(backend, routes, chosen, readiness_check, build_openapi(routes, service_list))
-    app = web.Application(client_max_size=chosen.max_body_bytes)
-
-    async def handle(request: web.Request) -> web.StreamResponse:
-        # One route takes every request, so `_observe` wraps it here rather than as a middleware:
-        # the same effect, without aiohttp building the middleware chain on every request.
-        return await _observe(request, gateway.dispatch)
-
-    mount_console(app)  # the operator console at /ui (docs/CONSOLE.md); before the catch-all
-    app.router.add_route("*", "/{tail:.*}", handle)
-
-    async def end_streams(_: web.Application) -> None:
-        await gateway.cancel_streams()
-
-    app.on_shutdown.append(end_streams)
-    return app
+    return Gateway(backend, routes, chosen, readiness_check, build_openapi(routes, service_list))

@@ -236,6 +236,26 @@ async def test_oversized_body_is_a_400(backend: ScriptedBackend, http: aiohttp.C
     assert backend.calls == []
 
 
+async def test_the_console_answers_the_paths_under_ui_and_only_reads(http: aiohttp.ClientSession) -> None:
+    async with http.get("/ui", allow_redirects=False) as response:
+        assert response.status == 301
+        assert response.headers["Location"] == "/ui/"
+    async with http.get("/ui/") as response:
+        assert response.status == 200
+        assert response.content_type == "text/html"
+        assert "default-src 'none'" in response.headers["Content-Security-Policy"]
+    async with http.head("/ui/app.js") as response:
+        assert response.status == 200
+        assert response.content_type == "text/javascript"
+        assert await response.read() == b""
+    async with http.get("/ui/nothing.js") as response:
+        assert response.status == 404
+    async with http.post("/ui/app.js") as response:
+        assert response.status == 405
+        assert response.headers["Allow"] == "GET, HEAD"
+        assert (await _error(response))["status"] == "METHOD_NOT_ALLOWED"
+
+
 async def test_unknown_path_is_404_and_wrong_method_is_405_with_allow(http: aiohttp.ClientSession) -> None:
     async with http.get("/nothing/here") as response:
         assert response.status == 404

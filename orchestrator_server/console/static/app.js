@@ -18,8 +18,12 @@ const AGENT_HEALTH_POLL_MS = 3000;
 // is 404, the page draws no action at all; the server refuses them anyway.
 const PROBE_PATH = "/tasks/console-role-probe/cancel";
 let canAct = false;
+// Each probe's number: a probe still in flight when the key changes (the page's first probe, with
+// the key it loaded with) must not decide the role of the new key when its answer comes last.
+let latestProbe = 0;
 
 async function probeRole() {
+  const probe = ++latestProbe;
   let role;
   try {
     await api.post(PROBE_PATH, { reason: "console role probe" });
@@ -29,10 +33,12 @@ async function probeRole() {
     else if (error.httpStatus === 403) role = { canAct: false, text: "read only" };
     else if (error.httpStatus === 401) {
       role = { canAct: false, text: api.currentKey() ? "key refused" : "no key" };
-      notify(`Enter an API key (a reader key is enough to look): ${error.message}`);
+      role.notice = `Enter an API key (a reader key is enough to look): ${error.message}`;
     }
     else role = { canAct: false, text: `read only (${error.message})` };
   }
+  if (probe !== latestProbe) return;
+  if (role.notice) notify(role.notice);
   canAct = role.canAct;
   $("role").textContent = role.text;
   document.body.dataset.role = canAct ? "actor" : "reader";
