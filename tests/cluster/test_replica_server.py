@@ -22,7 +22,7 @@ from tests.support import DOWN, READY, SessionClient, keep_beating, open_session
 __all__ = ["replica_processes"]  # the fixture
 
 # Several replicas start and stop as processes in each test: minutes on a busy machine.
-pytestmark = pytest.mark.timeout(400)
+pytestmark = [pytest.mark.replicas, pytest.mark.timeout(400)]
 
 
 async def get_agent(stubs: Stubs, agent_id: str) -> agent_pb2.Agent:
