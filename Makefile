@@ -1,4 +1,4 @@
-# One target per habit: make proto | lint | test | run | cluster | bench | bench-quick | chaos | chaos-quick | browser | screenshots
+# One target per habit: make proto | lint | test | test-replicas | run | cluster | bench | bench-quick | chaos | chaos-quick | browser | screenshots
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,7 +10,7 @@ PY_DIRS := $(wildcard orchestrator_server orchestrator_client tests bench exampl
 # of deploy/prometheus and deploy/grafana run it.
 PROMTOOL := $(VENV)/tools/promtool
 
-.PHONY: setup browser screenshots proto proto-check lint test run cluster bench bench-quick chaos chaos-quick clean
+.PHONY: setup browser screenshots proto proto-check lint test test-replicas run cluster bench bench-quick chaos chaos-quick clean
 
 # The virtualenv is (re)built whenever pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -69,8 +69,14 @@ lint: setup proto-check
 	$(BIN)/ruff format --check $(PY_DIRS)
 	$(BIN)/mypy
 
+# Everything but the tests marked `replicas` (pyproject.toml), which take minutes: under 10 minutes.
 test: setup
-	$(PY) -m pytest --cov --cov-report=term --cov-fail-under=85 -p no:cacheprovider $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not replicas" --cov --cov-report=term --cov-fail-under=85 -p no:cacheprovider $(PYTEST_ARGS)
+
+# Only the `replicas` tests: several orchestrator processes at once (tests/cluster, the SDK against
+# replicas, `make cluster`) and the quick chaos run. Their coverage is added to the last `make test`'s.
+test-replicas: setup
+	$(PY) -m pytest -m replicas --cov --cov-append --cov-report=term -p no:cacheprovider $(PYTEST_ARGS)
 
 run: setup
 	$(PY) -m orchestrator_server serve
@@ -92,7 +98,7 @@ bench-quick: setup
 chaos: setup
 	$(PY) -m chaos
 
-# Three kills, about a minute; tests/test_chaos.py runs the same in the suite.
+# Three kills, about a minute; tests/test_chaos.py runs the same in `make test-replicas`.
 chaos-quick: setup
 	$(PY) -m chaos --kills 3 --settle 45
 

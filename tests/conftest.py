@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -218,6 +219,16 @@ class ServerProcess:
                 self.terminate(10)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+@contextlib.asynccontextmanager
+async def connect(server: ServerProcess) -> AsyncIterator[Stubs]:
+    """Stubs on a channel of their own to a server process, closed on the way out."""
+    channel = grpc.aio.insecure_channel(server.target)
+    try:
+        yield Stubs(channel)
+    finally:
+        await channel.close()
 
 
 @pytest.fixture

@@ -122,3 +122,12 @@ async def read_message(stream: Any, within: float = 10.0) -> Any:
     message = await asyncio.wait_for(stream.read(), within)
     assert message is not grpc.aio.EOF, "stream ended"
     return message
+
+
+async def keep_beating(session: SessionClient, interval: float = 0.2) -> None:
+    """Sends a beat every `interval` seconds until cancelled (a live agent's session)."""
+    sequence = 0
+    while True:
+        sequence += 1
+        session.send(beat=registry_pb2.SessionBeat(sequence=sequence))
+        await asyncio.sleep(interval)

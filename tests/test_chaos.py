@@ -12,6 +12,7 @@ import pytest
 from tests.conftest import ROOT
 
 
+@pytest.mark.replicas
 @pytest.mark.timeout(150)
 def test_three_kills_lose_nothing_and_complete_nothing_twice() -> None:
     finished = subprocess.run(

@@ -8,7 +8,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,27 +19,19 @@ from grpc_health.v1 import health_pb2_grpc as grpc_health_pb2_grpc
 
 from orchestrator.v1 import agent_pb2, discovery_pb2, event_pb2, health_pb2, registry_pb2
 from orchestrator_server.server import OrchestratorServer
-from tests.conftest import ServerProcess, Stubs, async_wait_for, make_config
+from tests.conftest import ServerProcess, Stubs, async_wait_for, connect, make_config
 from tests.support import (
     DEREGISTERED,
     DOWN,
     DRAINING,
     READY,
     SessionClient,
+    keep_beating,
     open_session,
     read_message,
 )
 
 ServerFactory = Callable[..., ServerProcess]
-
-
-@contextlib.asynccontextmanager
-async def connect(server: ServerProcess) -> AsyncIterator[Stubs]:
-    channel = grpc.aio.insecure_channel(server.target)
-    try:
-        yield Stubs(channel)
-    finally:
-        await channel.close()
 
 
 async def start(server: ServerProcess) -> None:
@@ -62,14 +54,6 @@ def durable_view(agent: agent_pb2.Agent) -> agent_pb2.Agent:
     view.ClearField("last_heartbeat_at")
     view.session.streaming = False
     return view
-
-
-async def keep_beating(session: SessionClient) -> None:
-    sequence = 0
-    while True:
-        sequence += 1
-        session.send(beat=registry_pb2.SessionBeat(sequence=sequence))
-        await asyncio.sleep(0.2)
 
 
 async def test_kill_and_restart_keeps_agents_revisions_and_watch_resume(

@@ -227,19 +227,21 @@ async def run(ctx: Context) -> Figure:
         phases[name] = time.perf_counter() - started
         started = time.perf_counter()
 
-    single = await _replicas(ctx, "1r", 1)
-    lap("start 1 replica (and PostgreSQL)")
-    one = {"sessions": await _sessions(ctx, single)}
-    lap("1 replica: sessions")
-    one["tasks"] = await _throughput(ctx, single)
-    lap("1 replica: throughput")
+    async def sessions_and_throughput(
+        count: int, name: str, start_phase: str
+    ) -> tuple[list[proc.ManagedProcess], dict[str, Any]]:
+        """Starts `count` replicas on a fresh database and runs the sessions and throughput phases."""
+        replicas = await _replicas(ctx, f"{count}r", count)
+        lap(start_phase)
+        row = {"sessions": await _sessions(ctx, replicas)}
+        lap(f"{name}: sessions")
+        row["tasks"] = await _throughput(ctx, replicas)
+        lap(f"{name}: throughput")
+        return replicas, row
+
+    _, one = await sessions_and_throughput(1, "1 replica", "start 1 replica (and PostgreSQL)")
     await ctx.stop_servers()
-    pair = await _replicas(ctx, "2r", 2)
-    lap("start 2 replicas")
-    two = {"sessions": await _sessions(ctx, pair)}
-    lap("2 replicas: sessions")
-    two["tasks"] = await _throughput(ctx, pair)
-    lap("2 replicas: throughput")
+    pair, two = await sessions_and_throughput(2, "2 replicas", "start 2 replicas")
     kill = await _kill_one(ctx, pair)
     lap("kill")
     rows = {1: one, 2: two}

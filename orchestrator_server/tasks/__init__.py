@@ -1,6 +1,8 @@
 """Tasks: queueing, placement, attempts, retries, timeouts and failover.
 
-- `scheduler.py`   the commands (create, reports, cancel, assign, timeouts, failover) and the write path
+- `scheduler.py`   the commands callers make (create, reports, cancel, assign): `TaskScheduler`
+- `reactions.py`   the commands nobody calls: committing placements, timeouts, failover
+- `write_path.py`  how a command decides on a draft of the committed task and commits it
 - `projection.py`  unfinished tasks as committed; holds, queue, timers and pushes follow from it
 - `transitions.py` the state machine, as changes to a draft of the committed task
 - `changes.py`     bounded events: what a change carries, and putting a task back together

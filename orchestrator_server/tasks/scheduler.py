@@ -1,4 +1,6 @@
-"""Tasks: the commands on them, and the projection of their committed state.
+"""Tasks: the commands callers make (create, reports, cancel, assign) over the projection of their
+committed state; the commands nobody calls (placements, timeouts, failover) are in reactions.py,
+and how any command commits in write_path.py.
 
 Writes go one way. A command (create, a report, a cancel, a placement, a timeout, a failover)
 copies the committed task, applies a transition to the copy (transitions.py) and commits it on
@@ -13,27 +15,21 @@ and the command decides again on the newer state.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import random
-from collections.abc import Iterable, Sequence
 
 from google.protobuf import struct_pb2
 
 from orchestrator.v1 import agent_pb2, event_pb2, registry_pb2, task_pb2, tasks_pb2
-from orchestrator_server.agents import READY, Registry, new_id
-from orchestrator_server.config import Config
+from orchestrator_server.agents import READY, new_id
 from orchestrator_server.errors import FailedPrecondition, InvalidArgument, NotFound
 from orchestrator_server.health import WorkloadSummary
-from orchestrator_server.idempotency import IdempotencyKeys, ScopedKey, check_same_spec
-from orchestrator_server.metrics import FAILOVERS
+from orchestrator_server.idempotency import ScopedKey, check_same_spec
 from orchestrator_server.selectors import parse_selector
-from orchestrator_server.store import Change, ConditionFailed, Expect, PlacementClaim, Store, TaskQuery
+from orchestrator_server.store import Change, ConditionFailed, PlacementClaim, TaskQuery
 from orchestrator_server.tasks import transitions
-from orchestrator_server.tasks.changes import event_for
-from orchestrator_server.tasks.commands import Decide, TaskCommands
-from orchestrator_server.tasks.model import ASSIGNED, PENDING, SUCCEEDED, TIMED_OUT, ActiveTask, TaskNotActive
-from orchestrator_server.tasks.projection import TaskProjection
+from orchestrator_server.tasks.commands import Decide
+from orchestrator_server.tasks.model import PENDING, SUCCEEDED, ActiveTask, TaskNotActive
+from orchestrator_server.tasks.reactions import TaskReactions
 from orchestrator_server.tasks.validation import (
     check_completion,
     check_failure,
@@ -46,22 +42,11 @@ from orchestrator_server.validation import Violations, decode_position_token, en
 log = logging.getLogger(__name__)
 
 CREATED = event_pb2.EVENT_TYPE_TASK_CREATED
-# Seconds before the queue is looked at again after the store refused a placement (the agent's
-# session or capacity changed meanwhile; the change that explains it usually wakes the pass first).
-REFUSED_PLACEMENT_RETRY = 0.05
 
 
-class TaskScheduler(TaskProjection):
-    """Every unfinished task, and where it runs. Implements the registry's AgentObserver."""
-
-    def __init__(
-        self, config: Config, registry: Registry, store: Store, rng: random.Random | None = None
-    ) -> None:
-        self._rng = rng or random.Random()
-        super().__init__(config, registry, self._rng)
-        self._store = store
-        self._keys = IdempotencyKeys(store)
-        self._commands = TaskCommands(self._active, self._commit_draft, self._spawn)
+class TaskScheduler(TaskReactions):
+    """Every unfinished task, and where it runs. Implements the registry's AgentObserver
+    (reactions.py); commits through write_path.py."""
 
     # -- queries -------------------------------------------------------------------------------
 
@@ -344,204 +329,3 @@ class TaskScheduler(TaskProjection):
             return await self._command(task_id, decide)
         except ConditionFailed:
             raise refusal() from None
-
-    # -- placement -----------------------------------------------------------------------------
-
-    def _start_placement(self, entry: ActiveTask, agent: agent_pb2.Agent) -> None:
-        self._spawn(self._commit_placement(entry, agent.agent_id, agent.session.epoch))
-
-    async def _commit_placement(self, entry: ActiveTask, agent_id: str, epoch: int) -> None:
-        """Commits the pass's decision: on the condition that the agent still has that session and
-        a free slot, so two decisions (of this process or another) never book one slot twice."""
-        task_id = entry.task.task_id
-        refused = False
-
-        def decide(current: ActiveTask, draft: task_pb2.Task) -> list[PlacementClaim] | None:
-            if current is not entry or draft.status != PENDING:
-                return None
-            transitions.place(draft, agent_id, new_id("att_"))
-            return [PlacementClaim(task_id, agent_id, epoch)]
-
-        try:
-            await self._command(task_id, decide)
-        except ConditionFailed as refusal:
-            refused = True
-            log.debug("placement of %s on %s refused by the store: %s", task_id, agent_id, refusal)
-        except TaskNotActive:
-            pass
-        finally:
-            entry.placing = False
-            self._placer.unreserve(agent_id)
-        if (
-            entry is self._active.get(task_id)
-            and entry.task.status == PENDING
-            and entry.backoff_timer is None
-        ):
-            self._placer.push(entry, kick=not refused)
-            if refused:
-                asyncio.get_running_loop().call_later(REFUSED_PLACEMENT_RETRY, self._placer.kick)
-        else:
-            self._placer.kick()
-
-    # -- timers --------------------------------------------------------------------------------
-
-    def _queue_timed_out(self, task_id: str) -> None:
-        entry = self._active.get(task_id)
-        if entry is None or entry.task.status not in (PENDING, ASSIGNED):
-            return
-        entry.queue_timer = None
-        if not self._registry.cluster.leader:
-            return  # the leader times tasks out (cluster_changed re-arms this if it becomes leader)
-        message = "waited longer than its queue timeout"
-        if entry.task.status == PENDING:  # say what it waited for
-            message += f"; {self._explained(entry).pending_reason.message}"
-
-        def decide(current: ActiveTask, draft: task_pb2.Task) -> list[PlacementClaim] | None:
-            if draft.status not in (PENDING, ASSIGNED):
-                return None  # it started meanwhile
-            transitions.cancel(draft, message, "QUEUE_TIMEOUT", TIMED_OUT)
-            return []
-
-        self._spawn(self._command(task_id, decide))
-
-    def _run_timed_out(self, task_id: str, attempt_id: str) -> None:
-        entry = self._active.get(task_id)
-        if entry is not None:
-            entry.run_timer = None
-        if not self._registry.cluster.leader:
-            return  # as for the queue timeout
-
-        def decide(current: ActiveTask, draft: task_pb2.Task) -> list[PlacementClaim] | None:
-            attempt = current.current_attempt
-            if attempt is None or attempt.attempt_id != attempt_id:
-                return None
-            transitions.run_timed_out(draft, draft.attempts[-1], self._backoff)
-            return []
-
-        self._spawn(self._command(task_id, decide))
-
-    def _backoff(self, failures: int) -> float:
-        """Exponential and capped, with "equal jitter": a random point in the upper half, so retries
-        never bunch up in lockstep and never come back at once."""
-        ceiling = min(self._config.retry_backoff_max, self._config.retry_backoff_base * 2.0 ** (failures - 1))
-        return ceiling / 2 + self._rng.uniform(0, ceiling / 2)
-
-    # -- failover (AgentObserver) --------------------------------------------------------------
-
-    def agent_available(self, agent_id: str) -> None:
-        self._failover.agent_back(agent_id)
-        self._placer.kick()
-
-    def agent_lost(self, agent_id: str, *, graceful: bool) -> None:
-        if self._held.get(agent_id):
-            self._failover.agent_lost(agent_id, graceful=graceful)
-
-    def agent_reattached(self, agent_id: str, running_attempt_ids: Sequence[str]) -> list[str]:
-        """The agent is back: it keeps what it still runs; assignments it never got are pushed again;
-        attempts it forgot (it restarted) go back to the queue."""
-        running = set(running_attempt_ids)
-        kept: list[str] = []
-        for task_id in list(self._held.get(agent_id, ())):
-            entry = self._active[task_id]
-            attempt = entry.current_attempt
-            if attempt is None:
-                continue
-            if attempt.attempt_id in running:
-                kept.append(attempt.attempt_id)
-            elif attempt.status == task_pb2.ATTEMPT_STATUS_ASSIGNED:
-                self._push_assignment(entry, attempt)
-            else:
-                self._spawn(self._lose(task_id, agent_id, "agent reconnected without it"))
-        return kept
-
-    def cluster_changed(self, leader: bool) -> None:
-        """On becoming leader (or leading again after a gap): what fell due while no replica led
-        is acted on now. Timers that fired elsewhere were dropped there; they are armed again here
-        (at once if due), and work of agents down with no grace left to wait for moves."""
-        if not leader:
-            return
-        for entry in list(self._active.values()):
-            if entry.queue_timer is None and entry.task.status in (PENDING, ASSIGNED):
-                self._arm_queue_timer(entry)
-            attempt = entry.current_attempt
-            if entry.run_timer is None and attempt is not None:
-                self._arm_run_timer(entry, attempt)
-        for agent_id in self.agents_down_holding_work():
-            if not self._failover.waiting(agent_id):
-                self._move_work(agent_id, "agent down (failover by a new leader)")
-
-    async def recover(self) -> None:
-        """After `restore`: work held by agents that were already down before the restart moves
-        before the process serves (they had their grace then). Only the leader moves work; a
-        replica that becomes leader later does it then (`cluster_changed`)."""
-        if not self._registry.cluster.leader:
-            return
-        moves = [
-            self._lose(task_id, agent_id, "agent was down when the orchestrator restarted")
-            for agent_id in self.agents_down_holding_work()
-            for task_id in self._held.get(agent_id, ())
-        ]
-        if moves:
-            FAILOVERS.inc(len(moves))
-            log.info("failover: moving %d tasks off agents down at the restart", len(moves))
-            await asyncio.gather(*moves)
-
-    def _move_work(self, agent_id: str, reason: str) -> None:
-        if not self._registry.cluster.leader:
-            return  # failover runs once for the cluster, on the leader
-        held = list(self._held.get(agent_id, ()))
-        for task_id in held:
-            self._spawn(self._lose(task_id, agent_id, reason))
-        if held:
-            FAILOVERS.inc(len(held))
-            log.info("failover: moving %d tasks off agent %s (%s)", len(held), agent_id, reason)
-
-    async def _lose(self, task_id: str, agent_id: str, reason: str) -> None:
-        def decide(current: ActiveTask, draft: task_pb2.Task) -> list[PlacementClaim] | None:
-            attempt = current.current_attempt
-            if attempt is None or attempt.agent_id != agent_id:
-                return None  # finished or moved meanwhile
-            transitions.lose(draft, reason)
-            return []
-
-        await self._command(task_id, decide)
-
-    # -- the write path ------------------------------------------------------------------------
-
-    async def _command(self, task_id: str, decide: Decide, *, lazy: bool = False) -> task_pb2.Task:
-        """Decides on a draft of the committed task and commits it if anything changed (folded with
-        the commands waiting for the same task); returns the task as committed. Raises
-        TaskNotActive if the task is not unfinished here, and ConditionFailed when a placement
-        claim (not the task) was refused."""
-        return await self._commands.run(task_id, decide, lazy=lazy)
-
-    async def _commit_draft(self, draft: task_pb2.Task, revision: int, claims: list[PlacementClaim]) -> None:
-        await self._commit(draft, expect_revision=revision, claims=claims)
-
-    async def _commit(
-        self,
-        task: task_pb2.Task,
-        event_type: int = event_pb2.EVENT_TYPE_TASK_UPDATED,
-        *,
-        expect_revision: int,
-        claims: Iterable[PlacementClaim] = (),
-        key: ScopedKey | None = None,
-    ) -> None:
-        change = Change(
-            events=[event_for(task, event_type)],
-            task_records=[task],
-            expect=[Expect(task.task_id, expect_revision)],
-            claims=list(claims),
-        )
-        if key is not None:
-            change.idempotency_scopes[task.task_id] = key[0]
-        self._committing[task.task_id] = task
-        try:
-            await self._store.commit(change)
-        finally:
-            if self._committing.get(task.task_id) is task:
-                del self._committing[task.task_id]
-
-    def _on_finished(self, entry: ActiveTask) -> None:
-        if entry.key is not None:
-            self._keys.finished(entry.key)

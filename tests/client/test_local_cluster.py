@@ -15,6 +15,8 @@ import pytest
 from orchestrator_client import AdminClient, Agent, TaskContext, v1
 from tests.conftest import ROOT, async_wait_for
 
+pytestmark = pytest.mark.replicas
+
 
 def alive(pid: int) -> bool:
     try:

@@ -24,6 +24,8 @@ from tests.conftest import ServerProcess, async_wait_for
 SUCCEEDED = v1.TaskStatus.TASK_STATUS_SUCCEEDED
 ATTEMPT_SUCCEEDED = v1.AttemptStatus.ATTEMPT_STATUS_SUCCEEDED
 
+pytestmark = pytest.mark.replicas
+
 
 @pytest.fixture
 def replicas(tmp_path: Path) -> Iterator[Callable[[int], list[ServerProcess]]]:

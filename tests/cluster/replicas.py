@@ -10,18 +10,16 @@ cluster's; `cut()` closes every connection through it and refuses new ones until
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 
-from tests.conftest import ServerProcess, Stubs
+from tests.conftest import ServerProcess
 from tests.postgres_cluster import cluster, new_database
 
 #: Short enough that a test sees a replica die and a leader change within seconds.
@@ -137,15 +135,6 @@ class ReplicaProcesses:
             server.stop()
         for proxy in self.proxies:
             proxy.close()
-
-
-@contextlib.asynccontextmanager
-async def connect(server: ServerProcess) -> AsyncIterator[Stubs]:
-    channel = grpc.aio.insecure_channel(server.target)
-    try:
-        yield Stubs(channel)
-    finally:
-        await channel.close()
 
 
 async def wait_until(predicate: Any, within: float = 30.0, what: str = "condition") -> Any:

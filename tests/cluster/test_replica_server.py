@@ -15,14 +15,14 @@ from grpc_health.v1 import health_pb2 as grpc_health_pb2
 from grpc_health.v1 import health_pb2_grpc as grpc_health_pb2_grpc
 
 from orchestrator.v1 import agent_pb2, registry_pb2, task_pb2, tasks_pb2
-from tests.cluster.replicas import ReplicaProcesses, connect, replica_processes, wait_until
-from tests.conftest import ServerProcess, Stubs
-from tests.support import DOWN, READY, SessionClient, open_session, rpc_error
+from tests.cluster.replicas import ReplicaProcesses, replica_processes, wait_until
+from tests.conftest import ServerProcess, Stubs, connect
+from tests.support import DOWN, READY, SessionClient, keep_beating, open_session, rpc_error
 
 __all__ = ["replica_processes"]  # the fixture
 
 # Several replicas start and stop as processes in each test: minutes on a busy machine.
-pytestmark = pytest.mark.timeout(400)
+pytestmark = [pytest.mark.replicas, pytest.mark.timeout(400)]
 
 
 async def get_agent(stubs: Stubs, agent_id: str) -> agent_pb2.Agent:
@@ -31,14 +31,6 @@ async def get_agent(stubs: Stubs, agent_id: str) -> agent_pb2.Agent:
 
 async def get_task(stubs: Stubs, task_id: str) -> task_pb2.Task:
     return (await stubs.tasks.GetTask(tasks_pb2.GetTaskRequest(task_id=task_id))).task
-
-
-async def keep_beating(session: SessionClient) -> None:
-    sequence = 0
-    while True:
-        sequence += 1
-        session.send(beat=registry_pb2.SessionBeat(sequence=sequence))
-        await asyncio.sleep(0.2)
 
 
 def seconds(value: float) -> duration_pb2.Duration:

@@ -33,7 +33,7 @@ from tests.conftest import ServerProcess, Stubs
 from tests.postgres_cluster import cluster as postgres
 
 # Each wait inside has its own deadline; on a machine at load 40 their sum passes the default 120 s.
-pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.cluster, pytest.mark.replicas, pytest.mark.timeout(300)]
 
 REATTACH_LIMIT_S = 5.0  # issue 12: every agent of a killed replica re-attached elsewhere within 5 s
 

@@ -187,18 +187,36 @@ def test_drain_and_undrain_from_the_page(
     browser: Any, console_server: ServerProcess, agents: AgentProcesses, stubs: Stubs
 ) -> None:
     drainee = agents.start("drainee", "--type", "reporter")
+
+    def agent() -> agent_pb2.Agent:
+        request = registry_pb2.GetAgentRequest(agent_id=drainee)
+        return stubs.registry.GetAgent(request, metadata=BEARER_ADMIN).agent
+
+    until(lambda: agent().status == agent_pb2.AGENT_STATUS_READY, what="the drainee READY over gRPC")
+    assert not agent().draining
     use_key(browser, console_server, ADMIN_KEY, "may act")
     click(browser, f"tr[data-agent-id='{drainee}'] button.drain")
 
-    def status() -> int:
-        reply = stubs.registry.GetAgent(registry_pb2.GetAgentRequest(agent_id=drainee), metadata=BEARER_ADMIN)
-        return int(reply.agent.status)
-
-    until(lambda: status() == agent_pb2.AGENT_STATUS_DRAINING, what="DRAINING over gRPC")
+    drained = until(
+        lambda: (found := agent()).status == agent_pb2.AGENT_STATUS_DRAINING and found,
+        what="DRAINING over gRPC",
+    )
+    # The page's button drained it, with the page's reason, through the API.
+    assert drained.draining
+    assert drained.status_reason == "drained from the console"
     until(lambda: row_status(browser, drainee) == "DRAINING", what="DRAINING on the page")
     click(browser, f"tr[data-agent-id='{drainee}'] button.undrain")
-    until(lambda: status() == agent_pb2.AGENT_STATUS_READY, what="READY again over gRPC")
+    until(lambda: agent().status == agent_pb2.AGENT_STATUS_READY, what="READY again over gRPC")
+    assert not agent().draining
     until(lambda: row_status(browser, drainee) == "READY", what="READY again on the page")
+    # Ready again, the row offers to drain it once more.
+    until(
+        lambda: browser.execute_script(
+            "return Boolean(document.querySelector(arguments[0]))",
+            f"tr[data-agent-id='{drainee}'] button.drain",
+        ),
+        what="the Drain button back on the page",
+    )
 
 
 def test_a_reader_key_sees_everything_and_no_action(

@@ -24,14 +24,25 @@ def sample(name: str, **labels: str) -> float:
 
 
 async def test_open_sessions_are_a_gauge(running: Running) -> None:
-    before = sample("orchestrator_sessions")
+    assert "# TYPE orchestrator_sessions gauge" in generate_latest(REGISTRY).decode()
+
+    def sessions() -> float:
+        return sample("orchestrator_sessions")
+
+    before = sessions()
+    # A registered agent without a session (one beating by unary calls) is no session.
+    await running.stubs.register("unary-only")
     first, _ = await open_session(running.stubs, "first")
+    await async_wait_for(lambda: sessions() == before + 1, what="the first session counted")
     second, _ = await open_session(running.stubs, "second")
-    await async_wait_for(lambda: sample("orchestrator_sessions") == before + 2, what="two sessions counted")
+    await async_wait_for(lambda: sessions() == before + 2, what="the second session counted")
+    assert running.server.open_sessions() == 2  # the gauge is this server's own count
+
     await first.goodbye()
-    await async_wait_for(lambda: sample("orchestrator_sessions") == before + 1, what="a goodbye uncounted")
+    await async_wait_for(lambda: sessions() == before + 1, what="a goodbye uncounted")
     second.call.cancel()  # the stream breaks without a goodbye
-    await async_wait_for(lambda: sample("orchestrator_sessions") == before, what="a broken stream uncounted")
+    await async_wait_for(lambda: sessions() == before, what="a broken stream uncounted")
+    assert running.server.open_sessions() == 0
 
 
 def test_no_created_series_and_known_labels_start_at_zero() -> None:
