@@ -64,6 +64,9 @@ class Discovery:
         allowed = _ROUTABLE_OR_DEGRADED if query.include_degraded else _ROUTABLE
         return self._registry.matching(dataclasses.replace(agent_filter, statuses=allowed), after)
 
+    def encoded(self, agent: agent_pb2.Agent) -> bytes:
+        return self._registry.encoded(agent)
+
     def discover(
         self, query: discovery_pb2.AgentQuery, page_size: int, page_token: str
     ) -> tuple[list[agent_pb2.Agent], str]:

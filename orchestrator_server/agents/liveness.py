@@ -68,11 +68,11 @@ class Liveness(AgentProjection):
         committed = state.agent.session
         if state.session is None and committed.streaming and self.cluster.alive(committed.owner):
             # Its stream lives on another replica, which times it: the beat is only soft state.
-            record_beat(state.agent, load, checks, replace_checks=True)
+            _record_beat(state, load, checks, replace_checks=True)
             return state.agent.status, time.time() + self._config.heartbeat_timeout
         self._leases.extend(state)
         state.timed_elsewhere, state.orphan_of = False, None
-        record_beat(state.agent, load, checks, replace_checks=True)
+        _record_beat(state, load, checks, replace_checks=True)
         if state.session is None and committed.owner != self._me:
             await self._refresh(state, "heartbeat", claim=True)
         elif state.lock.locked() or derive_status(state.agent, True, "") is not None:
@@ -171,7 +171,7 @@ class Liveness(AgentProjection):
             return DOWN
         state.last_seen = asyncio.get_running_loop().time()
         agent = state.agent
-        record_beat(agent, beat.load, beat.checks, replace_checks=len(beat.checks) > 0)
+        _record_beat(state, beat.load, beat.checks, replace_checks=len(beat.checks) > 0)
         derived = derive_status(agent, True, "checks changed")
         if derived is None:
             return agent.status
@@ -272,3 +272,10 @@ class Liveness(AgentProjection):
             self._leases.cancel(state)
             if state.session is not None:
                 state.session.reconnect(reason)
+
+
+def _record_beat(
+    state: AgentState, load: agent_pb2.Load, checks: Sequence[agent_pb2.Check], *, replace_checks: bool
+) -> None:
+    record_beat(state.agent, load, checks, replace_checks=replace_checks)
+    state.changed()

@@ -209,6 +209,13 @@ class AgentProjection:
         """The agents `query` matches, in registration (id) order, after the id `after` (indexed)."""
         return self._index.matching(query, after)
 
+    def encoded(self, agent: agent_pb2.Agent) -> bytes:
+        """`agent`'s wire bytes: an indexed agent's are kept until it changes (`AgentState.wire`)."""
+        state = self._index.get(agent.agent_id)
+        if state is not None and state.agent is agent:
+            return state.encoded()
+        return agent.SerializeToString()
+
     def session_of(self, agent_id: str) -> Session | None:
         state = self._index.get(agent_id)
         return state.session if state else None
@@ -313,6 +320,7 @@ class AgentProjection:
         state = self._index.get(agent_id)
         if state is not None:
             state.agent.assigned_tasks = count
+            state.changed()
 
     # -- helpers -------------------------------------------------------------------------------
 

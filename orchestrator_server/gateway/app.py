@@ -274,10 +274,15 @@ class Gateway:
         limit = self.options.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             raise self._too_large()
+        content = request.content
+        if content.is_eof():
+            # The whole body came with the head (the usual small request): taken as it is, without
+            # `read()`'s loop of awaits and copies (~5 us of a REST heartbeat).
+            body = content.read_nowait()
+            if len(body) > limit:
+                raise self._too_large()
+            return body
         try:
-            if request.content.is_eof():
-                # The whole body came with the head (the usual small request): nothing to wait for.
-                return await request.read()
             async with asyncio.timeout(self.options.body_timeout):
                 return await request.read()
         except web.HTTPRequestEntityTooLarge:

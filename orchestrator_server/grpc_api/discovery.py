@@ -33,7 +33,7 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
         self, request: discovery_pb2.DiscoverAgentsRequest, context: Context
     ) -> bytes:
         agents, token = self._discovery.discover(request.query, request.page_size, request.page_token)
-        return _DISCOVER_AGENTS.encode(agents, token)
+        return _DISCOVER_AGENTS.encode(agents, token, self._discovery.encoded)
 
     def encoded_methods(self) -> EncodedMethods:
         """What the in-process gateway may take as bytes (`grpc_api.pages`)."""

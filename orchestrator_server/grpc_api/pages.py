@@ -14,7 +14,7 @@ taking the request and context like the servicer method, returning the answer's 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
@@ -23,6 +23,11 @@ EncodedMethod = Callable[[Any, Any], Awaitable[bytes]]
 EncodedMethods = Mapping[str, EncodedMethod]
 
 _LENGTH_DELIMITED = 2
+ItemT = TypeVar("ItemT", bound=Message)
+
+
+def _serialize(item: Message) -> bytes:
+    return item.SerializeToString()
 
 
 def _varint(value: int) -> bytes:
@@ -54,11 +59,14 @@ class PageEncoder:
         # An item's framing (tag and length) by its length, made once per length seen.
         self._frames: dict[int, bytes] = {}
 
-    def encode(self, items: Sequence[Message], next_page_token: str) -> bytes:
+    def encode(
+        self, items: Sequence[ItemT], next_page_token: str, wire: Callable[[ItemT], bytes] = _serialize
+    ) -> bytes:
+        """The answer's bytes; `wire` gives an item's bytes (the registry keeps its agents')."""
         frames = self._frames
         parts: list[bytes] = []
         for item in items:
-            data = item.SerializeToString()
+            data = wire(item)
             frame = frames.get(len(data))
             if frame is None:
                 frame = frames[len(data)] = self._item_tag + _varint(len(data))

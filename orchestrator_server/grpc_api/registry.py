@@ -248,7 +248,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
     async def _list_agents_encoded(self, request: registry_pb2.ListAgentsRequest, context: Context) -> bytes:
         agents, token = self._registry.list_agents(request)
-        return _LIST_AGENTS.encode(agents, token)
+        return _LIST_AGENTS.encode(agents, token, self._registry.encoded)
 
     def encoded_methods(self) -> EncodedMethods:
         """What the in-process gateway may take as bytes (`grpc_api.pages`)."""

@@ -429,3 +429,69 @@ async def test_rest_lists_and_discovers_without_building_the_answer_message(
         ) as response:
             assert response.status == 200, await response.text()
             assert await response.json() == _json_format(discovered)
+
+
+async def test_rest_pages_follow_every_change_of_their_agents(servers: Callable[..., Any]) -> None:
+    """An agent's bytes are kept for list pages until it changes (`AgentState.wire`): after each
+    kind of change (unary beat, session beat with checks, drain, a task placed, its end) the REST
+    page is the gRPC answer, built afresh from the messages."""
+    from orchestrator.v1 import discovery_pb2
+    from tests.support import open_session
+
+    running: Running = await servers(gateway_enabled=True)
+    registry, tasks = running.stubs.registry, running.stubs.tasks
+    ids: list[str] = []
+    tokens: list[str] = []
+    for number in range(3):
+        registered = await registry.RegisterAgent(
+            registry_pb2.RegisterAgentRequest(
+                name=f"w{number}", instance_id="1", type="pager", max_concurrent_tasks=2
+            )
+        )
+        ids.append(registered.agent.agent_id)
+        tokens.append(registered.agent_token)
+    session = await open_session(registry, ids[0], tokens[0])
+
+    async def same_pages(http: aiohttp.ClientSession, what: str) -> None:
+        listed = await registry.ListAgents(registry_pb2.ListAgentsRequest(page_size=10))
+        discovered = await running.stubs.discovery.DiscoverAgents(
+            discovery_pb2.DiscoverAgentsRequest(query=discovery_pb2.AgentQuery(type="pager"))
+        )
+        async with http.get("/agents/list", params={"page_size": "10"}) as response:
+            assert await response.json() == _json_format(listed), what
+        async with http.get("/discovery/agents", params={"query.type": "pager"}) as response:
+            assert await response.json() == _json_format(discovered), what
+
+    async with aiohttp.ClientSession(base_url=_base(running)) as http:
+        await same_pages(http, "registered")
+        for load in (0.25, 0.75):
+            await registry.SendHeartbeat(
+                registry_pb2.SendHeartbeatRequest(agent_id=ids[1], load=agent_pb2.Load(cpu=load))
+            )
+            await same_pages(http, f"unary beat at cpu {load}")
+        session.send(
+            beat=registry_pb2.SessionBeat(
+                sequence=1,
+                load=agent_pb2.Load(cpu=0.5, active_tasks=1),
+                checks=[agent_pb2.Check(name="disk", status=agent_pb2.CHECK_STATUS_PASSING)],
+            )
+        )
+        await session.receive_kind("ack")
+        await same_pages(http, "session beat with checks")
+        await registry.DrainAgent(registry_pb2.DrainAgentRequest(agent_id=ids[2], reason="test"))
+        await same_pages(http, "drained")
+        created = await tasks.CreateTask(
+            tasks_pb2.CreateTaskRequest(spec=task_pb2.TaskSpec(type="echo", target_agent_id=ids[0]))
+        )
+        assignment = await session.receive_kind("assignment")
+        await same_pages(http, "task placed")
+        assert (
+            await registry.GetAgent(registry_pb2.GetAgentRequest(agent_id=ids[0]))
+        ).agent.assigned_tasks == 1
+        await tasks.CompleteTask(
+            tasks_pb2.CompleteTaskRequest(
+                task_id=created.task.task_id, attempt_id=assignment.assignment.attempt_id
+            )
+        )
+        await same_pages(http, "task completed")
+    await session.goodbye()
