@@ -80,6 +80,38 @@ class RacingStore(SqliteStore):
         return await super().commit(change)
 
 
+class HeldCredentialReads(SqliteStore):
+    """The real store, whose reads of agent credentials wait, while `holding`, until the test lets
+    each go (`release`), in the order they were asked for."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path, synchronous="NORMAL")
+        self.holding = True
+        self.held: list[asyncio.Future[None]] = []
+        self.finished = 0
+
+    async def agent_token_hashes(self, agent_ids: Sequence[str]) -> dict[str, str]:
+        if self.holding:
+            turn = asyncio.get_running_loop().create_future()
+            self.held.append(turn)
+            await turn
+        try:
+            return await super().agent_token_hashes(agent_ids)
+        finally:
+            self.finished += 1
+
+    async def release_first(self) -> None:
+        """Lets the first held read go and waits until it has answered."""
+        self.held[0].set_result(None)
+        await async_wait_for(lambda: self.finished >= 1, 10, "the first credential read")
+
+    def release_all(self) -> None:
+        self.holding = False
+        for turn in self.held:
+            if not turn.done():
+                turn.set_result(None)
+
+
 @pytest.fixture
 async def start_with(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     started: list[Running] = []
@@ -376,4 +408,53 @@ async def test_checks_that_recover_while_degraded_commits_end_ready(
 
     # No further beat: the DEGRADED commit alone must not leave the agent DEGRADED.
     await async_wait_for(recovered, 10, "DEGRADED committed, then READY again")
+    await session.goodbye()
+
+
+async def _registered_elsewhere(
+    tmp_path: Path, start_with: Callable[..., Any]
+) -> tuple[Running, Running, HeldCredentialReads, registry_pb2.RegisterAgentResponse]:
+    """Replica A registers an agent; replica B (same SQLite file) has projected it and its
+    background read of the credential, which A issued, is held."""
+    path = str(tmp_path / "shared.db")
+    a: Running = await start_with(SqliteStore(path, synchronous="NORMAL"), process_id="replica-a")
+    b_store = HeldCredentialReads(path)
+    b: Running = await start_with(b_store, process_id="replica-b")
+    registered = await a.stubs.register("roaming")
+    await async_wait_for(lambda: len(b_store.held) >= 1, 10, "B to read the new agent's credential")
+    return a, b, b_store, registered
+
+
+async def test_a_hello_on_another_replica_is_checked_against_the_store_after_a_background_read(
+    tmp_path: Path, start_with: Callable[..., Any]
+) -> None:
+    _, b, b_store, registered = await _registered_elsewhere(tmp_path, start_with)
+    hello = asyncio.ensure_future(
+        open_session(b.stubs.registry, registered.agent.agent_id, registered.agent_token)
+    )
+    await async_wait_for(lambda: len(b_store.held) >= 2, 10, "the hello to read the credential")
+    # The background read lands first and finds the credential; the hello's own read then finds
+    # nothing new, and the hello must still be checked against what was read.
+    await b_store.release_first()
+    b_store.release_all()
+    session = await hello
+    await session.goodbye()
+
+
+async def test_a_hello_whose_credential_read_races_a_change_of_its_agent_reads_again(
+    tmp_path: Path, start_with: Callable[..., Any]
+) -> None:
+    a, b, b_store, registered = await _registered_elsewhere(tmp_path, start_with)
+    agent_id = registered.agent.agent_id
+    hello = asyncio.ensure_future(open_session(b.stubs.registry, agent_id, registered.agent_token))
+    await async_wait_for(lambda: len(b_store.held) >= 2, 10, "the hello to read the credential")
+    # A changes the agent while B's reads are in flight: B drops them (they may predate it).
+    await a.stubs.registry.UpdateAgent(update_request(agent_id, ["labels"], labels={"zone": "b"}))
+
+    async def b_sees_the_update() -> bool:
+        return (await get_agent(b.stubs, agent_id)).labels.get("zone") == "b"
+
+    await async_wait_for(b_sees_the_update, 10, "B to apply A's update")
+    b_store.release_all()
+    session = await hello
     await session.goodbye()

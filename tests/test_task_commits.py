@@ -13,12 +13,13 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import duration_pb2, struct_pb2
 
 from orchestrator.v1 import event_pb2, registry_pb2, task_pb2, tasks_pb2
 from orchestrator_server.store import PlacementClaim
 from orchestrator_server.tasks import commands, transitions
 from tests.conftest import Running, async_wait_for, open_session
-from tests.support import rpc_error
+from tests.support import SessionClient, rpc_error
 from tests.test_failover_paths import assignment, get, started
 from tests.test_task_write_path import GatedStore, create, gated
 
@@ -157,3 +158,70 @@ async def test_commands_waiting_for_a_commit_are_folded_and_answered_one_by_one(
         (RUNNING, "one"),
         (SUCCEEDED, "two"),
     ]
+
+
+async def completion_held_behind_a_report(
+    running: Running, store: GatedStore, **spec: Any
+) -> tuple[SessionClient, task_pb2.Task, str, asyncio.Future[Any]]:
+    """A RUNNING task whose agent's progress report is held at the gate (only task commits wait
+    there) and whose completion, with a result, waits behind it for the next commit."""
+    stubs = running.stubs
+    session, _agent_id = await open_session(stubs, "worker")
+    task = await create(stubs, **spec)
+    attempt_id = await started(stubs, session, task.task_id)
+    store.gated = lambda change: any(event.HasField("task") for event in change.events)
+    store.gate.clear()
+    reporting = asyncio.ensure_future(
+        stubs.tasks.ReportTaskProgress(
+            tasks_pb2.ReportTaskProgressRequest(
+                task_id=task.task_id, attempt_id=attempt_id, progress=task_pb2.TaskProgress(message="one")
+            )
+        )
+    )
+    await async_wait_for(lambda: store.waiting >= 1, what="the report's commit held at the gate")
+    result = struct_pb2.Struct()
+    result.update({"answer": 42})
+    completing = asyncio.ensure_future(
+        stubs.tasks.CompleteTask(
+            tasks_pb2.CompleteTaskRequest(task_id=task.task_id, attempt_id=attempt_id, result=result)
+        )
+    )
+    entry = running.server.tasks._active[task.task_id]
+    await async_wait_for(lambda: len(entry.commands) == 1, what="the completion waiting for the task")
+    completing.add_done_callback(lambda _: reporting.cancel())  # answered together or not at all
+    return session, task, attempt_id, completing
+
+
+async def assert_completed_once(running: Running, task_id: str, completing: asyncio.Future[Any]) -> None:
+    answer = (await completing).task
+    assert answer.status == SUCCEEDED and answer.result["answer"] == 42
+    stored = await get(running.stubs, task_id)
+    assert stored.status == SUCCEEDED and stored.result["answer"] == 42
+    assert [attempt.status for attempt in stored.attempts] == [task_pb2.ATTEMPT_STATUS_SUCCEEDED]
+
+
+async def test_a_run_timeout_decided_after_a_folded_completion_finds_the_task_finished(
+    gated: tuple[Running, GatedStore],
+) -> None:
+    running, store = gated
+    _, task, _, completing = await completion_held_behind_a_report(
+        running, store, run_timeout=duration_pb2.Duration(seconds=1)
+    )
+    entry = running.server.tasks._active[task.task_id]
+    # The run timer fires while the completion waits: the timeout is decided after it, on its draft.
+    await async_wait_for(lambda: len(entry.commands) == 2, what="the run timeout waiting for the task")
+    store.gate.set()
+    await assert_completed_once(running, task.task_id, completing)
+
+
+async def test_a_failover_decided_after_a_folded_completion_finds_the_task_finished(
+    gated: tuple[Running, GatedStore],
+) -> None:
+    running, store = gated
+    session, task, _, completing = await completion_held_behind_a_report(running, store)
+    entry = running.server.tasks._active[task.task_id]
+    # The agent leaves while the completion waits: its work moves, decided after the completion.
+    await session.goodbye()
+    await async_wait_for(lambda: len(entry.commands) == 2, what="the failover waiting for the task")
+    store.gate.set()
+    await assert_completed_once(running, task.task_id, completing)

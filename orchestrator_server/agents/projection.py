@@ -26,6 +26,9 @@ from orchestrator_server.validation import Violations
 
 log = logging.getLogger(__name__)
 
+#: How often a hello reads its agent's credential when the agent keeps changing during the read.
+FRESH_CREDENTIAL_READS = 3
+
 
 class AgentObserver(Protocol):
     """What the task scheduler needs to hear from the registry."""
@@ -259,7 +262,10 @@ class AgentProjection:
         self, agent_id: str, token: str, *, authenticated_only: bool = False
     ) -> agent_pb2.Agent:
         """As `verify_token`, reading the agent's credential from the store first when this
-        replica's copy does not match (the agent registered again on another replica)."""
+        replica's copy does not match (the agent registered, or registered again, on another
+        replica). The check is made again whatever the read changed here: a background read may
+        have brought the credential meanwhile. A read dropped because the agent changed while it
+        ran is made again (a few times), so a hello is never refused for a commit it raced."""
         try:
             return self.verify_token(agent_id, token, authenticated_only=authenticated_only)
         except credentials.OpenCredential:
@@ -268,9 +274,11 @@ class AgentProjection:
             state = self._index.get(agent_id)
             if state is None:
                 raise
-            state.hash_revision = -1  # read now, whatever a background read found (a caller waits)
-            if not await self._read_hashes([state]):
-                raise
+        state.hash_revision = -1  # read now, whatever a background read found (a caller waits)
+        for _ in range(FRESH_CREDENTIAL_READS):
+            await self._read_hashes([state])
+            if state.hash_revision == state.agent.revision:
+                break
         return self.verify_token(agent_id, token, authenticated_only=authenticated_only)
 
     def _want_hash(self, state: AgentState) -> None:
@@ -285,35 +293,29 @@ class AgentProjection:
     def _read_wanted_hashes(self) -> None:
         states = [state for agent_id in self._hashes_wanted if (state := self._index.get(agent_id))]
         self._hashes_wanted.clear()
-        task = asyncio.get_running_loop().create_task(self._read_hashes_quietly(states))
+        task = asyncio.get_running_loop().create_task(self._read_hashes(states))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _read_hashes_quietly(self, states: Sequence[AgentState]) -> None:
-        await self._read_hashes(states)
-
-    async def _read_hashes(self, states: Sequence[AgentState]) -> bool:
-        """Reads these agents' stored credential hashes; True if one of them changed here. A hash
-        read while a commit of its agent was projected is dropped (it may predate that commit)."""
+    async def _read_hashes(self, states: Sequence[AgentState]) -> None:
+        """Reads these agents' stored credential hashes. A hash read while a commit of its agent
+        was projected is dropped (it may predate that commit); `hash_revision` tells what was kept."""
         revisions = [
             (state, state.agent.revision) for state in states if state.hash_revision != state.agent.revision
         ]
         if not revisions:
-            return False
+            return
         try:
             hashes = await self._store.agent_token_hashes([state.agent.agent_id for state, _ in revisions])
         except Exception as error:  # the next failed check asks again
             log.warning("could not read agent credentials from the store: %s", error)
-            return False
-        changed = False
+            return
         for state, revision in revisions:
             stored = hashes.get(state.agent.agent_id)
             if stored is None or state.agent.revision != revision:
                 continue
             state.hash_revision = revision
-            if stored != state.token_hash:
-                state.token_hash, changed = stored, True
-        return changed
+            state.token_hash = stored
 
     def set_assigned_tasks(self, agent_id: str, count: int) -> None:
         """The scheduler's count of tasks placed on the agent (soft state, never committed alone)."""

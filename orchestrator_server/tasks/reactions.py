@@ -14,7 +14,14 @@ from orchestrator_server.agents import new_id
 from orchestrator_server.metrics import FAILOVERS
 from orchestrator_server.store import ConditionFailed, PlacementClaim
 from orchestrator_server.tasks import transitions
-from orchestrator_server.tasks.model import ASSIGNED, PENDING, TIMED_OUT, ActiveTask, TaskNotActive
+from orchestrator_server.tasks.model import (
+    ASSIGNED,
+    PENDING,
+    TIMED_OUT,
+    ActiveTask,
+    TaskNotActive,
+    current_attempt,
+)
 from orchestrator_server.tasks.write_path import TaskWritePath
 
 log = logging.getLogger(__name__)
@@ -94,10 +101,11 @@ class TaskReactions(TaskWritePath):
             return  # as for the queue timeout
 
         def decide(current: ActiveTask, draft: task_pb2.Task) -> list[PlacementClaim] | None:
-            attempt = current.current_attempt
+            # The draft, not the committed task: a completion folded before this decision counts.
+            attempt = current_attempt(draft)
             if attempt is None or attempt.attempt_id != attempt_id:
                 return None
-            transitions.run_timed_out(draft, draft.attempts[-1], self._backoff)
+            transitions.run_timed_out(draft, attempt, self._backoff)
             return []
 
         self._spawn(self._command(task_id, decide))
@@ -174,7 +182,7 @@ class TaskReactions(TaskWritePath):
 
     async def _lose(self, task_id: str, agent_id: str, reason: str) -> None:
         def decide(current: ActiveTask, draft: task_pb2.Task) -> list[PlacementClaim] | None:
-            attempt = current.current_attempt
+            attempt = current_attempt(draft)  # as for the run timeout
             if attempt is None or attempt.agent_id != agent_id:
                 return None  # finished or moved meanwhile
             transitions.lose(draft, reason)
