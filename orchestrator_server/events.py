@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from orchestrator.v1 import agent_pb2, event_pb2
 from orchestrator_server.store import Store
+
+log = logging.getLogger(__name__)
 
 EventFilter = Callable[[event_pb2.Event], bool]
 # The entity an event is about, for watchers that keep only the latest event of each.
@@ -154,7 +157,12 @@ class EventBus:
             if event.HasField("agent"):
                 self.committed_agents[event.agent.agent_id] = event.agent
             for listener in self._listeners:
-                listener(event)
+                try:
+                    listener(event)
+                except Exception:
+                    # A listener's bug must not keep the event from the others (nor the rest of
+                    # the batch from anyone): each projection stays as right as it can be.
+                    log.exception("event listener %r failed on revision %d", listener, event.revision)
             for subscriber in self._subscribers:
                 subscriber.offer(event)
 

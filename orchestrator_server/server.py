@@ -141,6 +141,9 @@ class OrchestratorServer:
         self.tasks = TaskScheduler(config, self.registry, self.store)
         self.discovery = Discovery(self.registry)
         self.bus: EventBus | None = None
+        # Other processes' commits the store delivers before the bus exists (while membership
+        # starts): published once the projections listen, not lost.
+        self._early_events: list[event_pb2.Event] = []
         self.grpc_port = 0
         self.http_port = 0
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
@@ -175,6 +178,8 @@ class OrchestratorServer:
         self.bus.add_listener(self.tasks.apply)
         self.registry.observer = self.tasks
         self.cluster.on_change = self._cluster_changed
+        early, self._early_events = self._early_events, []
+        self.bus.publish(early)
         await self.tasks.recover()
         self.registry.on_transition = lambda agent, _previous: TRANSITIONS.labels(
             status_label(agent.status)
@@ -312,7 +317,10 @@ class OrchestratorServer:
         return self.bus
 
     def _publish(self, events: Sequence[event_pb2.Event]) -> None:
-        self._bus().publish(events)
+        if self.bus is None:
+            self._early_events.extend(events)
+            return
+        self.bus.publish(events)
 
     def _write_ready_file(self) -> None:
         directory = os.path.dirname(os.path.abspath(self.config.ready_file))

@@ -16,6 +16,7 @@ import pytest
 from google.protobuf import field_mask_pb2
 
 from orchestrator.v1 import agent_pb2, event_pb2, registry_pb2, task_pb2, tasks_pb2
+from orchestrator_server.cluster import Cluster
 from orchestrator_server.server import OrchestratorServer
 from orchestrator_server.store import Change, CommitListener, ConditionFailed, LoadedState
 from orchestrator_server.store.sqlite import SqliteStore
@@ -458,3 +459,32 @@ async def test_a_hello_whose_credential_read_races_a_change_of_its_agent_reads_a
     b_store.release_all()
     session = await hello
     await session.goodbye()
+
+
+async def test_commits_made_elsewhere_while_a_replica_starts_reach_its_projections(
+    tmp_path: Path, start_with: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store delivers other processes' commits from `open()` on, before the event bus exists
+    (membership starts in between): they are published once the projections listen, not lost."""
+    path = str(tmp_path / "shared.db")
+    a: Running = await start_with(SqliteStore(path, synchronous="NORMAL"), process_id="replica-a")
+    b_server = OrchestratorServer(
+        make_config(tmp_path, process_id="replica-b"), store=SqliteStore(path, synchronous="NORMAL")
+    )
+    starting_membership = Cluster.start
+    registered: list[registry_pb2.RegisterAgentResponse] = []
+
+    async def start_after_a_commit_arrives(cluster: Cluster) -> None:
+        if cluster is b_server.cluster:
+            registered.append(await a.stubs.register("early"))
+            await async_wait_for(lambda: len(b_server._early_events) >= 1, 10, "B to get A's commit")
+        await starting_membership(cluster)
+
+    monkeypatch.setattr(Cluster, "start", start_after_a_commit_arrives)
+    await b_server.start()
+    b = Running(b_server, Stubs(grpc.aio.insecure_channel(f"127.0.0.1:{b_server.grpc_port}")))
+    try:
+        assert (await get_agent(b.stubs, registered[0].agent.agent_id)).name == "early"
+    finally:
+        await b.stubs.channel.close()
+        await b_server.stop(0.1)

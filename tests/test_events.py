@@ -132,3 +132,15 @@ async def test_changes_racing_a_long_replay_ask_for_a_resync(monkeypatch: pytest
     with pytest.raises(ResyncNeeded, match="while replaying"):
         await take(stream, 30)
     await wired.store.close()
+
+
+async def test_a_failing_listener_keeps_no_event_from_the_others(wired: Wired) -> None:
+    def broken(event: event_pb2.Event) -> None:
+        raise RuntimeError("a listener's bug")
+
+    after_it: list[int] = []
+    wired.bus.add_listener(broken)
+    wired.bus.add_listener(lambda event: after_it.append(event.revision))
+    await wired.commit(3)
+    assert wired.heard == [1, 2, 3]
+    assert after_it == [1, 2, 3]
