@@ -38,7 +38,9 @@ class LoadedState:
 
     agents: list[agent_pb2.Agent]
     agent_token_hashes: dict[str, str]
-    active_tasks: list[task_pb2.Task]
+    #: Every unfinished task as stored (serialized `Task`), in creation order: decoding them is
+    #: most of a restart's work, so the scheduler does it in the background, a chunk at a time.
+    active_task_records: list[bytes]
     revision: int
     oldest_revision: int
 

@@ -439,7 +439,7 @@ class SqliteStore(Store):
                 hashes[agent.agent_id] = token_hash
             placeholders = ",".join("?" * len(ACTIVE_TASK_STATUSES))
             tasks = [
-                task_pb2.Task.FromString(row[0])
+                row[0]
                 for row in conn.execute(
                     f"SELECT data FROM tasks WHERE status IN ({placeholders}) ORDER BY seq",
                     ACTIVE_TASK_STATUSES,

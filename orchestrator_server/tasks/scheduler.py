@@ -23,7 +23,7 @@ from google.protobuf import struct_pb2
 from orchestrator.v1 import agent_pb2, event_pb2, registry_pb2, task_pb2, tasks_pb2
 from orchestrator_server.agents import READY, Registry, new_id
 from orchestrator_server.config import Config
-from orchestrator_server.errors import FailedPrecondition, InvalidArgument, NotFound
+from orchestrator_server.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from orchestrator_server.health import WorkloadSummary
 from orchestrator_server.idempotency import IdempotencyKeys, ScopedKey, check_same_spec
 from orchestrator_server.metrics import FAILOVERS
@@ -62,10 +62,39 @@ class TaskScheduler(TaskProjection):
         self._store = store
         self._keys = IdempotencyKeys(store)
         self._commands = TaskCommands(self._active, self._commit_draft, self._spawn)
+        self._served = asyncio.Event()
+        self.restore_error: BaseException | None = None
+
+    # -- startup -------------------------------------------------------------------------------
+
+    async def start(self, records: Sequence[bytes]) -> None:
+        """Restores the unfinished tasks while the process already serves agents (`restore`), moves
+        work off agents that were down at the restart (`recover`), then serves task calls and
+        agents' sessions, which wait until then (within their deadlines). If this fails, they are
+        refused UNAVAILABLE instead."""
+        try:
+            await self.restore(records)
+            await self.recover()
+        except BaseException as error:  # cancelled too (stopped meanwhile): nothing is served then
+            self.restore_error = error
+            raise
+        finally:
+            self._served.set()
+
+    @property
+    def served(self) -> bool:
+        return self._served.is_set() and self.restore_error is None
+
+    async def until_served(self) -> None:
+        if not self._served.is_set():
+            await self._served.wait()
+        if self.restore_error is not None:
+            raise Unavailable(f"the orchestrator could not restore its tasks: {self.restore_error!r}")
 
     # -- queries -------------------------------------------------------------------------------
 
     async def get(self, task_id: str) -> task_pb2.Task:
+        await self.until_served()
         if not task_id:
             raise InvalidArgument.field("task_id", "is required")
         entry = self._active.get(task_id)
@@ -77,6 +106,7 @@ class TaskScheduler(TaskProjection):
         return task
 
     async def list_tasks(self, request: tasks_pb2.ListTasksRequest) -> tuple[list[task_pb2.Task], str]:
+        await self.until_served()
         violations = Violations()
         if request.status not in task_pb2.TaskStatus.values():
             violations.add("status", f"unknown status {request.status}")
@@ -109,12 +139,14 @@ class TaskScheduler(TaskProjection):
             running_tasks=self._placed,
             failover_paused=paused,
             failover_paused_reason=self._failover.paused_reason() if paused else "",
+            restoring=not self._served.is_set(),
         )
 
     # -- creation ------------------------------------------------------------------------------
 
     async def create(self, spec: task_pb2.TaskSpec, scope: str = "") -> tuple[task_pb2.Task, bool]:
         """Creates a task; `scope` names the caller, to which an idempotency key belongs."""
+        await self.until_served()
         check_spec(spec)
         key = (scope, spec.idempotency_key) if spec.idempotency_key else None
         if key is not None:
@@ -178,6 +210,7 @@ class TaskScheduler(TaskProjection):
     async def complete(
         self, task_id: str, attempt_id: str, result: struct_pb2.Struct, agent_id: str | None = None
     ) -> task_pb2.Task:
+        await self.until_served()
         check_completion(task_id, attempt_id, result)
 
         def decide(entry: ActiveTask, draft: task_pb2.Task) -> list[PlacementClaim]:
@@ -195,6 +228,7 @@ class TaskScheduler(TaskProjection):
     async def fail(
         self, task_id: str, attempt_id: str, error: task_pb2.TaskError, agent_id: str | None = None
     ) -> task_pb2.Task:
+        await self.until_served()
         check_failure(task_id, attempt_id, error)
 
         def decide(entry: ActiveTask, draft: task_pb2.Task) -> list[PlacementClaim]:
@@ -225,6 +259,7 @@ class TaskScheduler(TaskProjection):
     async def progress(
         self, task_id: str, attempt_id: str, progress: task_pb2.TaskProgress, agent_id: str | None = None
     ) -> task_pb2.Task:
+        await self.until_served()
         check_progress(task_id, attempt_id, progress)
         return await self._running_command(task_id, self._progress_decision(attempt_id, progress, agent_id))
 
@@ -290,6 +325,7 @@ class TaskScheduler(TaskProjection):
     # -- operator actions ----------------------------------------------------------------------
 
     async def cancel(self, task_id: str, reason: str) -> task_pb2.Task:
+        await self.until_served()
         violations = Violations()
         violations.identifier("task_id", task_id)
         violations.text("reason", reason, 512)
@@ -308,6 +344,7 @@ class TaskScheduler(TaskProjection):
             ) from None
 
     async def assign(self, task_id: str, agent_id: str) -> task_pb2.Task:
+        await self.until_served()
         violations = Violations()
         violations.identifier("task_id", task_id)
         violations.identifier("agent_id", agent_id)
@@ -472,7 +509,7 @@ class TaskScheduler(TaskProjection):
 
     async def recover(self) -> None:
         """After `restore`: work held by agents that were already down before the restart moves
-        before the process serves (they had their grace then). Only the leader moves work; a
+        before tasks and sessions are served (they had their grace then). Only the leader moves work; a
         replica that becomes leader later does it then (`cluster_changed`)."""
         if not self._registry.cluster.leader:
             return
@@ -513,6 +550,8 @@ class TaskScheduler(TaskProjection):
         the commands waiting for the same task); returns the task as committed. Raises
         TaskNotActive if the task is not unfinished here, and ConditionFailed when a placement
         claim (not the task) was refused."""
+        if not self._restored.is_set():
+            await self._restored.wait()  # timers and failover of restored tasks may fire meanwhile
         return await self._commands.run(task_id, decide, lazy=lazy)
 
     async def _commit_draft(self, draft: task_pb2.Task, revision: int, claims: list[PlacementClaim]) -> None:
