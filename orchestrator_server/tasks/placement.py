@@ -123,6 +123,18 @@ class Placer:
 
     # -- the pass --------------------------------------------------------------------------------
 
+    def kick_for(self, agent: agent_pb2.Agent) -> None:
+        """`agent` may take (more) work. A pass leaves no waiting group with a free agent that fits
+        it, so only this agent can change that: a pass (O(agents)) runs only if it can take some
+        waiting group's work. Every commit of an alive agent calls this, so 10k agents
+        re-attaching with tasks waiting that none of them fits no longer make 10k passes."""
+        if (
+            self.waiting
+            and self.placeable(agent)
+            and any(group.heap and group.fits(agent) for group in self._groups.values())
+        ):
+            self.kick()
+
     def kick(self) -> None:
         """Runs one placement pass soon; many kicks in one loop iteration make one pass."""
         if not self._pass_scheduled:

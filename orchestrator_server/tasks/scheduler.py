@@ -467,7 +467,9 @@ class TaskScheduler(TaskProjection):
 
     def agent_available(self, agent_id: str) -> None:
         self._failover.agent_back(agent_id)
-        self._placer.kick()
+        agent = self._registry.find(agent_id)
+        if agent is not None:
+            self._placer.kick_for(agent)
 
     def agent_lost(self, agent_id: str, *, graceful: bool) -> None:
         if self._held.get(agent_id):
