@@ -176,8 +176,6 @@ class OrchestratorServer:
         self.bus.add_listener(self.tasks.apply)
         self.registry.observer = self.tasks
         self.cluster.on_change = self._cluster_changed
-        # Most of a restart's work: done while agents are served (task calls and sessions wait).
-        self._restoring = asyncio.create_task(self._restore_tasks(loaded.active_task_records))
         self.registry.on_transition = lambda agent, _previous: TRANSITIONS.labels(
             status_label(agent.status)
         ).inc()
@@ -222,6 +220,8 @@ class OrchestratorServer:
         )
         if self.config.ready_file:
             self._write_ready_file()
+        # Most of a restart's work, done once the process serves (task calls and sessions wait).
+        self._restoring = asyncio.create_task(self._restore_tasks(loaded.active_task_records))
 
     def _interceptors(self) -> Sequence[Any]:
         # Outermost first: telemetry sees the final status whoever set it; the policy raises

@@ -42,9 +42,11 @@ from orchestrator_server.tasks.placement import Placer
 
 log = logging.getLogger(__name__)
 
-# Stored tasks decoded and taken in per event-loop turn while restoring: the process answers other
-# calls between two chunks (a chunk of 100k-task restarts costs ~5-10 ms of CPU).
-RESTORE_CHUNK = 500
+# Seconds of restoring tasks between two turns of the event loop: the process answers other calls
+# in between, and the restore still gets its share of a loop busy with thousands of reconnecting
+# agents (whose welcomes wait for it). The clock is read every RESTORE_CHECK tasks (~1 ms).
+RESTORE_SLICE = 0.02
+RESTORE_CHECK = 64
 
 
 class TaskProjection(abc.ABC):
@@ -97,14 +99,16 @@ class TaskProjection(abc.ABC):
     # -- startup -------------------------------------------------------------------------------
 
     async def restore(self, records: Sequence[bytes]) -> None:
-        """Rebuilds the unfinished tasks from their stored records (the store's snapshot), a chunk
-        per event-loop turn, so the process serves agents meanwhile; then takes in, in order, the
+        """Rebuilds the unfinished tasks from their stored records (the store's snapshot), a time
+        slice per event-loop turn, so the process serves agents meanwhile; then takes in, in order, the
         task events committed since the snapshot, and lets commands run."""
         started, cpu_started = time.perf_counter(), time.process_time()
-        for first in range(0, len(records), RESTORE_CHUNK):
-            for record in records[first : first + RESTORE_CHUNK]:
-                self._restore_one(task_pb2.Task.FromString(record))
-            await asyncio.sleep(0)
+        slice_ends = started + RESTORE_SLICE
+        for number, record in enumerate(records, 1):
+            self._restore_one(task_pb2.Task.FromString(record))
+            if number % RESTORE_CHECK == 0 and time.perf_counter() > slice_ends:
+                await asyncio.sleep(0)
+                slice_ends = time.perf_counter() + RESTORE_SLICE
         held_back, self._held_back = self._held_back or [], None
         for event in held_back:
             self.apply(event)
