@@ -171,6 +171,7 @@ class OrchestratorServer:
         )
         self.bus.seed_agents(loaded.agents)
         self.registry.restore(loaded.agents, loaded.agent_token_hashes)
+        self.tasks.load(loaded.active_tasks)  # restored in the background once the process serves
         # The projections follow committed events only (this process's and other processes').
         self.bus.add_listener(self.registry.apply)
         self.bus.add_listener(self.tasks.apply)
@@ -221,7 +222,7 @@ class OrchestratorServer:
         if self.config.ready_file:
             self._write_ready_file()
         # Most of a restart's work, done once the process serves (task calls and sessions wait).
-        self._restoring = asyncio.create_task(self._restore_tasks(loaded.active_task_records))
+        self._restoring = asyncio.create_task(self._restore_tasks())
 
     def _interceptors(self) -> Sequence[Any]:
         # Outermost first: telemetry sees the final status whoever set it; the policy raises
@@ -257,9 +258,9 @@ class OrchestratorServer:
         if self._server is not None and not self._draining:
             self._health_update = asyncio.ensure_future(self._set_health(self.cluster.serving))
 
-    async def _restore_tasks(self, records: Sequence[bytes]) -> None:
+    async def _restore_tasks(self) -> None:
         try:
-            await self.tasks.start(records)
+            await self.tasks.start()
         except Exception:
             log.critical(
                 "cannot restore the unfinished tasks; task calls and sessions are refused", exc_info=True

@@ -28,6 +28,8 @@ from tests.support import SessionClient
 TASKS = 40_000
 # Of which this many can run (the rest need a capability no agent has).
 RUNNABLE = 100
+# Tasks an agent holds across the restart (created through the API before it).
+HELD = 3
 BATCH = 2_000
 
 
@@ -94,7 +96,21 @@ async def test_restart_answers_while_restoring_and_then_runs_every_task_once(
 ) -> None:
     server = server_process()
     await asyncio.to_thread(server.start)
-    assert server.terminate() == 0
+    async with grpc.aio.insecure_channel(server.target) as channel:
+        stubs = Stubs(channel)
+        registered = await stubs.register("holder", capabilities=["holds"], max_concurrent_tasks=HELD)
+        holder_id, holder_token = registered.agent.agent_id, registered.agent_token
+        holder = SessionClient(stubs.registry, holder_id, holder_token)
+        assert (await holder.receive()).WhichOneof("message") == "welcome"
+        for _ in range(HELD):
+            spec = task_pb2.TaskSpec(type="job", required_capabilities=["holds"])
+            await stubs.tasks.CreateTask(tasks_pb2.CreateTaskRequest(spec=spec))
+        held: dict[str, str] = {}  # task id -> attempt id, which the holder keeps running
+        while len(held) < HELD:
+            message = await holder.receive()
+            if message.HasField("assignment"):
+                held[message.assignment.task.task_id] = message.assignment.attempt_id
+        assert server.terminate() == 0  # drained: the holder stays alive in the store
     await fill(tmp_path / "orchestrator.db")
 
     probe = asyncio.create_task(first_answer(server.target, within=60))
@@ -107,6 +123,13 @@ async def test_restart_answers_while_restoring_and_then_runs_every_task_once(
 
     async with grpc.aio.insecure_channel(server.target) as channel:
         stubs = Stubs(channel)
+        # The tasks agents hold are restored first (the pending ones need not be, for a session
+        # to be welcomed): the holder is welcomed back and keeps its attempts.
+        holder = SessionClient(stubs.registry, holder_id, holder_token, running=tuple(held.values()))
+        welcome = await holder.receive(within=30)
+        assert set(welcome.welcome.kept_attempt_ids) == set(held.values())
+        beating = [asyncio.create_task(keep_beating(holder))]
+
         # Task calls made during the restore wait for it, then answer from the whole projection.
         last = stored_task(TASKS - 1)
         got, created = await asyncio.gather(
@@ -123,7 +146,7 @@ async def test_restart_answers_while_restoring_and_then_runs_every_task_once(
         agent_id = registered.agent.agent_id
         session = SessionClient(stubs.registry, agent_id, registered.agent_token)
         assert (await session.receive(within=30)).WhichOneof("message") == "welcome"
-        beating = asyncio.create_task(keep_beating(session))
+        beating.append(asyncio.create_task(keep_beating(session)))
 
         assigned: list[str] = []
         while len(assigned) < RUNNABLE:
@@ -139,6 +162,10 @@ async def test_restart_answers_while_restoring_and_then_runs_every_task_once(
                 )
             )
         assert sorted(assigned) == [stored_task(number).task_id for number in range(RUNNABLE)]
+        for task_id, attempt_id in held.items():
+            await stubs.tasks.CompleteTask(
+                tasks_pb2.CompleteTaskRequest(task_id=task_id, attempt_id=attempt_id)
+            )
 
         async def settled() -> health_pb2.GetSystemHealthResponse | None:
             health = await stubs.health.GetSystemHealth(health_pb2.GetSystemHealthRequest())
@@ -148,9 +175,11 @@ async def test_restart_answers_while_restoring_and_then_runs_every_task_once(
         assert after.status == "SERVING"
         # Every stored task is held again: the unrunnable ones and the one created meanwhile wait.
         assert after.pending_tasks == TASKS - RUNNABLE + 1
-        for task_id in assigned:
+        for task_id in [*assigned, *held]:
             task = (await stubs.tasks.GetTask(tasks_pb2.GetTaskRequest(task_id=task_id))).task
             assert task.status == task_pb2.TASK_STATUS_SUCCEEDED
             assert task.attempt_count == 1
-        beating.cancel()
+        for beats in beating:
+            beats.cancel()
         session.close()
+        holder.close()

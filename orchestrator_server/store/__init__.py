@@ -25,11 +25,20 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from orchestrator.v1 import agent_pb2, event_pb2, task_pb2
 from orchestrator_server.config import POSTGRES_SCHEMES
 
 CommitListener = Callable[[Sequence[event_pb2.Event]], None]
+
+
+class StoredTask(NamedTuple):
+    """An unfinished task as stored: its id and status (columns) and the serialized `Task`."""
+
+    task_id: str
+    status: int
+    record: bytes
 
 
 @dataclass
@@ -38,9 +47,9 @@ class LoadedState:
 
     agents: list[agent_pb2.Agent]
     agent_token_hashes: dict[str, str]
-    #: Every unfinished task as stored (serialized `Task`), in creation order: decoding them is
-    #: most of a restart's work, so the scheduler does it in the background, a chunk at a time.
-    active_task_records: list[bytes]
+    #: Every unfinished task as stored, in creation order: decoding them is most of a restart's
+    #: work, so the scheduler does it in the background, those held by agents first.
+    active_tasks: list[StoredTask]
     revision: int
     oldest_revision: int
 

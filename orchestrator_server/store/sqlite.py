@@ -37,6 +37,7 @@ from orchestrator_server.store import (
     Lease,
     LoadedState,
     Store,
+    StoredTask,
     TaskQuery,
 )
 from orchestrator_server.store.sqlite_changes import apply_change
@@ -439,9 +440,9 @@ class SqliteStore(Store):
                 hashes[agent.agent_id] = token_hash
             placeholders = ",".join("?" * len(ACTIVE_TASK_STATUSES))
             tasks = [
-                row[0]
+                StoredTask(*row)
                 for row in conn.execute(
-                    f"SELECT data FROM tasks WHERE status IN ({placeholders}) ORDER BY seq",
+                    f"SELECT task_id, status, data FROM tasks WHERE status IN ({placeholders}) ORDER BY seq",
                     ACTIVE_TASK_STATUSES,
                 )
             ]

@@ -57,6 +57,9 @@ class Placer:
         # Slots of placements whose commit has not answered yet, per agent.
         self._reserved: dict[str, int] = {}
         self._pass_scheduled = False
+        #: Set while the unfinished tasks are restored after a start: no pass runs, so no task is
+        #: placed before an older or more urgent one that is not restored yet.
+        self.paused = False
         #: Tasks waiting in some heap (stale entries included); the pass stops early at zero.
         self.waiting = 0
 
@@ -145,7 +148,7 @@ class Placer:
         self._pass_scheduled = False
         # Most kicks (registrations, reconnects, freed capacity) find nothing waiting: stop before
         # looking at every agent.
-        if self.waiting == 0:
+        if self.waiting == 0 or self.paused:
             return
         agents = [agent for agent in self._agents() if self.placeable(agent)]
         fitting: dict[GroupKey, list[agent_pb2.Agent]] = {}

@@ -25,6 +25,7 @@ from orchestrator_server.errors import OrchestratorError
 from orchestrator_server.idempotency import ScopedKey
 from orchestrator_server.metrics import DISPATCH_LATENCY, TASKS_FINISHED
 from orchestrator_server.selectors import parse_selector
+from orchestrator_server.store import StoredTask
 from orchestrator_server.tasks.changes import merge
 from orchestrator_server.tasks.failover import GONE, Failover
 from orchestrator_server.tasks.model import (
@@ -44,8 +45,8 @@ log = logging.getLogger(__name__)
 
 # Seconds of restoring tasks between two turns of the event loop: the process answers other calls
 # in between, and the restore still gets its share of a loop busy with thousands of reconnecting
-# agents (whose welcomes wait for it). The clock is read every RESTORE_CHECK tasks (~1 ms).
-RESTORE_SLICE = 0.02
+# agents. The clock is read every RESTORE_CHECK tasks (~1 ms).
+RESTORE_SLICE = 0.01
 RESTORE_CHECK = 64
 
 
@@ -75,9 +76,11 @@ class TaskProjection(abc.ABC):
         )
         self._failover = Failover(config, registry.find, registry.agents, self._move_work)
         self._background: set[asyncio.Task[object]] = set()
-        # Until every unfinished task is restored, committed task events wait here (in revision
-        # order) and commands wait for `_restored`: both need the whole projection.
-        self._held_back: list[event_pb2.Event] | None = []
+        # The store's snapshot of unfinished tasks (`load`), restored in the background: committed
+        # events on a task not restored yet wait here for it (in revision order), and so do
+        # commands on it (`_restored`: every task of the snapshot restored).
+        self._snapshot: Sequence[StoredTask] = ()
+        self._held_back: dict[str, list[event_pb2.Event]] = {}
         self._restored = asyncio.Event()
 
     # -- what the commands provide -------------------------------------------------------------
@@ -98,31 +101,48 @@ class TaskProjection(abc.ABC):
 
     # -- startup -------------------------------------------------------------------------------
 
-    async def restore(self, records: Sequence[bytes]) -> None:
-        """Rebuilds the unfinished tasks from their stored records (the store's snapshot), a time
-        slice per event-loop turn, so the process serves agents meanwhile; then takes in, in order, the
-        task events committed since the snapshot, and lets commands run."""
+    def load(self, snapshot: Sequence[StoredTask]) -> None:
+        """Takes the store's snapshot of unfinished tasks, to restore in the background
+        (`restore_held`, then `restore_pending`); nothing is placed until all are restored."""
+        self._snapshot = snapshot
+        self._held_back = {stored.task_id: [] for stored in snapshot}
+        self._sequence = len(snapshot)  # restored tasks keep their place in creation order
+        self._placer.paused = True
+
+    async def restore_held(self) -> None:
+        """Restores the tasks that agents hold: all that a session's welcome and failover need."""
+        await self._restore(lambda status: status != PENDING)
+
+    async def restore_pending(self) -> None:
+        """Restores the rest (usually nearly all); then placement starts."""
         started, cpu_started = time.perf_counter(), time.process_time()
-        slice_ends = started + RESTORE_SLICE
-        for number, record in enumerate(records, 1):
-            self._restore_one(task_pb2.Task.FromString(record))
-            if number % RESTORE_CHECK == 0 and time.perf_counter() > slice_ends:
-                await asyncio.sleep(0)
-                slice_ends = time.perf_counter() + RESTORE_SLICE
-        held_back, self._held_back = self._held_back or [], None
-        for event in held_back:
-            self.apply(event)
+        restored = await self._restore(lambda status: status == PENDING)
+        self._snapshot = ()
         self._restored.set()
+        self._placer.paused = False
         self._placer.kick()
         log.info(
-            "restored %d unfinished tasks (and %d events committed since) in %.2f s (%.2f s of process CPU)",
-            len(self._active),
-            len(held_back),
+            "restored %d pending tasks in %.2f s (%.2f s of process CPU)",
+            restored,
             time.perf_counter() - started,
             time.process_time() - cpu_started,
         )
 
-    def _restore_one(self, task: task_pb2.Task) -> None:
+    async def _restore(self, selected: Callable[[int], bool]) -> int:
+        """Restores the selected tasks of the snapshot, a time slice per event-loop turn, so the
+        process serves meanwhile; returns how many."""
+        restored = 0
+        slice_ends = time.perf_counter() + RESTORE_SLICE
+        for sequence, stored in enumerate(self._snapshot, 1):
+            if selected(stored.status):
+                self._restore_one(task_pb2.Task.FromString(stored.record), sequence)
+                restored += 1
+            if sequence % RESTORE_CHECK == 0 and time.perf_counter() > slice_ends:
+                await asyncio.sleep(0)
+                slice_ends = time.perf_counter() + RESTORE_SLICE
+        return restored
+
+    def _restore_one(self, task: task_pb2.Task, sequence: int) -> None:
         if not task.attempt_count and task.attempts:
             # Recorded before attempts were counted: every attempt was still listed then.
             task.attempt_count = len(task.attempts)
@@ -133,7 +153,9 @@ class TaskProjection(abc.ABC):
             )
         if task.status != PENDING and current_attempt(task) is None:
             task.status = PENDING  # an inconsistent record: it goes back to the queue
-        self._settle(self._track(task), None)
+        self._settle(self._track(task, sequence), None)
+        for event in self._held_back.pop(task.task_id, ()):
+            self.apply(event)
 
     def agents_down_holding_work(self) -> list[str]:
         """Agents that hold attempts but are down (or gone) as far as this process knows."""
@@ -150,8 +172,9 @@ class TaskProjection(abc.ABC):
         """Takes in one committed event (of any process), in revision order."""
         if not event.HasField("task"):
             return
-        if self._held_back is not None:
-            self._held_back.append(event)  # restoring: taken in once the snapshot is
+        held_back = self._held_back.get(event.task.task_id)
+        if held_back is not None:
+            held_back.append(event)  # not restored yet: taken in right after it is
             return
         task_id = event.task.task_id
         entry = self._active.get(task_id)
@@ -174,10 +197,13 @@ class TaskProjection(abc.ABC):
             return local
         return merge(previous, event.task)
 
-    def _track(self, task: task_pb2.Task) -> ActiveTask:
-        self._sequence += 1
+    def _track(self, task: task_pb2.Task, sequence: int = 0) -> ActiveTask:
+        """`sequence`: the task's place in creation order (0: a new task, after every other)."""
+        if not sequence:
+            self._sequence += 1
+            sequence = self._sequence
         key = self._created_keys.get(task.task_id)
-        entry = ActiveTask(task, self._sequence, parse_selector(task.spec.label_selector), key)
+        entry = ActiveTask(task, sequence, parse_selector(task.spec.label_selector), key)
         # Placeable from now on: dispatch latency counts from here for a task placed as it is created.
         entry.placeable_since = asyncio.get_running_loop().time()
         self._active[task.task_id] = entry
@@ -273,8 +299,7 @@ class TaskProjection(abc.ABC):
                 wall_seconds(task.not_before), self._backoff_elapsed, task.task_id
             )
             return
-        # While restoring, one pass at the end instead of one per chunk (each scans every agent).
-        self._placer.push(entry, kick=self._held_back is None)
+        self._placer.push(entry)
 
     def _backoff_elapsed(self, task_id: str) -> None:
         entry = self._active.get(task_id)

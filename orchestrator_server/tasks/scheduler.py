@@ -62,23 +62,27 @@ class TaskScheduler(TaskProjection):
         self._store = store
         self._keys = IdempotencyKeys(store)
         self._commands = TaskCommands(self._active, self._commit_draft, self._spawn)
+        self._attachable = asyncio.Event()
         self._served = asyncio.Event()
         self.restore_error: BaseException | None = None
 
     # -- startup -------------------------------------------------------------------------------
 
-    async def start(self, records: Sequence[bytes]) -> None:
-        """Restores the unfinished tasks while the process already serves agents (`restore`), moves
-        work off agents that were down at the restart (`recover`), then serves task calls and
-        agents' sessions, which wait until then (within their deadlines). If this fails, they are
-        refused UNAVAILABLE instead."""
+    async def start(self) -> None:
+        """Restores the snapshot `load`ed while the process already serves: the tasks agents hold,
+        then work moves off agents that were down at the restart (`recover`) and sessions are
+        welcomed; then the pending tasks, then task calls are served. Sessions and task calls wait
+        until then (within their deadlines); if this fails, they are refused UNAVAILABLE."""
         try:
-            await self.restore(records)
+            await self.restore_held()
             await self.recover()
+            self._attachable.set()
+            await self.restore_pending()
         except BaseException as error:  # cancelled too (stopped meanwhile): nothing is served then
             self.restore_error = error
             raise
         finally:
+            self._attachable.set()
             self._served.set()
 
     @property
@@ -86,8 +90,15 @@ class TaskScheduler(TaskProjection):
         return self._served.is_set() and self.restore_error is None
 
     async def until_served(self) -> None:
-        if not self._served.is_set():
-            await self._served.wait()
+        await self._until(self._served)
+
+    async def until_attachable(self) -> None:
+        """Until a session's welcome can say which attempts its agent keeps."""
+        await self._until(self._attachable)
+
+    async def _until(self, restored: asyncio.Event) -> None:
+        if not restored.is_set():
+            await restored.wait()
         if self.restore_error is not None:
             raise Unavailable(f"the orchestrator could not restore its tasks: {self.restore_error!r}")
 
@@ -552,8 +563,8 @@ class TaskScheduler(TaskProjection):
         the commands waiting for the same task); returns the task as committed. Raises
         TaskNotActive if the task is not unfinished here, and ConditionFailed when a placement
         claim (not the task) was refused."""
-        if not self._restored.is_set():
-            await self._restored.wait()  # timers and failover of restored tasks may fire meanwhile
+        if task_id in self._held_back:
+            await self._restored.wait()  # not restored yet (a timer of another task may name it)
         return await self._commands.run(task_id, decide, lazy=lazy)
 
     async def _commit_draft(self, draft: task_pb2.Task, revision: int, claims: list[PlacementClaim]) -> None:
