@@ -156,8 +156,8 @@ async def test_reopening_restores_agents_tasks_and_revision(db_path: str) -> Non
     assert agents["a2"].status == agent_pb2.AGENT_STATUS_DOWN
     assert loaded.agent_token_hashes == {"a1": "h1", "a2": ""}
     # Only unfinished tasks are loaded; finished ones stay readable.
-    assert {stored.task_id: stored.status for stored in loaded.active_tasks} == {"t1": RUNNING, "t2": PENDING}
-    assert [task_pb2.Task.FromString(stored.record).task_id for stored in loaded.active_tasks] == ["t1", "t2"]
+    assert {task_id: status for task_id, status, _ in loaded.active_tasks} == {"t1": RUNNING, "t2": PENDING}
+    assert [task_pb2.Task.FromString(record).task_id for _, _, record in loaded.active_tasks] == ["t1", "t2"]
     finished = await second.get_task("t3")
     assert finished is not None and finished.status == SUCCEEDED and finished.revision == 5
     # The next commit continues the revision sequence.

@@ -25,7 +25,6 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 from orchestrator.v1 import agent_pb2, event_pb2, task_pb2
 from orchestrator_server.config import POSTGRES_SCHEMES
@@ -33,12 +32,9 @@ from orchestrator_server.config import POSTGRES_SCHEMES
 CommitListener = Callable[[Sequence[event_pb2.Event]], None]
 
 
-class StoredTask(NamedTuple):
-    """An unfinished task as stored: its id and status (columns) and the serialized `Task`."""
-
-    task_id: str
-    status: int
-    record: bytes
+#: An unfinished task as stored: its id, its status and the serialized `Task` (a plain tuple, as
+#: the driver returns rows: 100k named tuples cost a tenth of a second before a restart serves).
+StoredTask = tuple[str, int, bytes]
 
 
 @dataclass

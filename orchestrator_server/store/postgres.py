@@ -59,7 +59,6 @@ from orchestrator_server.store import (
     Lease,
     LoadedState,
     Store,
-    StoredTask,
     TaskQuery,
 )
 from orchestrator_server.store.postgres_changes import Batch, Rows, explain_collision
@@ -486,7 +485,7 @@ class PostgresStore(Store):
                 agents.append(agent)
                 hashes[agent.agent_id] = row["token_hash"]
             tasks = [
-                StoredTask(row["task_id"], row["status"], row["data"])
+                (row["task_id"], row["status"], row["data"])
                 for row in await conn.fetch(
                     "SELECT task_id, status, data FROM tasks WHERE status = ANY($1::integer[]) ORDER BY seq",
                     ACTIVE_TASK_STATUSES,

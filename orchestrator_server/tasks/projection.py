@@ -80,6 +80,7 @@ class TaskProjection(abc.ABC):
         # events on a task not restored yet wait here for it (in revision order), and so do
         # commands on it (`_restored`: every task of the snapshot restored).
         self._snapshot: Sequence[StoredTask] = ()
+        self._unrestored: set[str] = set()
         self._held_back: dict[str, list[event_pb2.Event]] = {}
         self._restored = asyncio.Event()
 
@@ -105,7 +106,7 @@ class TaskProjection(abc.ABC):
         """Takes the store's snapshot of unfinished tasks, to restore in the background
         (`restore_held`, then `restore_pending`); nothing is placed until all are restored."""
         self._snapshot = snapshot
-        self._held_back = {stored.task_id: [] for stored in snapshot}
+        self._unrestored = {task_id for task_id, _, _ in snapshot}
         self._sequence = len(snapshot)  # restored tasks keep their place in creation order
         self._placer.paused = True
 
@@ -133,9 +134,9 @@ class TaskProjection(abc.ABC):
         process serves meanwhile; returns how many."""
         restored = 0
         slice_ends = time.perf_counter() + RESTORE_SLICE
-        for sequence, stored in enumerate(self._snapshot, 1):
-            if selected(stored.status):
-                self._restore_one(task_pb2.Task.FromString(stored.record), sequence)
+        for sequence, (_, status, record) in enumerate(self._snapshot, 1):
+            if selected(status):
+                self._restore_one(task_pb2.Task.FromString(record), sequence)
                 restored += 1
             if sequence % RESTORE_CHECK == 0 and time.perf_counter() > slice_ends:
                 await asyncio.sleep(0)
@@ -154,6 +155,7 @@ class TaskProjection(abc.ABC):
         if task.status != PENDING and current_attempt(task) is None:
             task.status = PENDING  # an inconsistent record: it goes back to the queue
         self._settle(self._track(task, sequence), None)
+        self._unrestored.discard(task.task_id)
         for event in self._held_back.pop(task.task_id, ()):
             self.apply(event)
 
@@ -172,9 +174,9 @@ class TaskProjection(abc.ABC):
         """Takes in one committed event (of any process), in revision order."""
         if not event.HasField("task"):
             return
-        held_back = self._held_back.get(event.task.task_id)
-        if held_back is not None:
-            held_back.append(event)  # not restored yet: taken in right after it is
+        if event.task.task_id in self._unrestored:
+            # Not restored yet: taken in right after it is.
+            self._held_back.setdefault(event.task.task_id, []).append(event)
             return
         task_id = event.task.task_id
         entry = self._active.get(task_id)

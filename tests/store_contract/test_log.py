@@ -156,7 +156,7 @@ async def test_reopening_keeps_revision_and_data(backend: Backend, store_factory
     # Another process's credential is read by agent id (unknown ids are left out).
     assert await second.agent_token_hashes(["a1", "nobody"]) == {"a1": "h1"}
     revisions = {
-        stored.task_id: task_pb2.Task.FromString(stored.record).revision for stored in loaded.active_tasks
+        task_id: task_pb2.Task.FromString(record).revision for task_id, _, record in loaded.active_tasks
     }
     assert revisions == {"t1": 2, "t2": 3}
     # Conditions read the reopened rows; revisions continue.
