@@ -521,9 +521,9 @@ class TaskScheduler(TaskProjection):
                 self._move_work(agent_id, "agent down (failover by a new leader)")
 
     async def recover(self) -> None:
-        """After `restore`: work held by agents that were already down before the restart moves
-        before tasks and sessions are served (they had their grace then). Only the leader moves work; a
-        replica that becomes leader later does it then (`cluster_changed`)."""
+        """After `restore_held`: work held by agents that were already down before the restart
+        moves before sessions and tasks are served (they had their grace then). Only the leader
+        moves work; a replica that becomes leader later does it then (`cluster_changed`)."""
         if not self._registry.cluster.leader:
             return
         moves = [
