@@ -39,6 +39,8 @@ class WorkloadSummary:
     running_tasks: int = 0
     failover_paused: bool = False
     failover_paused_reason: str = ""
+    #: Unfinished tasks are still being restored after a start: the counts are those restored so far.
+    restoring: bool = False
 
 
 class HealthReporter:
@@ -79,7 +81,7 @@ class HealthReporter:
         verdict = "SERVING"
         if store_status != "ok":
             verdict = "NOT_SERVING"
-        elif workload.failover_paused:
+        elif workload.failover_paused or workload.restoring:
             verdict = "DEGRADED"
         response = health_pb2.GetSystemHealthResponse(
             status=verdict,

@@ -59,11 +59,12 @@ from orchestrator_server.tasks import TaskScheduler
 
 log = logging.getLogger(__name__)
 
+TASKS_SERVICE = tasks_pb2.DESCRIPTOR.services_by_name["TasksService"].full_name
 SERVICE_NAMES = (
     registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name,
     orchestrator_health_pb2.DESCRIPTOR.services_by_name["HealthService"].full_name,
     discovery_pb2.DESCRIPTOR.services_by_name["DiscoveryService"].full_name,
-    tasks_pb2.DESCRIPTOR.services_by_name["TasksService"].full_name,
+    TASKS_SERVICE,
 )
 
 
@@ -153,6 +154,7 @@ class OrchestratorServer:
         self._draining = False
         self._fd_limit = 0
         self._health_update: asyncio.Future[None] | None = None
+        self._restoring: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         # Connections held open over HTTP must not run the process out of descriptors for gRPC.
@@ -172,7 +174,7 @@ class OrchestratorServer:
         )
         self.bus.seed_agents(loaded.agents)
         self.registry.restore(loaded.agents, loaded.agent_token_hashes)
-        self.tasks.restore(loaded.active_tasks)
+        self.tasks.load(loaded.active_tasks)  # restored in the background once the process serves
         # The projections follow committed events only (this process's and other processes').
         self.bus.add_listener(self.registry.apply)
         self.bus.add_listener(self.tasks.apply)
@@ -180,7 +182,6 @@ class OrchestratorServer:
         self.cluster.on_change = self._cluster_changed
         early, self._early_events = self._early_events, []
         self.bus.publish(early)
-        await self.tasks.recover()
         self.registry.on_transition = lambda agent, _previous: TRANSITIONS.labels(
             status_label(agent.status)
         ).inc()
@@ -207,8 +208,7 @@ class OrchestratorServer:
         enable_server_reflection(
             (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server
         )
-        for name in ("", *SERVICE_NAMES):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_health(serving=True)
         # The REST port is bound (and listening) now, so the ready file can name it; the gateway
         # behind it (aiohttp's import alone takes ~0.5 s) starts after gRPC serves. A REST
         # connection made meanwhile waits in the listen backlog and is answered once it has.
@@ -226,6 +226,8 @@ class OrchestratorServer:
         # and a restart with thousands of them must not push readiness back (figure 7).
         if self.config.ready_file:
             self._write_ready_file()
+        # Most of a restart's work, done once the process serves (task calls and sessions wait).
+        self._restoring = asyncio.create_task(self._restore_tasks())
         if http_socket is not None:
             self._gateway = await self._start_gateway(
                 dict(zip(SERVICE_NAMES, servicers, strict=True)), http_socket
@@ -292,19 +294,31 @@ class OrchestratorServer:
         self.registry.cluster_changed()
         self.tasks.cluster_changed(self.cluster.leader)
         if self._server is not None and not self._draining:
-            status = (
-                health_pb2.HealthCheckResponse.SERVING
-                if self.cluster.serving
-                else health_pb2.HealthCheckResponse.NOT_SERVING
-            )
-            self._health_update = asyncio.ensure_future(self._set_health(status))
+            self._health_update = asyncio.ensure_future(self._set_health(self.cluster.serving))
 
-    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+    async def _restore_tasks(self) -> None:
+        try:
+            await self.tasks.start()
+        except Exception:
+            log.critical(
+                "cannot restore the unfinished tasks; task calls and sessions are refused", exc_info=True
+            )
+        if self._server is not None and not self._draining:
+            await self._set_health(self.cluster.serving)
+
+    async def _set_health(self, serving: bool) -> None:
+        """grpc.health, per service: TasksService (and with it the whole process, if the tasks could
+        not be restored) is NOT_SERVING until the unfinished tasks are restored; meanwhile its calls
+        wait, and agents' sessions wait for their welcome."""
         for name in ("", *SERVICE_NAMES):
-            await self.health.set(name, status)
+            up = serving and self.tasks.restore_error is None and (name != TASKS_SERVICE or self.tasks.served)
+            await self.health.set(
+                name,
+                health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING,
+            )
 
     async def _store_ready(self) -> bool:
-        if self._draining or not self.cluster.serving:
+        if self._draining or not self.cluster.serving or self.tasks.restore_error is not None:
             return False
         try:
             await self.store.ping()
@@ -342,6 +356,8 @@ class OrchestratorServer:
             log.info("draining: not ready; still serving for %g s", delay)
             await asyncio.sleep(delay)
         self.registry.shutdown("orchestrator shutting down")
+        if self._restoring is not None:
+            self._restoring.cancel()
         self.tasks.shutdown()
         self._bus().close()
         # Give the reconnect requests a moment to leave before the streams are cut.

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.v1 import agent_pb2
+from orchestrator.v1 import agent_pb2, task_pb2
 from orchestrator_server.errors import AlreadyExists, Unavailable
 from orchestrator_server.store import Change, ConditionFailed, Expect, PlacementClaim, TaskQuery, open_store
 from orchestrator_server.store import sqlite as sqlite_store
@@ -156,7 +156,8 @@ async def test_reopening_restores_agents_tasks_and_revision(db_path: str) -> Non
     assert agents["a2"].status == agent_pb2.AGENT_STATUS_DOWN
     assert loaded.agent_token_hashes == {"a1": "h1", "a2": ""}
     # Only unfinished tasks are loaded; finished ones stay readable.
-    assert {task.task_id: task.status for task in loaded.active_tasks} == {"t1": RUNNING, "t2": PENDING}
+    assert {task_id: status for task_id, status, _ in loaded.active_tasks} == {"t1": RUNNING, "t2": PENDING}
+    assert [task_pb2.Task.FromString(record).task_id for _, _, record in loaded.active_tasks] == ["t1", "t2"]
     finished = await second.get_task("t3")
     assert finished is not None and finished.status == SUCCEEDED and finished.revision == 5
     # The next commit continues the revision sequence.

@@ -296,6 +296,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         hello = await self._read_hello(context)
         if hello is None:
             return  # the client left before its hello: nobody to answer
+        # Which attempts the agent keeps is known once the tasks agents hold are restored.
+        await self._tasks.until_attachable()
         port = StreamPort(hello.agent_id, context)
         session, kept = await self._registry.open_session(
             hello.agent_id,

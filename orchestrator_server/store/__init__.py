@@ -32,13 +32,20 @@ from orchestrator_server.config import POSTGRES_SCHEMES
 CommitListener = Callable[[Sequence[event_pb2.Event]], None]
 
 
+#: An unfinished task as stored: its id, its status and the serialized `Task` (a plain tuple, as
+#: the driver returns rows: 100k named tuples cost a tenth of a second before a restart serves).
+StoredTask = tuple[str, int, bytes]
+
+
 @dataclass
 class LoadedState:
     """What a process needs in memory after start: every agent and every unfinished task."""
 
     agents: list[agent_pb2.Agent]
     agent_token_hashes: dict[str, str]
-    active_tasks: list[task_pb2.Task]
+    #: Every unfinished task as stored, in creation order: decoding them is most of a restart's
+    #: work, so the scheduler does it in the background, those held by agents first.
+    active_tasks: list[StoredTask]
     revision: int
     oldest_revision: int
 

@@ -272,9 +272,9 @@ class PostgresStore(Store):
                 agents.append(agent)
                 hashes[agent.agent_id] = row["token_hash"]
             tasks = [
-                task_pb2.Task.FromString(row["data"])
+                (row["task_id"], row["status"], row["data"])
                 for row in await conn.fetch(
-                    "SELECT data FROM tasks WHERE status = ANY($1::integer[]) ORDER BY seq",
+                    "SELECT task_id, status, data FROM tasks WHERE status = ANY($1::integer[]) ORDER BY seq",
                     ACTIVE_TASK_STATUSES,
                 )
             ]

@@ -438,13 +438,10 @@ class SqliteStore(Store):
                 agents.append(agent)
                 hashes[agent.agent_id] = token_hash
             placeholders = ",".join("?" * len(ACTIVE_TASK_STATUSES))
-            tasks = [
-                task_pb2.Task.FromString(row[0])
-                for row in conn.execute(
-                    f"SELECT data FROM tasks WHERE status IN ({placeholders}) ORDER BY seq",
-                    ACTIVE_TASK_STATUSES,
-                )
-            ]
+            tasks = conn.execute(
+                f"SELECT task_id, status, data FROM tasks WHERE status IN ({placeholders}) ORDER BY seq",
+                ACTIVE_TASK_STATUSES,
+            ).fetchall()
             revision = _current_revision(conn)
             oldest = _oldest_revision(conn)
         finally:

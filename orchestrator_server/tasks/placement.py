@@ -57,6 +57,9 @@ class Placer:
         # Slots of placements whose commit has not answered yet, per agent.
         self._reserved: dict[str, int] = {}
         self._pass_scheduled = False
+        #: Set while the unfinished tasks are restored after a start: no pass runs, so no task is
+        #: placed before an older or more urgent one that is not restored yet.
+        self.paused = False
         #: Tasks waiting in some heap (stale entries included); the pass stops early at zero.
         self.waiting = 0
 
@@ -123,6 +126,18 @@ class Placer:
 
     # -- the pass --------------------------------------------------------------------------------
 
+    def kick_for(self, agent: agent_pb2.Agent) -> None:
+        """`agent` may take (more) work. A pass leaves no waiting group with a free agent that fits
+        it, so only this agent can change that: a pass (O(agents)) runs only if it can take some
+        waiting group's work. Every commit of an alive agent calls this, so 10k agents
+        re-attaching with tasks waiting that none of them fits no longer make 10k passes."""
+        if (
+            self.waiting
+            and self.placeable(agent)
+            and any(group.heap and group.fits(agent) for group in self._groups.values())
+        ):
+            self.kick()
+
     def kick(self) -> None:
         """Runs one placement pass soon; many kicks in one loop iteration make one pass."""
         if not self._pass_scheduled:
@@ -133,7 +148,7 @@ class Placer:
         self._pass_scheduled = False
         # Most kicks (registrations, reconnects, freed capacity) find nothing waiting: stop before
         # looking at every agent.
-        if self.waiting == 0:
+        if self.waiting == 0 or self.paused:
             return
         agents = [agent for agent in self._agents() if self.placeable(agent)]
         fitting: dict[GroupKey, list[agent_pb2.Agent]] = {}

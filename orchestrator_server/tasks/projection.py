@@ -16,7 +16,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Sequence
 
 from orchestrator.v1 import agent_pb2, event_pb2, task_pb2
 from orchestrator_server.agents import Registry
@@ -25,6 +25,7 @@ from orchestrator_server.errors import OrchestratorError
 from orchestrator_server.idempotency import ScopedKey
 from orchestrator_server.metrics import DISPATCH_LATENCY, TASKS_FINISHED
 from orchestrator_server.selectors import parse_selector
+from orchestrator_server.store import StoredTask
 from orchestrator_server.tasks.changes import merge
 from orchestrator_server.tasks.failover import GONE, Failover
 from orchestrator_server.tasks.model import (
@@ -41,6 +42,12 @@ from orchestrator_server.tasks.model import (
 from orchestrator_server.tasks.placement import Placer
 
 log = logging.getLogger(__name__)
+
+# Seconds of restoring tasks between two turns of the event loop: the process answers other calls
+# in between, and the restore still gets its share of a loop busy with thousands of reconnecting
+# agents. The clock is read every RESTORE_CHECK tasks (~1 ms).
+RESTORE_SLICE = 0.01
+RESTORE_CHECK = 64
 
 
 class TaskProjection(abc.ABC):
@@ -69,6 +76,13 @@ class TaskProjection(abc.ABC):
         )
         self._failover = Failover(config, registry.find, registry.agents, self._move_work)
         self._background: set[asyncio.Task[object]] = set()
+        # The store's snapshot of unfinished tasks (`load`), restored in the background: committed
+        # events on a task not restored yet wait here for it (in revision order), and so do
+        # commands on it (`_restored`: every task of the snapshot restored).
+        self._snapshot: Sequence[StoredTask] = ()
+        self._unrestored: set[str] = set()
+        self._held_back: dict[str, list[event_pb2.Event]] = {}
+        self._restored = asyncio.Event()
 
     # -- what the commands provide -------------------------------------------------------------
 
@@ -88,20 +102,62 @@ class TaskProjection(abc.ABC):
 
     # -- startup -------------------------------------------------------------------------------
 
-    def restore(self, tasks: Iterable[task_pb2.Task]) -> None:
-        for task in tasks:
-            if not task.attempt_count and task.attempts:
-                # Recorded before attempts were counted: every attempt was still listed then.
-                task.attempt_count = len(task.attempts)
-                task.failure_count = sum(
-                    1
-                    for attempt in task.attempts
-                    if attempt.status in (task_pb2.ATTEMPT_STATUS_FAILED, task_pb2.ATTEMPT_STATUS_TIMED_OUT)
-                )
-            if task.status != PENDING and current_attempt(task) is None:
-                task.status = PENDING  # an inconsistent record: it goes back to the queue
-            self._settle(self._track(task), None)
-        log.info("restored %d unfinished tasks", len(self._active))
+    def load(self, snapshot: Sequence[StoredTask]) -> None:
+        """Takes the store's snapshot of unfinished tasks, to restore in the background
+        (`restore_held`, then `restore_pending`); nothing is placed until all are restored."""
+        self._snapshot = snapshot
+        self._unrestored = {task_id for task_id, _, _ in snapshot}
+        self._sequence = len(snapshot)  # restored tasks keep their place in creation order
+        self._placer.paused = True
+
+    async def restore_held(self) -> None:
+        """Restores the tasks that agents hold: all that a session's welcome and failover need."""
+        await self._restore(lambda status: status != PENDING)
+
+    async def restore_pending(self) -> None:
+        """Restores the rest (usually nearly all); then placement starts."""
+        started, cpu_started = time.perf_counter(), time.process_time()
+        restored = await self._restore(lambda status: status == PENDING)
+        self._snapshot = ()
+        self._restored.set()
+        self._placer.paused = False
+        self._placer.kick()
+        log.info(
+            "restored %d pending tasks in %.2f s (%.2f s of process CPU)",
+            restored,
+            time.perf_counter() - started,
+            time.process_time() - cpu_started,
+        )
+
+    async def _restore(self, selected: Callable[[int], bool]) -> int:
+        """Restores the selected tasks of the snapshot, a time slice per event-loop turn, so the
+        process serves meanwhile; returns how many."""
+        restored = 0
+        slice_ends = time.perf_counter() + RESTORE_SLICE
+        for sequence, (_, status, record) in enumerate(self._snapshot, 1):
+            if selected(status):
+                self._restore_one(task_pb2.Task.FromString(record), sequence)
+                restored += 1
+            if sequence % RESTORE_CHECK == 0 and time.perf_counter() > slice_ends:
+                await asyncio.sleep(0)
+                slice_ends = time.perf_counter() + RESTORE_SLICE
+        return restored
+
+    def _restore_one(self, task: task_pb2.Task, sequence: int) -> None:
+        if not task.attempt_count and task.attempts:
+            # Recorded before attempts were counted: every attempt was still listed then.
+            task.attempt_count = len(task.attempts)
+            task.failure_count = sum(
+                1
+                for attempt in task.attempts
+                if attempt.status in (task_pb2.ATTEMPT_STATUS_FAILED, task_pb2.ATTEMPT_STATUS_TIMED_OUT)
+            )
+        if task.status != PENDING and current_attempt(task) is None:
+            task.status = PENDING  # an inconsistent record: it goes back to the queue
+        self._settle(self._track(task, sequence), None)
+        self._unrestored.discard(task.task_id)
+        for event in self._held_back.pop(task.task_id, ()):
+            self.apply(event)
 
     def agents_down_holding_work(self) -> list[str]:
         """Agents that hold attempts but are down (or gone) as far as this process knows."""
@@ -117,6 +173,10 @@ class TaskProjection(abc.ABC):
     def apply(self, event: event_pb2.Event) -> None:
         """Takes in one committed event (of any process), in revision order."""
         if not event.HasField("task"):
+            return
+        if event.task.task_id in self._unrestored:
+            # Not restored yet: taken in right after it is.
+            self._held_back.setdefault(event.task.task_id, []).append(event)
             return
         task_id = event.task.task_id
         entry = self._active.get(task_id)
@@ -139,10 +199,13 @@ class TaskProjection(abc.ABC):
             return local
         return merge(previous, event.task)
 
-    def _track(self, task: task_pb2.Task) -> ActiveTask:
-        self._sequence += 1
+    def _track(self, task: task_pb2.Task, sequence: int = 0) -> ActiveTask:
+        """`sequence`: the task's place in creation order (0: a new task, after every other)."""
+        if not sequence:
+            self._sequence += 1
+            sequence = self._sequence
         key = self._created_keys.get(task.task_id)
-        entry = ActiveTask(task, self._sequence, parse_selector(task.spec.label_selector), key)
+        entry = ActiveTask(task, sequence, parse_selector(task.spec.label_selector), key)
         # Placeable from now on: dispatch latency counts from here for a task placed as it is created.
         entry.placeable_since = asyncio.get_running_loop().time()
         self._active[task.task_id] = entry

@@ -114,7 +114,9 @@ class TaskReactions(TaskWritePath):
 
     def agent_available(self, agent_id: str) -> None:
         self._failover.agent_back(agent_id)
-        self._placer.kick()
+        agent = self._registry.find(agent_id)
+        if agent is not None:
+            self._placer.kick_for(agent)
 
     def agent_lost(self, agent_id: str, *, graceful: bool) -> None:
         if self._held.get(agent_id):
@@ -155,9 +157,9 @@ class TaskReactions(TaskWritePath):
                 self._move_work(agent_id, "agent down (failover by a new leader)")
 
     async def recover(self) -> None:
-        """After `restore`: work held by agents that were already down before the restart moves
-        before the process serves (they had their grace then). Only the leader moves work; a
-        replica that becomes leader later does it then (`cluster_changed`)."""
+        """After `restore_held`: work held by agents that were already down before the restart
+        moves before sessions and tasks are served (they had their grace then). Only the leader
+        moves work; a replica that becomes leader later does it then (`cluster_changed`)."""
         if not self._registry.cluster.leader:
             return
         moves = [

@@ -15,17 +15,20 @@ and the command decides again on the newer state.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
 
 from google.protobuf import struct_pb2
 
 from orchestrator.v1 import agent_pb2, event_pb2, registry_pb2, task_pb2, tasks_pb2
-from orchestrator_server.agents import READY, new_id
-from orchestrator_server.errors import FailedPrecondition, InvalidArgument, NotFound
+from orchestrator_server.agents import READY, Registry, new_id
+from orchestrator_server.config import Config
+from orchestrator_server.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from orchestrator_server.health import WorkloadSummary
 from orchestrator_server.idempotency import ScopedKey, check_same_spec
 from orchestrator_server.selectors import parse_selector
-from orchestrator_server.store import Change, ConditionFailed, PlacementClaim, TaskQuery
+from orchestrator_server.store import Change, ConditionFailed, PlacementClaim, Store, TaskQuery
 from orchestrator_server.tasks import transitions
 from orchestrator_server.tasks.commands import Decide
 from orchestrator_server.tasks.model import PENDING, SUCCEEDED, ActiveTask, TaskNotActive
@@ -48,9 +51,54 @@ class TaskScheduler(TaskReactions):
     """Every unfinished task, and where it runs. Implements the registry's AgentObserver
     (reactions.py); commits through write_path.py."""
 
+    def __init__(
+        self, config: Config, registry: Registry, store: Store, rng: random.Random | None = None
+    ) -> None:
+        super().__init__(config, registry, store, rng)
+        self._attachable = asyncio.Event()
+        self._served = asyncio.Event()
+        self.restore_error: BaseException | None = None
+
+    # -- startup -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Restores the snapshot `load`ed while the process already serves: the tasks agents hold,
+        then work moves off agents that were down at the restart (`recover`) and sessions are
+        welcomed; then the pending tasks, then task calls are served. Sessions and task calls wait
+        until then (within their deadlines); if this fails, they are refused UNAVAILABLE."""
+        try:
+            await self.restore_held()
+            await self.recover()
+            self._attachable.set()
+            await self.restore_pending()
+        except BaseException as error:  # cancelled too (stopped meanwhile): nothing is served then
+            self.restore_error = error
+            raise
+        finally:
+            self._attachable.set()
+            self._served.set()
+
+    @property
+    def served(self) -> bool:
+        return self._served.is_set() and self.restore_error is None
+
+    async def until_served(self) -> None:
+        await self._until(self._served)
+
+    async def until_attachable(self) -> None:
+        """Until a session's welcome can say which attempts its agent keeps."""
+        await self._until(self._attachable)
+
+    async def _until(self, restored: asyncio.Event) -> None:
+        if not restored.is_set():
+            await restored.wait()
+        if self.restore_error is not None:
+            raise Unavailable(f"the orchestrator could not restore its tasks: {self.restore_error!r}")
+
     # -- queries -------------------------------------------------------------------------------
 
     async def get(self, task_id: str) -> task_pb2.Task:
+        await self.until_served()
         if not task_id:
             raise InvalidArgument.field("task_id", "is required")
         entry = self._active.get(task_id)
@@ -62,6 +110,7 @@ class TaskScheduler(TaskReactions):
         return task
 
     async def list_tasks(self, request: tasks_pb2.ListTasksRequest) -> tuple[list[task_pb2.Task], str]:
+        await self.until_served()
         violations = Violations()
         if request.status not in task_pb2.TaskStatus.values():
             violations.add("status", f"unknown status {request.status}")
@@ -94,12 +143,14 @@ class TaskScheduler(TaskReactions):
             running_tasks=self._placed,
             failover_paused=paused,
             failover_paused_reason=self._failover.paused_reason() if paused else "",
+            restoring=not self._served.is_set(),
         )
 
     # -- creation ------------------------------------------------------------------------------
 
     async def create(self, spec: task_pb2.TaskSpec, scope: str = "") -> tuple[task_pb2.Task, bool]:
         """Creates a task; `scope` names the caller, to which an idempotency key belongs."""
+        await self.until_served()
         check_spec(spec)
         key = (scope, spec.idempotency_key) if spec.idempotency_key else None
         if key is not None:
@@ -163,6 +214,7 @@ class TaskScheduler(TaskReactions):
     async def complete(
         self, task_id: str, attempt_id: str, result: struct_pb2.Struct, agent_id: str | None = None
     ) -> task_pb2.Task:
+        await self.until_served()
         check_completion(task_id, attempt_id, result)
 
         def decide(entry: ActiveTask, draft: task_pb2.Task) -> list[PlacementClaim]:
@@ -180,6 +232,7 @@ class TaskScheduler(TaskReactions):
     async def fail(
         self, task_id: str, attempt_id: str, error: task_pb2.TaskError, agent_id: str | None = None
     ) -> task_pb2.Task:
+        await self.until_served()
         check_failure(task_id, attempt_id, error)
 
         def decide(entry: ActiveTask, draft: task_pb2.Task) -> list[PlacementClaim]:
@@ -210,6 +263,7 @@ class TaskScheduler(TaskReactions):
     async def progress(
         self, task_id: str, attempt_id: str, progress: task_pb2.TaskProgress, agent_id: str | None = None
     ) -> task_pb2.Task:
+        await self.until_served()
         check_progress(task_id, attempt_id, progress)
         return await self._running_command(task_id, self._progress_decision(attempt_id, progress, agent_id))
 
@@ -275,6 +329,7 @@ class TaskScheduler(TaskReactions):
     # -- operator actions ----------------------------------------------------------------------
 
     async def cancel(self, task_id: str, reason: str) -> task_pb2.Task:
+        await self.until_served()
         violations = Violations()
         violations.identifier("task_id", task_id)
         violations.text("reason", reason, 512)
@@ -293,6 +348,7 @@ class TaskScheduler(TaskReactions):
             ) from None
 
     async def assign(self, task_id: str, agent_id: str) -> task_pb2.Task:
+        await self.until_served()
         violations = Violations()
         violations.identifier("task_id", task_id)
         violations.identifier("agent_id", agent_id)

@@ -39,6 +39,8 @@ class TaskWritePath(TaskProjection):
         the commands waiting for the same task); returns the task as committed. Raises
         TaskNotActive if the task is not unfinished here, and ConditionFailed when a placement
         claim (not the task) was refused."""
+        if task_id in self._unrestored:
+            await self._restored.wait()  # not restored yet: its held-back events are not applied
         return await self._commands.run(task_id, decide, lazy=lazy)
 
     async def _commit_draft(self, draft: task_pb2.Task, revision: int, claims: list[PlacementClaim]) -> None:

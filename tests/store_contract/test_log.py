@@ -155,7 +155,10 @@ async def test_reopening_keeps_revision_and_data(backend: Backend, store_factory
     assert loaded.agent_token_hashes == {"a1": "h1"}
     # Another process's credential is read by agent id (unknown ids are left out).
     assert await second.agent_token_hashes(["a1", "nobody"]) == {"a1": "h1"}
-    assert {task.task_id: task.revision for task in loaded.active_tasks} == {"t1": 2, "t2": 3}
+    revisions = {
+        task_id: task_pb2.Task.FromString(record).revision for task_id, _, record in loaded.active_tasks
+    }
+    assert revisions == {"t1": 2, "t2": 3}
     # Conditions read the reopened rows; revisions continue.
     assert await second.commit(Change(events=[agent_event("a1")], expect=[Expect("a1", 1)])) == 4
     found = await second.find_task_by_idempotency_key("k1")
