@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -135,18 +134,6 @@ class ReplicaProcesses:
             server.stop()
         for proxy in self.proxies:
             proxy.close()
-
-
-async def wait_until(predicate: Any, within: float = 30.0, what: str = "condition") -> Any:
-    """Polls an async predicate until it returns something truthy (a deadline, never a bare sleep)."""
-    deadline = time.monotonic() + within
-    while True:
-        result = await predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {within} s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 @pytest.fixture

@@ -15,8 +15,8 @@ from grpc_health.v1 import health_pb2 as grpc_health_pb2
 from grpc_health.v1 import health_pb2_grpc as grpc_health_pb2_grpc
 
 from orchestrator.v1 import agent_pb2, registry_pb2, task_pb2, tasks_pb2
-from tests.cluster.replicas import ReplicaProcesses, replica_processes, wait_until
-from tests.conftest import ServerProcess, Stubs, connect
+from tests.cluster.replicas import ReplicaProcesses, replica_processes
+from tests.conftest import ServerProcess, Stubs, async_wait_for, connect
 from tests.support import DOWN, READY, SessionClient, keep_beating, open_session, rpc_error
 
 __all__ = ["replica_processes"]  # the fixture
@@ -82,7 +82,7 @@ async def test_task_created_on_one_replica_runs_on_the_agent_of_another(
                 task = await get_task(on_b, created.task_id)
                 return task if task.status == task_pb2.TASK_STATUS_SUCCEEDED else None
 
-            done = await wait_until(finished, within=10, what="B to see the completion")
+            done = await async_wait_for(finished, within=10, what="B to see the completion")
             assert [attempt.agent_id for attempt in done.attempts] == [agent_id]
             assert (await get_agent(on_a, agent_id)).session.owner != ""
         finally:
@@ -137,7 +137,7 @@ async def test_agents_of_a_killed_replica_go_down_once_after_the_grace_unless_th
                 agent = await get_agent(on_b, orphan.agent.agent_id)
                 return agent if agent.status == DOWN else None
 
-            down = await wait_until(orphan_down, within=30, what="the orphan DOWN")
+            down = await async_wait_for(orphan_down, within=30, what="the orphan DOWN")
             detected = time.monotonic() - killed_at
             # The replica's lease (REPLICA_TTL=3), a renewal period to notice, then a heartbeat
             # timeout (HEARTBEAT_TIMEOUT=2) for the orphan, with some slack.
@@ -175,7 +175,7 @@ async def test_leader_killed_another_replica_takes_over_and_times_tasks_out_once
         async def taken() -> ServerProcess | None:
             return new_leader()
 
-        await wait_until(taken, within=15, what="a new leader")
+        await async_wait_for(taken, within=15, what="a new leader")
         takeover = time.monotonic() - killed_at
         assert takeover <= 8.0, takeover  # REPLICA_TTL=3 plus a renewal period and some slack
 
@@ -183,7 +183,7 @@ async def test_leader_killed_another_replica_takes_over_and_times_tasks_out_once
             current = await get_task(on_second, task.task_id)
             return current if current.status == task_pb2.TASK_STATUS_TIMED_OUT else None
 
-        finished = await wait_until(timed_out, within=20, what="the queue timeout")
+        finished = await async_wait_for(timed_out, within=20, what="the queue timeout")
         assert finished.error.reason == "QUEUE_TIMEOUT"
         # Exactly one replica acted: only the leader's log says it timed a task out, and the
         # others never lost a race for it.
@@ -243,7 +243,7 @@ async def test_a_replica_cut_off_from_the_database_stops_serving_sessions_until_
                 for line in a.log().splitlines()
             )
 
-        await wait_until(a_sees_b, within=30, what="A to see B")
+        await async_wait_for(a_sees_b, within=30, what="A to see B")
         cut_at = time.monotonic()
         proxy.cut()
         try:
@@ -256,7 +256,7 @@ async def test_a_replica_cut_off_from_the_database_stops_serving_sessions_until_
             async def not_serving() -> bool:
                 return await serving_status(a) == grpc_health_pb2.HealthCheckResponse.NOT_SERVING
 
-            await wait_until(not_serving, within=10, what="A NOT_SERVING")
+            await async_wait_for(not_serving, within=10, what="A NOT_SERVING")
             refused = SessionClient(on_a.registry, agent_id, registered.agent_token)
             error = await rpc_error(refused.receive(), grpc.StatusCode.UNAVAILABLE)
             assert "reconnect to another" in (error.details() or "")
@@ -272,7 +272,7 @@ async def test_a_replica_cut_off_from_the_database_stops_serving_sessions_until_
             async def serving() -> bool:
                 return await serving_status(a) == grpc_health_pb2.HealthCheckResponse.SERVING
 
-            await wait_until(serving, within=20, what="A serving again")
+            await async_wait_for(serving, within=20, what="A serving again")
             # Back in the cluster, A sees B's session and leaves the agent alone.
             await moved.receive_kind("ack", within=5)
             assert (await get_agent(on_a, agent_id)).status == READY
@@ -309,7 +309,7 @@ async def test_credentials_and_unary_heartbeats_work_on_every_replica(
             except grpc.aio.AioRpcError:
                 return None
 
-        start = await wait_until(known_to_b, within=10, what="B to hear of the registration")
+        start = await async_wait_for(known_to_b, within=10, what="B to hear of the registration")
         beat = registry_pb2.SendHeartbeatRequest(agent_id=agent_id)
         replies = []
         deadline = time.monotonic() + 6.0  # three heartbeat timeouts
@@ -329,7 +329,7 @@ async def test_credentials_and_unary_heartbeats_work_on_every_replica(
             agent = await get_agent_as_admin(on_a, agent_id)
             return agent if agent.status == DOWN else None
 
-        stopped = await wait_until(down, within=15, what="DOWN after the beats stop")
+        stopped = await async_wait_for(down, within=15, what="DOWN after the beats stop")
         assert stopped.status_reason == "heartbeat timeout"
         assert stopped.transitions == start.transitions + 1
 

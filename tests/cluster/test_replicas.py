@@ -27,9 +27,8 @@ from tests.cluster.workload import (
     event_log,
     lease_holders,
     target,
-    wait_until,
 )
-from tests.conftest import ServerProcess, Stubs
+from tests.conftest import ServerProcess, Stubs, async_wait_for
 from tests.postgres_cluster import cluster as postgres
 
 # Each wait inside has its own deadline; on a machine at load 40 their sum passes the default 120 s.
@@ -51,7 +50,7 @@ async def welcomed(group: AgentGroup, within: float = 60.0) -> dict[str, str]:
         }
         return found if len(found) == group.count else {}
 
-    return await wait_until(ids, within, f"{group.count} agents welcomed")  # type: ignore[no-any-return]
+    return await async_wait_for(ids, within, f"{group.count} agents welcomed")  # type: ignore[no-any-return]
 
 
 async def three(replica_processes: ReplicaProcesses, **env: str) -> list[ServerProcess]:
@@ -73,7 +72,7 @@ async def all_succeeded(stubs: Stubs, task_ids: list[str], within: float) -> Non
                 return False
         return True
 
-    await wait_until(done, within, f"{len(task_ids)} tasks SUCCEEDED")
+    await async_wait_for(done, within, f"{len(task_ids)} tasks SUCCEEDED")
 
 
 async def assert_each_completed_once(database_url: str, task_ids: list[str], within: float) -> None:
@@ -84,7 +83,7 @@ async def assert_each_completed_once(database_url: str, task_ids: list[str], wit
         return all(counts[t] >= 1 for t in task_ids)
 
     with contextlib.suppress(AssertionError):  # on a timeout the checks below say what is missing
-        await wait_until(settled, within, f"{len(task_ids)} tasks completed in the event log")
+        await async_wait_for(settled, within, f"{len(task_ids)} tasks completed in the event log")
     log = await event_log(database_url)
     counts = completions(log)
     lost = [t for t in task_ids if counts[t] == 0]
@@ -208,11 +207,11 @@ async def test_sigkill_of_the_replica_holding_the_agents_reattaches_them_elsewhe
         )
         return len(listed.tasks) == 20
 
-    await wait_until(all_running, 30, "20 tasks RUNNING on B's agents")
+    await async_wait_for(all_running, 30, "20 tasks RUNNING on B's agents")
     killed_at = time.time()
     b.kill()
 
-    welcomes = await wait_until(
+    welcomes = await async_wait_for(
         lambda: (w := group.welcomed_since(killed_at)) and len(w) == len(names) and w, 30, "re-attach"
     )
     reattach = max(welcomes.values()) - killed_at
@@ -235,7 +234,7 @@ async def test_sigkill_of_the_scheduling_replica_mid_placement_completes_every_t
     agents and takes a third of a stream of creates; it is SIGKILLed while tasks are being placed.
     Every acknowledged create completes exactly once and a survivor takes the leader lease."""
     (b,) = await replica_processes.start(1, **REPLICA_ENV)
-    holders = await wait_until(
+    holders = await async_wait_for(
         lambda: lease_holders(replica_processes.database_url), 20, "B to take the leader lease"
     )
     assert "leader" in holders, f"no leader lease: {holders}"
@@ -249,7 +248,7 @@ async def test_sigkill_of_the_scheduling_replica_mid_placement_completes_every_t
 
     stream = CreateStream([a, b, c], clients, count=100, rate=50)
     load = asyncio.create_task(stream.run(within=60))
-    await wait_until(lambda: len(stream.acknowledged) >= 50, 30, "50 acknowledged creates")
+    await async_wait_for(lambda: len(stream.acknowledged) >= 50, 30, "50 acknowledged creates")
     b.kill()
     await load
     assert len(stream.acknowledged) == stream.count, (
@@ -259,7 +258,7 @@ async def test_sigkill_of_the_scheduling_replica_mid_placement_completes_every_t
     task_ids = list(stream.acknowledged.values())
     assert len(set(task_ids)) == len(task_ids)  # a retried key never made a second task
     await assert_each_completed_once(replica_processes.database_url, task_ids, within=60)
-    leader = await wait_until(
+    leader = await async_wait_for(
         lambda: _new_leader(replica_processes.database_url, holders["leader"]),
         20,
         "a survivor to take the leader lease",
@@ -288,7 +287,7 @@ async def test_a_postgres_restart_under_load_is_survived_by_every_replica(
 
     stream = CreateStream(servers, clients, count=90, rate=30)
     load = asyncio.create_task(stream.run(within=60))
-    await wait_until(lambda: len(stream.acknowledged) >= 30, 30, "30 acknowledged creates")
+    await async_wait_for(lambda: len(stream.acknowledged) >= 30, 30, "30 acknowledged creates")
     restarted_at = time.time()
     try:
         await asyncio.to_thread(postgres().stop)

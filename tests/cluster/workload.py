@@ -111,20 +111,6 @@ class AgentGroup:
             self.process.wait(10)
 
 
-async def wait_until(predicate: Any, within: float, what: str) -> Any:
-    """Polls `predicate` (sync or async) every 50 ms until truthy; fails after `within` seconds."""
-    deadline = time.monotonic() + within
-    while True:
-        result = predicate()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within} s waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
 async def event_log(database_url: str, after: int = 0) -> list[event_pb2.Event]:
     """The cluster's event log as committed, in revision order."""
     conn = await asyncpg.connect(database_url)
